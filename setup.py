@@ -1,0 +1,53 @@
+"""hfrl: HybridFlow without Ray.
+
+Two packages are installed: ``hfrl`` (from ``hfrl/``) and ``hfrl_kernels`` (the Triton kernels, from
+the top-level ``kernels/`` folder; deliberately not importable as ``kernels``, a PyPI name that
+transformers probes for).
+"""
+import platform
+
+from setuptools import setup
+
+# triton only ships wheels for Linux x86_64/aarch64; everything in hfrl runs without it.
+_triton = ["triton>=3.0; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"]
+
+setup(
+    name="hfrl",
+    version="0.1.0",
+    description="HybridFlow without Ray: single-controller RL/RLHF for LLMs under torchrun, srun or mpirun",
+    python_requires=">=3.10",
+    packages=[
+        "hfrl",
+        "hfrl.distributed",
+        "hfrl.controller",
+        "hfrl.models",
+        "hfrl.engine",
+        "hfrl.rollout",
+        "hfrl.hybrid_engine",
+        "hfrl.algorithms",
+        "hfrl.workers",
+        "hfrl.trainers",
+        "hfrl.mapping",
+        "hfrl.data",
+        "hfrl_kernels",
+    ],
+    package_dir={"hfrl_kernels": "kernels"},
+    install_requires=[
+        # The torch pin is applied by scripts/install.sh (a CPU build where no GPU is present);
+        # here any torch >= 2.4 is accepted so an existing install is left alone.
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "transformers>=4.45",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": _triton,
+        "mpi": ["mpi4py>=3.1"],
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "hypothesis", "mpi4py>=3.1",
+                 "mpich; platform_system == 'Linux'"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["hfrl = hfrl.cli:main"]},
+)
