@@ -1,0 +1,104 @@
+"""Command line: `hfrl layout`, `hfrl config`. Every command works under any launcher.
+
+    hfrl layout [CONFIG.yaml] [section.key=value ...] [--world-size N] [--json]
+    hfrl config [CONFIG.yaml] [section.key=value ...] [--describe]
+
+Under torchrun/srun/mpirun every rank runs the same command; only rank 0 prints. A configuration
+error is reported by every rank (each would hit it before any collective) and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from hfrl.config import Config, describe, dump_yaml, load_config
+
+
+def _rank_for_messages() -> tuple[int, int]:
+    from hfrl.distributed.env import detect_env
+
+    try:
+        denv = detect_env()
+        return denv.rank, denv.world_size
+    except ValueError:
+        return 0, 1
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("args", nargs="*", metavar="CONFIG.yaml | section.key=value",
+                        help="an optional YAML config file first, then overrides such as "
+                             "roles.actor.tp=2")
+
+
+def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    path = None
+    if args and "=" not in args[0]:
+        path, args = args[0], args[1:]
+    for extra in args:
+        if "=" not in extra:
+            raise ValueError(f"argument {extra!r}: only the first argument may be a config file; "
+                             "the rest must be section.key=value overrides")
+    return path, list(args)
+
+
+def cmd_layout(ns: argparse.Namespace) -> int:
+    from hfrl.distributed.layout import format_report, run_layout
+
+    config = load_config(*_split_config_args(ns.args))
+    report = run_layout(config, dry_run_world_size=ns.world_size)
+    if report is not None:
+        print(json.dumps(report, indent=None if ns.compact else 1) if ns.json
+              else format_report(report))
+    return 0
+
+
+def cmd_config(ns: argparse.Namespace) -> int:
+    if ns.describe:
+        print("\n".join(describe(Config)))
+        return 0
+    config = load_config(*_split_config_args(ns.args))
+    if _rank_for_messages()[0] == 0:
+        print(dump_yaml(config), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfrl", description="HybridFlow without Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    layout = sub.add_parser("layout", help="print (and check) the placement plan and every "
+                                           "process group")
+    _add_config_args(layout)
+    layout.add_argument("--world-size", type=int, default=None,
+                        help="dry run for N ranks without a launcher (fake backend)")
+    layout.add_argument("--json", action="store_true", help="print the report as JSON")
+    layout.add_argument("--compact", action="store_true", help="one-line JSON")
+    layout.set_defaults(func=cmd_layout)
+
+    config = sub.add_parser("config", help="print the resolved config as YAML")
+    _add_config_args(config)
+    config.add_argument("--describe", action="store_true",
+                        help="list every key with its type, default and meaning")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except (ValueError, TypeError) as err:
+        if os.environ.get("HFRL_DEBUG"):
+            raise
+        rank, world = _rank_for_messages()
+        where = f" (rank {rank}/{world})" if world > 1 else ""
+        print(f"hfrl {ns.command}: error{where}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    # Unbuffered enough for launchers that interleave ranks' output.
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
