@@ -45,7 +45,7 @@ setup(
     extras_require={
         "triton": _triton,
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "hypothesis", "mpi4py>=3.1",
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout", "hypothesis", "mpi4py>=3.1",
                  "mpich; platform_system == 'Linux'"],
         "plot": ["matplotlib"],
     },

@@ -139,6 +139,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-6" (no dot) as a string; users write learning rates that way.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise TypeError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} "
                         f"{value!r}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,16 +33,15 @@ DEFAULT_ALIGNMENT = 16
 # dtypes a header may name. Parsing is a lookup in this table, never getattr(torch, name).
 _DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
-    for name in (
-        "float64", "float32", "float16", "bfloat16", "complex64", "complex128", "bool",
-        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-        "float8_e4m3fn", "float8_e5m2",
-    )
+    for name in ("float64", "float32", "float16", "bfloat16", "complex64", "complex128", "bool",
+                 "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                 "float8_e4m3fn", "float8_e5m2")
     if isinstance(getattr(torch, name, None), torch.dtype)
 }
 
-# What selects rows: an int (a 1-row Batch), a slice, an int sequence or a bool mask.
+# What selects rows: an int (gives a 1-row Batch), a slice, an int sequence or a bool mask.
 RowIndex = int | slice | torch.Tensor | np.ndarray | Sequence[int] | Sequence[bool]
+Keys = Sequence[str] | str
 
 
 class Batch:
@@ -56,39 +55,30 @@ class Batch:
         size: N for a batch with no columns; if given with columns it must match them.
     """
 
-    def __init__(
-        self,
-        tensors: Mapping[str, torch.Tensor] | None = None,
-        non_tensors: Mapping[str, Any] | None = None,
-        meta: Mapping[str, Any] | None = None,
-        size: int | None = None,
-    ):
-        self.tensors: dict[str, torch.Tensor] = {k: _as_tensor(k, v) for k, v in (tensors or {}).items()}
-        self.non_tensors: dict[str, np.ndarray] = {
-            k: _as_non_tensor(k, v) for k, v in (non_tensors or {}).items()
-        }
-        self.meta: dict[str, Any] = dict(meta or {})
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None,
+                 non_tensors: Mapping[str, Any] | None = None,
+                 meta: Mapping[str, Any] | None = None, size: int | None = None):
+        self.tensors = {k: _as_tensor(k, v) for k, v in (tensors or {}).items()}
+        self.non_tensors = {k: _as_non_tensor(k, v) for k, v in (non_tensors or {}).items()}
+        self.meta = dict(meta or {})
         both = self.tensors.keys() & self.non_tensors.keys()
         if both:
             raise ValueError(f"keys {sorted(both)} are in both tensors and non_tensors; "
                              "a key names one column, rename one of them")
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-            raise ValueError(f"size must be a non-negative int, got {size!r}")
-        sizes = {k: int(c.shape[0]) for k, c in self._columns()}
-        expected, source = (size, f"size={size}") if size is not None else (None, None)
-        if expected is None and sizes:
-            source, expected = next(iter(sizes.items()))
-            source = f"column {source!r}"
+            raise ValueError(f"size must be a non-negative int or None, got {size!r}")
+        sizes = {k: int(col.shape[0]) for k, col in self._columns()}
+        source = f"size={size}" if size is not None else f"column {next(iter(sizes), None)!r}"
+        expected = size if size is not None else next(iter(sizes.values()), None)
         wrong = {k: n for k, n in sizes.items() if n != expected}
         if wrong:
-            raise ValueError(f"every column must have dim 0 = {expected} (from {source}), but "
-                             f"{wrong} (column: dim 0 size) differ; all columns need one row per sample")
-        # Only used while the batch has no columns (e.g. after popping them all).
-        self._size = expected
+            raise ValueError(f"every column must have dim 0 = {expected} (from {source}), but these "
+                             f"differ (column: dim 0): {wrong}; give every column one row per sample")
+        self._size = expected  # only read while the batch has no columns (e.g. all were popped)
 
-    # ---------------------------------------------------------------- columns and dict-like access
+    # ------------------------------------------------------------ columns and dict-like access
 
-    def _columns(self) -> Iterable[tuple[str, Any]]:
+    def _columns(self) -> Iterator[tuple[str, torch.Tensor | np.ndarray]]:
         yield from self.tensors.items()
         yield from self.non_tensors.items()
 
@@ -104,16 +94,12 @@ class Batch:
     def __contains__(self, key: object) -> bool:
         return key in self.tensors or key in self.non_tensors
 
-    def __getitem__(self, key: str | RowIndex) -> "Batch | torch.Tensor | np.ndarray":
-        """``batch["name"]`` -> that column; an int, slice, index or bool mask -> a Batch of rows.
-
-        An int gives a 1-row Batch (dim 0 kept), so every result is still a Batch.
-        """
+    def __getitem__(self, key: str | RowIndex) -> Batch | torch.Tensor | np.ndarray:
+        """``batch["name"]`` -> that column; an int, slice, int index or bool mask -> a Batch of
+        those rows. An int gives a 1-row Batch (dim 0 kept)."""
         if isinstance(key, str):
-            if key in self.tensors:
-                return self.tensors[key]
-            if key in self.non_tensors:
-                return self.non_tensors[key]
+            if key in self:
+                return self.tensors[key] if key in self.tensors else self.non_tensors[key]
             raise KeyError(f"no column {key!r}; this Batch has {self.keys()}")
         return self._take(_normalize_index(key, len(self)))
 
@@ -125,34 +111,31 @@ class Batch:
             col, target, other = _as_tensor(key, value), self.tensors, self.non_tensors
         else:
             col, target, other = _as_non_tensor(key, value), self.non_tensors, self.tensors
-        expected = len(self) if any(True for _ in self._columns()) else self._size
+        expected = len(self) if self.keys() else self._size
         if expected is not None and col.shape[0] != expected:
             raise ValueError(f"column {key!r} has dim 0 = {col.shape[0]} but the Batch has "
                              f"{expected} rows; give one row per sample")
-        other.pop(key, None)  # the key changes kind: it must not stay in both dicts
+        other.pop(key, None)  # the key may change kind; it must not stay in both dicts
         target[key] = col
 
     def __repr__(self) -> str:
-        tensors = ", ".join(f"{k}: {str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
-                            for k, t in self.tensors.items())
-        others = ", ".join(f"{k}: {a.dtype}{list(a.shape)}" for k, a in self.non_tensors.items())
-        return (f"Batch(len={len(self)}, tensors={{{tensors}}}, non_tensors={{{others}}}, "
-                f"meta_keys={list(self.meta)})")
+        cols = ", ".join(f"{k}: {str(c.dtype).removeprefix('torch.')}{list(c.shape)}"
+                         for k, c in self._columns())
+        return f"Batch(len={len(self)}, columns={{{cols}}}, meta_keys={list(self.meta)})"
 
-    # ------------------------------------------------------------------------------ row selection
+    def _map(self, tensor_fn: Callable, array_fn: Callable, size: int) -> Batch:
+        """A Batch of ``size`` rows with tensor_fn / array_fn applied to each column; same meta."""
+        return Batch({k: tensor_fn(t) for k, t in self.tensors.items()},
+                     {k: array_fn(a) for k, a in self.non_tensors.items()}, self.meta, size=size)
 
-    def _derive(self, tensors: dict, non_tensors: dict, size: int) -> Batch:
-        return Batch(tensors, non_tensors, self.meta, size=size)
+    # ---------------------------------------------------------------------------- row selection
 
     def _take(self, index: slice | torch.Tensor) -> Batch:
         """Rows by a slice (views) or a 1-D int64 CPU index tensor (copies)."""
         if isinstance(index, slice):
-            size = len(range(*index.indices(len(self))))
-            return self._derive({k: t[index] for k, t in self.tensors.items()},
-                                {k: a[index] for k, a in self.non_tensors.items()}, size)
+            return self._map(lambda t: t[index], lambda a: a[index], len(range(*index.indices(len(self)))))
         idx_np = index.numpy()
-        return self._derive({k: t.index_select(0, index.to(t.device)) for k, t in self.tensors.items()},
-                            {k: a[idx_np] for k, a in self.non_tensors.items()}, index.numel())
+        return self._map(lambda t: t.index_select(0, index.to(t.device)), lambda a: a[idx_np], index.numel())
 
     def reorder(self, indices: torch.Tensor | np.ndarray | Sequence[int] | Sequence[bool]) -> Batch:
         """Rows ``indices`` in that order: a permutation, repeats or a subset (int or bool mask)."""
@@ -166,34 +149,30 @@ class Batch:
         _check_positive_int("n", n)
         if len(self) % n:
             raise ValueError(f"cannot chunk a Batch of {len(self)} rows into {n} equal chunks "
-                             f"({len(self)} % {n} = {len(self) % n}); pad first: "
-                             f"`padded, pad = batch.pad_to_multiple({n})`, then unpad(pad) the result")
+                             f"({len(self)} % {n} = {len(self) % n}); pad first with "
+                             f"`padded, pad = batch.pad_to_multiple({n})` and unpad(pad) the result")
         rows = len(self) // n
         return [self._take(slice(i * rows, (i + 1) * rows)) for i in range(n)]
 
     def split(self, size: int) -> list[Batch]:
-        """Batches of ``size`` rows, the last one smaller if needed.
-
-        A 0-row batch gives one 0-row batch (as torch.split does), so concat(split(b)) == b always.
-        """
+        """Batches of ``size`` rows, the last one smaller if needed. A 0-row batch gives one 0-row
+        batch (as torch.split does), so concat(split(b)) equals b for every b."""
         _check_positive_int("size", size)
         starts = range(0, len(self), size) if len(self) else [0]
         return [self._take(slice(s, s + size)) for s in starts]
 
     def repeat(self, n: int, interleave: bool = True) -> Batch:
-        """Every row ``n`` times: interleave=True gives rows a a b b (n samples per prompt),
-        False tiles the whole batch, a b a b. Result has len(self) * n rows."""
+        """Every row ``n`` times, len(self) * n rows: interleave=True gives a a b b (n samples per
+        prompt), False tiles the whole batch, a b a b."""
         _check_positive_int("n", n)
         if interleave:
-            tensors = {k: t.repeat_interleave(n, dim=0) for k, t in self.tensors.items()}
-            others = {k: np.repeat(a, n, axis=0) for k, a in self.non_tensors.items()}
-        else:
-            tensors = {k: t.repeat(n, *[1] * (t.dim() - 1)) for k, t in self.tensors.items()}
-            others = {k: np.concatenate([a] * n) for k, a in self.non_tensors.items()}
-        return self._derive(tensors, others, len(self) * n)
+            return self._map(lambda t: t.repeat_interleave(n, dim=0), lambda a: np.repeat(a, n, axis=0),
+                             len(self) * n)
+        return self._map(lambda t: t.repeat(n, *[1] * (t.dim() - 1)), lambda a: np.concatenate([a] * n),
+                         len(self) * n)
 
     def pad_to_multiple(self, k: int) -> tuple[Batch, int]:
-        """Pad to a multiple of ``k`` rows by repeating rows from the start (0, 1, 2, ... wrapping
+        """Pad to a multiple of ``k`` rows by repeating rows from the start (0, 1, 2, ..., wrapping
         around), so padded rows are valid data a worker can compute on.
 
         Returns (padded batch, pad_size); ``padded.unpad(pad_size)`` gives the rows back.
@@ -215,35 +194,32 @@ class Batch:
                              f"got {pad_size!r}; pass the pad size pad_to_multiple returned")
         return self._take(slice(0, len(self) - pad_size))
 
-    # --------------------------------------------------------------------------- column selection
+    # ------------------------------------------------------------------------- column selection
 
-    def select(self, keys: Sequence[str] | str | None = None,
-               non_tensor_keys: Sequence[str] | str | None = None,
-               meta_keys: Sequence[str] | str | None = None) -> Batch:
-        """A Batch with only the named tensor, non-tensor and meta keys (None = all of that kind).
-        Columns are shared, not copied."""
-        return Batch(_pick(self.tensors, keys, "tensor"), _pick(self.non_tensors, non_tensor_keys, "non-tensor"),
+    def select(self, keys: Keys | None = None, non_tensor_keys: Keys | None = None,
+               meta_keys: Keys | None = None) -> Batch:
+        """Only the named tensor, non-tensor and meta keys (None: all of that kind). Not copied."""
+        return Batch(_pick(self.tensors, keys, "tensor"),
+                     _pick(self.non_tensors, non_tensor_keys, "non-tensor"),
                      _pick(self.meta, meta_keys, "meta"), size=len(self))
 
-    def pop(self, keys: Sequence[str] | str = (), non_tensor_keys: Sequence[str] | str = (),
-            meta_keys: Sequence[str] | str = ()) -> Batch:
-        """Remove the named keys from this Batch and return them as a new Batch (same rows).
-
-        All names are checked before anything is removed, so a KeyError leaves self unchanged.
-        """
-        out = Batch(_pick(self.tensors, keys, "tensor"), _pick(self.non_tensors, non_tensor_keys, "non-tensor"),
-                    _pick(self.meta, meta_keys, "meta"), size=len(self))
+    def pop(self, keys: Keys = (), non_tensor_keys: Keys = (), meta_keys: Keys = ()) -> Batch:
+        """Remove the named keys (as in select) from this Batch and return them as a new Batch of
+        the same rows. All names are checked first, so a KeyError leaves self unchanged."""
+        out = self.select(keys, non_tensor_keys, meta_keys)
         self._size = len(self)  # keep the row count if every column goes
-        for name, d in ((out.tensors, self.tensors), (out.non_tensors, self.non_tensors), (out.meta, self.meta)):
-            for k in name:
-                del d[k]
+        for popped, own in ((out.tensors, self.tensors), (out.non_tensors, self.non_tensors),
+                            (out.meta, self.meta)):
+            for k in popped:
+                del own[k]
         return out
 
     def union(self, other: Batch) -> Batch:
-        """Columns and meta of both; a key in both must hold equal values (same dtype, shape, values)."""
+        """Columns and meta of both. A key in both must hold equal values (dtype, shape, values)."""
         if len(self) != len(other):
-            raise ValueError(f"union needs batches with the same rows, got {len(self)} and {len(other)}")
-        cross = (self.tensors.keys() & other.non_tensors.keys()) | (self.non_tensors.keys() & other.tensors.keys())
+            raise ValueError(f"union needs batches of the same rows, got {len(self)} and {len(other)}")
+        cross = ((self.tensors.keys() & other.non_tensors.keys())
+                 | (self.non_tensors.keys() & other.tensors.keys()))
         if cross:
             raise ValueError(f"keys {sorted(cross)} are a tensor in one batch and a non-tensor in the other")
         return Batch(_merge(self.tensors, other.tensors, "tensor"),
@@ -252,48 +228,54 @@ class Batch:
 
     @staticmethod
     def concat(batches: Sequence[Batch], *, check_meta: bool = True) -> Batch:
-        """Rows of all batches in order. Keys must match exactly; tensors must agree in dtype and
-        in every dim but 0. Meta comes from batches[0]; with check_meta=True (the default) every
-        batch's meta must equal it, with False the others' meta is ignored."""
+        """Rows of all batches in order. Keys must match exactly; a tensor must have one dtype and
+        the same dims after 0 in every batch. Meta comes from batches[0]; with check_meta=True
+        every batch's meta must equal it, with False the others' meta is ignored."""
         batches = list(batches)
         if not batches:
             raise ValueError("concat needs at least one Batch, got none")
         first = batches[0]
         for i, b in enumerate(batches[1:], 1):
-            _check_same_keys(first, b, i)
+            diffs = [f"{what} keys only in batch 0: {sorted(x.keys() - y.keys())}, only in batch {i}: "
+                     f"{sorted(y.keys() - x.keys())}" for what, x, y in
+                     (("tensor", first.tensors, b.tensors), ("non-tensor", first.non_tensors, b.non_tensors))
+                     if x.keys() != y.keys()]
+            if diffs:
+                raise ValueError(f"concat: batch {i} has other keys than batch 0 ({'; '.join(diffs)}); "
+                                 "select the same keys on every batch first")
             if check_meta and not _values_equal(first.meta, b.meta):
                 diff = sorted(k for k in first.meta.keys() | b.meta.keys()
-                              if k not in first.meta or k not in b.meta or not _values_equal(first.meta[k], b.meta[k]))
-                raise ValueError(f"concat: meta of batch {i} differs from batch 0 in keys {diff}; "
-                                 "make them equal, or pass check_meta=False to keep batch 0's meta")
-        tensors = {}
+                              if not _values_equal(first.meta.get(k, _MISSING), b.meta.get(k, _MISSING)))
+                raise ValueError(f"concat: meta of batch {i} differs from batch 0 in keys {diff}; make "
+                                 "them equal, or pass check_meta=False to keep batch 0's meta")
         for k, t0 in first.tensors.items():
-            for i, b in enumerate(batches):
-                t = b.tensors[k]
+            for i, t in enumerate(b.tensors[k] for b in batches):
                 if t.dtype != t0.dtype or t.shape[1:] != t0.shape[1:]:
-                    raise ValueError(f"concat: tensor {k!r} is {t.dtype} {list(t.shape)} in batch {i} but "
-                                     f"{t0.dtype} {list(t0.shape)} in batch 0; dtype and dims after 0 must match")
-            tensors[k] = torch.cat([b.tensors[k] for b in batches])
-        others = {k: np.concatenate([b.non_tensors[k] for b in batches]) for k in first.non_tensors}
-        return Batch(tensors, others, first.meta, size=sum(len(b) for b in batches))
+                    raise ValueError(f"concat: tensor {k!r} is {t.dtype} {list(t.shape)} in batch {i} "
+                                     f"but {t0.dtype} {list(t0.shape)} in batch 0; the dtype and the "
+                                     "dims after 0 must match")
+        return Batch({k: torch.cat([b.tensors[k] for b in batches]) for k in first.tensors},
+                     {k: np.concatenate([b.non_tensors[k] for b in batches]) for k in first.non_tensors},
+                     first.meta, size=sum(len(b) for b in batches))
 
-    # ----------------------------------------------------------------------- devices and copies
+    # ------------------------------------------------------------------------ devices and copies
 
     def to(self, device: torch.device | str) -> Batch:
         """Tensors moved to ``device``; non-tensor columns and meta are shared."""
-        return self._derive({k: t.to(device) for k, t in self.tensors.items()}, dict(self.non_tensors), len(self))
+        return self._map(lambda t: t.to(device), lambda a: a, len(self))
 
     def clone(self) -> Batch:
         """A deep copy: tensors cloned on their device, non-tensors and meta deep-copied."""
-        return Batch({k: t.clone() for k, t in self.tensors.items()}, copy.deepcopy(self.non_tensors),
-                     copy.deepcopy(self.meta), size=len(self))
+        out = self._map(torch.clone, copy.deepcopy, len(self))
+        out.meta = copy.deepcopy(self.meta)
+        return out
 
     @property
     def nbytes(self) -> int:
         """Exact bytes of tensor data (numel * element size); non-tensors are not counted."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
-    # ---------------------------------------------------------------------------- serialisation
+    # ----------------------------------------------------------------------------- serialisation
 
     def to_buffer(self, alignment: int = DEFAULT_ALIGNMENT,
                   device: torch.device | str | None = None) -> tuple[torch.Tensor, dict]:
@@ -306,14 +288,12 @@ class Batch:
         Returns:
             buf: (nbytes,) torch.uint8 on ``device``.
             header: {"version", "num_rows", "alignment", "nbytes", "tensors": [{"name", "dtype",
-                "shape", "offset", "nbytes"}, ...], "non_tensors": {name: np.ndarray}, "meta"}.
-                Plain ints/strs/lists apart from non_tensors and meta: picklable, and JSON-able
-                when those two are. Send it with header_to_bytes.
+                "shape", "offset", "nbytes"}, ...], "non_tensors": {name: np.ndarray}, "meta"}:
+                plain ints, strs and lists apart from non_tensors and meta, so it is picklable,
+                and JSON-able when those two are. Send it with header_to_bytes.
         """
         if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
             raise ValueError(f"alignment must be a positive power of two, got {alignment!r}")
-        if device is None:
-            device = self._tensor_device()
         entries, offset = [], 0
         for name, t in self.tensors.items():
             if t.element_size() > alignment:
@@ -325,6 +305,7 @@ class Batch:
             offset += -(-nbytes // alignment) * alignment
         # zeros, not empty: the alignment gaps would otherwise carry stale memory to other ranks
         # and make equal batches serialise to different bytes.
+        device = self._tensor_device() if device is None else device
         buf = torch.zeros(offset, dtype=torch.uint8, device=device)
         with torch.no_grad():  # a tensor that requires grad must not pull buf into its graph
             for entry, t in zip(entries, self.tensors.values()):
@@ -335,7 +316,7 @@ class Batch:
 
     @staticmethod
     def from_buffer(buf: torch.Tensor, header: dict) -> Batch:
-        """The Batch that to_buffer described. Tensors are views into ``buf`` (on its device), with
+        """The Batch that to_buffer described. Tensors are views into ``buf`` (on its device) with
         the exact dtype and shape recorded; non-tensor columns and meta come from the header.
 
         Args:
@@ -362,24 +343,27 @@ class Batch:
         return devices.pop() if devices else torch.device("cpu")
 
 
-# --------------------------------------------------------------------------- header functions
+# ---------------------------------------------------------------------------------- headers
 
 def buffer_nbytes(header: dict) -> int:
-    """Bytes of the buffer a header describes: allocate this much before receiving it."""
+    """Bytes of the buffer a header describes: allocate this much before receiving it.
+    Also checks the header is one this version of to_buffer wrote."""
     if not isinstance(header, dict) or header.get("version") != HEADER_VERSION:
         got = header.get("version") if isinstance(header, dict) else type(header).__name__
         raise ValueError(f"not a Batch header of version {HEADER_VERSION} (got {got!r}); "
                          "build it with Batch.to_buffer on a rank running the same hfrl")
     for e in header["tensors"]:
-        if e["dtype"] not in _DTYPES:
-            raise ValueError(f"header names unknown dtype {e['dtype']!r} for tensor {e['name']!r}")
-        if e["offset"] + e["nbytes"] > header["nbytes"]:
-            raise ValueError(f"header is inconsistent: tensor {e['name']!r} ends past the buffer")
+        dtype = _DTYPES.get(e["dtype"])
+        if dtype is None or e["nbytes"] != math.prod(e["shape"]) * dtype.itemsize:
+            raise ValueError(f"header entry {e} has an unknown dtype or a size that does not match its shape")
+        if e["offset"] % header["alignment"] or e["offset"] + e["nbytes"] > header["nbytes"]:
+            raise ValueError(f"header entry {e} is misaligned or ends past the buffer "
+                             f"({header['nbytes']} bytes, alignment {header['alignment']})")
     return header["nbytes"]
 
 
 def header_to_bytes(header: dict) -> bytes:
-    """Pickle a header (it holds numpy and Python objects) for sending to another rank of this job.
+    """Pickle a header (it holds numpy and Python objects) to send to another rank of this job.
 
     Wrap the result as a tensor with ``torch.frombuffer(bytearray(b), dtype=torch.uint8)``.
     """
@@ -387,12 +371,12 @@ def header_to_bytes(header: dict) -> bytes:
 
 
 def header_from_bytes(data: bytes | bytearray | memoryview | torch.Tensor) -> dict:
-    """The header in ``data`` (bytes, or a 1-D uint8 tensor holding them).
+    """The header in ``data``: bytes from header_to_bytes, or a 1-D uint8 tensor holding them.
 
     SECURITY: this unpickles, and unpickling runs code chosen by whoever wrote the bytes. Only pass
-    bytes another rank of this same job sent over its own process group. Never load these bytes
-    from a file, a socket or any other source; hfrl deliberately has no API that reads a Batch from
-    a file.
+    bytes that another rank of this same job sent over its own process group. Never load these
+    bytes from a file, a socket or any other source; hfrl deliberately has no API that reads a
+    Batch from a file.
     """
     if isinstance(data, torch.Tensor):
         if data.dtype != torch.uint8 or data.dim() != 1:
@@ -404,15 +388,16 @@ def header_from_bytes(data: bytes | bytearray | memoryview | torch.Tensor) -> di
 
 
 def batches_equal(a: Batch, b: Batch) -> bool:
-    """True if both have the same rows, keys, dtypes, shapes, values (NaNs equal) and meta."""
-    if len(a) != len(b) or a.tensors.keys() != b.tensors.keys() or a.non_tensors.keys() != b.non_tensors.keys():
-        return False
-    return (all(_values_equal(t, b.tensors[k]) for k, t in a.tensors.items())
-            and all(_values_equal(x, b.non_tensors[k]) for k, x in a.non_tensors.items())
+    """True if both have the same rows, keys, dtypes, shapes, values (NaN equals NaN) and meta."""
+    return (len(a) == len(b) and _values_equal(a.tensors, b.tensors)
+            and _values_equal(a.non_tensors, b.non_tensors)
             and _values_equal(a.meta, b.meta))
 
 
-# ------------------------------------------------------------------------------------ helpers
+# ---------------------------------------------------------------------------------- helpers
+
+_MISSING = object()  # a meta key absent from one side
+
 
 def _as_tensor(name: str, value: Any) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
@@ -432,7 +417,7 @@ def _as_non_tensor(name: str, value: Any) -> np.ndarray:
             arr[i] = v
         return arr
     if not isinstance(value, np.ndarray):
-        hint = "; put it in tensors" if isinstance(value, torch.Tensor) else ""
+        hint = "; put tensors in tensors" if isinstance(value, torch.Tensor) else ""
         raise TypeError(f"non-tensor column {name!r} must be a numpy array, list or tuple, "
                         f"got {type(value).__name__}{hint}")
     if value.ndim == 0:
@@ -459,9 +444,11 @@ def _normalize_index(index: Any, n: int) -> slice | torch.Tensor:
         idx = index.detach().cpu()
     elif isinstance(index, (np.ndarray, list, tuple, range)):
         arr = np.asarray(index)
-        idx = torch.zeros(0, dtype=torch.int64) if arr.size == 0 else torch.as_tensor(arr)
+        # An empty list parses as float64; it selects no rows.
+        idx = torch.as_tensor(arr) if arr.size else torch.zeros(0, dtype=torch.int64)
     else:
-        raise TypeError(f"rows are chosen by an int, slice, bool mask or int sequence; got {type(index).__name__}")
+        raise TypeError("rows are chosen by an int, slice, bool mask or int sequence, "
+                        f"got {type(index).__name__}")
     if idx.dim() != 1:
         raise ValueError(f"a row index must be 1-D, got shape {list(idx.shape)}")
     if idx.dtype == torch.bool:
@@ -469,14 +456,14 @@ def _normalize_index(index: Any, n: int) -> slice | torch.Tensor:
             raise ValueError(f"a bool mask needs one entry per row ({n}), got {idx.numel()}")
         return idx.nonzero().flatten()
     if idx.is_floating_point() or idx.is_complex():
-        raise TypeError(f"row indices must be integers, got {idx.dtype}")
+        raise TypeError(f"row indices must be integers or bools, got {idx.dtype}")
     idx = idx.to(torch.int64)
     if idx.numel() and (idx.min() < -n or idx.max() >= n):
         raise IndexError(f"row indices must be in [-{n}, {n}), got min {int(idx.min())} max {int(idx.max())}")
     return torch.where(idx < 0, idx + n, idx)
 
 
-def _pick(d: dict, keys: Sequence[str] | str | None, what: str) -> dict:
+def _pick(d: dict, keys: Keys | None, what: str) -> dict:
     if keys is None:
         return dict(d)
     keys = [keys] if isinstance(keys, str) else list(keys)
@@ -496,37 +483,25 @@ def _merge(ours: dict, theirs: dict, what: str) -> dict:
     return out
 
 
-def _check_same_keys(first: Batch, other: Batch, i: int) -> None:
-    diffs = []
-    for what, a, b in (("tensor", first.tensors, other.tensors), ("non-tensor", first.non_tensors, other.non_tensors)):
-        if a.keys() != b.keys():
-            diffs.append(f"{what} keys only in batch 0: {sorted(a.keys() - b.keys())}, "
-                         f"only in batch {i}: {sorted(b.keys() - a.keys())}")
-    if diffs:
-        raise ValueError(f"concat: batch {i} has different keys from batch 0 ({'; '.join(diffs)}); "
-                         "select the same keys on every batch first")
-
-
 def _values_equal(a: Any, b: Any) -> bool:
-    """Exact equality for columns and meta values: tensors and arrays by dtype, shape and values
-    (NaN equals NaN: a batch must equal its own round trip), containers element by element."""
+    """Exact equality of columns and meta values: tensors and arrays by dtype, shape and values
+    (NaN equals NaN, so a batch equals its own round trip), containers element by element."""
     if a is b:
         return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return False
-        if a.dtype != b.dtype or a.shape != b.shape:
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) \
+                or a.dtype != b.dtype or a.shape != b.shape:
             return False
         b = b.to(a.device)
-        if torch.equal(a, b):
-            return True
-        # NaN != NaN under torch.equal: compare bytes, which also tells bf16/float NaNs apart.
-        return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+        # torch.equal says NaN != NaN: fall back to comparing the bytes.
+        return torch.equal(a, b) or torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                                                b.contiguous().reshape(-1).view(torch.uint8))
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) or a.dtype != b.dtype or a.shape != b.shape:
+        if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)) \
+                or a.dtype != b.dtype or a.shape != b.shape:
             return False
         if a.dtype == object:
-            return all(_values_equal(x, y) for x, y in zip(a.ravel(), b.ravel()))
+            return all(map(_values_equal, a.ravel(), b.ravel()))
         return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_values_equal(v, b[k]) for k, v in a.items())
@@ -536,7 +511,7 @@ def _values_equal(a: Any, b: Any) -> bool:
         return True
     try:
         return bool(a == b)
-    except (TypeError, ValueError):  # objects whose == gives no truth value
+    except (TypeError, ValueError):  # e.g. objects whose == gives no single truth value
         return False
 
 
@@ -549,7 +524,6 @@ def _dtype_name(name: str, dtype: torch.dtype) -> str:
 
 
 def _view(buf: torch.Tensor, entry: dict) -> torch.Tensor:
-    """The tensor an entry describes, as a view of its bytes in ``buf``: shape entry["shape"]."""
+    """The tensor a header entry describes, as a view of its bytes in ``buf``: entry["shape"]."""
     start = entry["offset"]
-    raw = buf[start:start + entry["nbytes"]]
-    return raw.view(_DTYPES[entry["dtype"]]).view(entry["shape"])
+    return buf[start:start + entry["nbytes"]].view(_DTYPES[entry["dtype"]]).view(entry["shape"])

@@ -57,28 +57,30 @@ def _int(env: Mapping[str, str], name: str) -> int:
 
 
 def expand_first_host(nodelist: str) -> str:
-    """First host of a Slurm hostlist: "gpu[007-009,012],cpu1" -> "gpu007"; "a1,a2" -> "a1".
-
-    Zero padding of ranges is kept (Slurm preserves it). Only the first host is needed, so the
-    rest of the list is not expanded.
+    """First host of a Slurm hostlist: "gpu[007-009,012],cpu1" -> "gpu007"; "r[2-3]-n[1-2]" ->
+    "r2-n1". Zero padding is kept, as Slurm keeps it. Only the first host is needed, so the rest
+    of the list is not expanded.
     """
     nodelist = nodelist.strip()
     if not nodelist:
         raise ValueError("SLURM_NODELIST is empty; cannot find the master host")
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist)
-    if match is None:
+    host, depth, bracket = [], 0, []
+    for char in nodelist:
+        if char == "[":
+            depth += 1
+            bracket = []
+        elif char == "]":
+            depth -= 1
+            host.append("".join(bracket).split(",")[0].split("-")[0])
+        elif depth:
+            bracket.append(char)
+        elif char == ",":
+            break
+        else:
+            host.append(char)
+    if depth or not host:
         raise ValueError(f"cannot parse SLURM_NODELIST={nodelist!r}")
-    prefix, bracket = match.group(1), match.group(3)
-    if bracket is None:
-        return prefix
-    first = bracket.split(",")[0].split("-")[0]
-    return prefix + first + _suffix_after_bracket(nodelist, match.end())
-
-
-def _suffix_after_bracket(nodelist: str, end: int) -> str:
-    # A hostlist like "rack[1-2]-node" has a suffix after the bracket up to the next comma.
-    rest = nodelist[end:]
-    return rest.split(",")[0] if rest and not rest.startswith(",") else ""
+    return "".join(host)
 
 
 def slurm_port(job_id: str) -> int:

@@ -1,0 +1,113 @@
+"""Layouts: validation, the paper's groupings, and the zero-redundancy property."""
+import itertools
+
+import pytest
+
+from hfrl.distributed.parallel_dims import AXES, ParallelDims
+
+
+def test_paper_figure8_hybridflow_grouping():
+    # HybridFlow §5.3: training TP [G1..G4] with tg=2 -> generation TP at stride 2, micro-DP
+    # groups of consecutive ranks.
+    dims = ParallelDims.create(4, tp=4, tg=2)
+    assert dims.dg == 2
+    assert dims.groups("gen_tp") == [[0, 2], [1, 3]]
+    assert dims.groups("micro_dp") == [[0, 1], [2, 3]]
+
+
+def test_paper_figure8_vanilla_grouping():
+    dims = ParallelDims.create(4, tp=4, tg=2, grouping="vanilla")
+    assert dims.groups("gen_tp") == [[0, 1], [2, 3]]
+    assert dims.groups("micro_dp") == [[0, 2], [1, 3]]
+
+
+def test_megatron_rank_order():
+    dims = ParallelDims.create(8, pp=2, tp=2)   # dp inferred = 2
+    assert dims.dp == 2
+    assert dims.groups("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dims.groups("dp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert dims.groups("pp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert dims.groups("mp") == [[0, 1, 4, 5], [2, 3, 6, 7]]
+
+
+LAYOUTS = [(pp, tp, dp, pg, tg)
+           for pp, tp, dp in itertools.product((1, 2, 4), (1, 2, 4, 8), (1, 2, 3))
+           for pg in (1, 2, 4) for tg in (1, 2, 4, 8) if pp % pg == 0 and tp % tg == 0]
+
+
+@pytest.mark.parametrize("grouping", ["hybridflow", "vanilla"])
+def test_every_axis_partitions_the_pool(grouping):
+    for pp, tp, dp, pg, tg in LAYOUTS:
+        dims = ParallelDims(pp=pp, tp=tp, dp=dp, pg=pg, tg=tg, grouping=grouping)
+        sizes = {"tp": tp, "pp": pp, "dp": dp, "mp": pp * tp, "gen_tp": tg, "gen_pp": pg,
+                 "micro_dp": dims.dg, "gen_mp": pg * tg}
+        for axis in AXES:
+            groups = dims.groups(axis)
+            flat = sorted(r for g in groups for r in g)
+            assert flat == list(range(dims.world_size)), (dims, axis)
+            assert {len(g) for g in groups} == {sizes[axis]}, (dims, axis)
+
+
+def _training_shard(dims, index):
+    c = dims.coord(index)
+    return (c.pp, c.tp)   # which (stage, TP shard) of the weights this rank trains
+
+
+def _generation_shard(dims, index):
+    # The weights a generation rank needs: layers of its generation stage, its generation TP
+    # slice, expressed as the set of training (stage, shard) blocks they consist of.
+    c = dims.coord(index)
+    sp, st = dims.pp // dims.pg, dims.tp // dims.tg
+    return {(p, t) for p in range(c.gen_pp * sp, (c.gen_pp + 1) * sp)
+            for t in range(c.gen_tp * st, (c.gen_tp + 1) * st)}
+
+
+def test_hybridflow_grouping_has_zero_redundancy():
+    for pp, tp, dp, pg, tg in LAYOUTS:
+        dims = ParallelDims(pp=pp, tp=tp, dp=dp, pg=pg, tg=tg)
+        for group in dims.groups("micro_dp"):
+            # The micro-DP group's training shards are exactly one generation shard, and every
+            # member's own training shard lies inside it: the all-gather needs no extra copy.
+            held = {_training_shard(dims, i) for i in group}
+            for i in group:
+                assert _generation_shard(dims, i) == held, (dims, group)
+                assert _training_shard(dims, i) in _generation_shard(dims, i)
+
+
+def test_vanilla_grouping_is_redundant_when_resharding():
+    dims = ParallelDims(tp=4, tg=2, grouping="vanilla")
+    # Rank 1 trains shard 1 but generates with shard {2, 3} of gen-TP slice 1: its own shard is
+    # not part of what it generates with, so it is stored twice (HybridFlow-V's redundancy).
+    assert dims.coord(1).gen_tp == 1
+    assert dims.coord(1).tp == 1
+
+
+def test_coordinates_and_generation_replicas():
+    dims = ParallelDims(pp=2, tp=4, dp=2, pg=1, tg=2)
+    assert dims.dg == 4 and dims.num_gen_replicas == 8
+    replicas = sorted({dims.coord(i).gen_replica(dims.dg) for i in range(dims.world_size)})
+    assert replicas == list(range(8))
+    c = dims.coord(13)   # pp=1, dp=1, tp=1
+    assert (c.pp, c.dp, c.tp) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_ranks=6, tp=4), r"pp=1 x tp=4 = 4 does not divide the pool of 6"),
+    (dict(num_ranks=8, tp=2, pp=2, dp=3), r"pp=2 x tp=2 x dp=3 = 12 but the pool has 8"),
+    (dict(num_ranks=4, tp=4, tg=3), r"tg=3 must divide training tp=4.*\[1, 2, 4\]"),
+    (dict(num_ranks=4, pp=4, pg=3), r"pg=3 must divide training pp=4"),
+    (dict(num_ranks=4, tp=0), r"tp=0 must be a positive integer"),
+    (dict(num_ranks=4, tp=2, grouping="dschat"), r"grouping='dschat'"),
+])
+def test_bad_degrees(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ParallelDims.create(**kwargs)
+
+
+def test_heads_must_split_over_tp_and_tg():
+    ParallelDims.create(8, tp=8, tg=4).check_model(num_heads=32, num_kv_heads=8)
+    ParallelDims.create(8, tp=8).check_model(num_heads=32, num_kv_heads=2)   # kv replicated
+    with pytest.raises(ValueError, match=r"tp=8 does not divide the model's 12 attention heads"):
+        ParallelDims.create(8, tp=8).check_model(num_heads=12, num_kv_heads=12)
+    with pytest.raises(ValueError, match=r"tg=4 and the model's 6 key/value heads"):
+        ParallelDims.create(12, tp=12, tg=4).check_model(num_heads=12, num_kv_heads=6)
