@@ -124,8 +124,14 @@ def model_param_plan(model: Decoder) -> list[ParamSpec]:
     return plan
 
 
-def shard_slices(spec: ParamSpec, tp_rank: int, tp_size: int) -> list[tuple[str, tuple[slice, ...]]]:
-    """(HF name, index) pairs making up TP rank ``tp_rank``'s shard; concatenate the pieces on dim 0."""
+def shard_slices(spec: ParamSpec, tp_rank: int, tp_size: int, *, replicate_kv_heads: bool = False
+                 ) -> list[tuple[str, tuple[slice, ...]]]:
+    """(HF name, index) pairs making up TP rank ``tp_rank``'s shard; concatenate the pieces on dim 0.
+
+    ``replicate_kv_heads``: a column part with fewer blocks than ``tp_size`` (k/v of GQA with
+    num_kv_heads < tp), tp being a multiple of them, is replicated: rank r takes block
+    ``r // (tp_size // blocks)``, the kv head its query heads use. Off, such a part raises ValueError.
+    """
     if spec.shard not in SHARD_KINDS:
         raise ValueError(f"{spec.name}: unknown shard kind {spec.shard!r}; expected one of {SHARD_KINDS}")
     if spec.shard == "replicated" or tp_size == 1:
@@ -133,11 +139,17 @@ def shard_slices(spec: ParamSpec, tp_rank: int, tp_size: int) -> list[tuple[str,
     if spec.shard == "vocab":
         (name,), (shape,) = spec.hf_names, spec.hf_shapes
         per = math.ceil(shape[0] / tp_size)
-        return [(name, (slice(tp_rank * per, min((tp_rank + 1) * per, shape[0])),))]
+        start = min(tp_rank * per, shape[0])  # tiny vocabularies: trailing ranks may hold only padding
+        return [(name, (slice(start, min((tp_rank + 1) * per, shape[0])),))]
     dim = 0 if spec.shard == "column" else 1
     pieces = []
     for name, shape in zip(spec.hf_names, spec.hf_shapes):
         units = shape[dim] // spec.unit
+        if replicate_kv_heads and dim == 0 and 0 < units < tp_size and tp_size % units == 0:
+            block = tp_rank // (tp_size // units)
+            rows = slice(block * spec.unit, (block + 1) * spec.unit)
+            pieces.append((name, (rows, *[slice(None)] * (len(shape) - 1))))
+            continue
         if units % tp_size:
             raise ValueError(f"{spec.name}: {name} has {units} blocks of {spec.unit} along dim {dim}, "
                              f"not divisible by tp={tp_size} (for q/k/v: heads must divide evenly)")
@@ -146,6 +158,58 @@ def shard_slices(spec: ParamSpec, tp_rank: int, tp_size: int) -> list[tuple[str,
         index[dim] = slice(tp_rank * per, (tp_rank + 1) * per)
         pieces.append((name, tuple(index)))
     return pieces
+
+
+def _part_replicas(spec: ParamSpec, part: int, tp_size: int, replicate_kv_heads: bool) -> int:
+    """How many TP ranks hold the same block of fused part ``part`` of a column spec (1 unless replicated)."""
+    units = spec.hf_shapes[part][0] // spec.unit
+    if replicate_kv_heads and spec.shard == "column" and 0 < units < tp_size and tp_size % units == 0:
+        return tp_size // units
+    return 1
+
+
+def shard_tensor(spec: ParamSpec, full: torch.Tensor, tp_rank: int, tp_size: int, *,
+                 replicate_kv_heads: bool = False) -> torch.Tensor:
+    """TP rank ``tp_rank``'s shard of the full hfrl tensor ``full`` (what ``shard_slices`` reads from HF).
+
+    Vocab shards are zero-padded to ``ceil(V / tp)`` rows, so every rank's shard has the same shape.
+    """
+    if tuple(full.shape) != spec.shape:
+        raise ValueError(f"{spec.name} has shape {tuple(full.shape)}, expected {spec.shape}")
+    parts = dict(zip(spec.hf_names, full.split([s[0] for s in spec.hf_shapes], dim=0)))
+    pieces = shard_slices(spec, tp_rank, tp_size, replicate_kv_heads=replicate_kv_heads)
+    local = torch.cat([parts[name][index] for name, index in pieces], dim=0)
+    if spec.shard == "vocab":
+        local = pad_rows(local, math.ceil(spec.shape[0] / tp_size))
+    return local
+
+
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor`` with zero rows appended up to ``rows`` rows (the padding of a vocab shard)."""
+    if tensor.shape[0] == rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])], dim=0)
+
+
+def merge_shards(spec: ParamSpec, shards: list[torch.Tensor], *, replicate_kv_heads: bool = False) -> torch.Tensor:
+    """Inverse of ``shard_tensor``: the full (unpadded) hfrl tensor from every TP rank's shard, in rank order."""
+    tp_size = len(shards)
+    if spec.shard == "replicated" or tp_size == 1:
+        return shards[0][:spec.shape[0]] if spec.shard == "vocab" else shards[0]
+    if spec.shard == "vocab":
+        return torch.cat(shards, dim=0)[:spec.shape[0]]
+    if spec.shard == "row":
+        return torch.cat(shards, dim=1)
+    # column: each rank holds [part0_r; part1_r; ...]; regroup part by part
+    sizes = [[index[0].stop - index[0].start for _, index in shard_slices(spec, r, tp_size,
+                                                                          replicate_kv_heads=replicate_kv_heads)]
+             for r in range(tp_size)]
+    per_rank = [shard.split(size, dim=0) for shard, size in zip(shards, sizes)]
+    merged = []
+    for part in range(len(spec.hf_names)):
+        replicas = _part_replicas(spec, part, tp_size, replicate_kv_heads)
+        merged += [per_rank[r][part] for r in range(0, tp_size, replicas)]  # one copy of each block
+    return torch.cat(merged, dim=0)
 
 
 # ---- reading and converting ------------------------------------------------------------------------
@@ -168,6 +232,17 @@ def _checkpoint_files(path: str | os.PathLike) -> dict[str, list[str] | None]:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"shard {file} listed in {index} is missing")
     return files
+
+
+def tensor_files(path: str | os.PathLike) -> dict[str, str]:
+    """{HF tensor name: safetensors file holding it} of a checkpoint folder (reads headers only)."""
+    out = {}
+    for file, file_names in _checkpoint_files(path).items():
+        if file_names is None:
+            with safe_open(file, framework="pt") as f:
+                file_names = list(f.keys())
+        out.update(dict.fromkeys(file_names, file))
+    return out
 
 
 def load_hf_state_dict(path: str | os.PathLike, names: set[str] | None = None) -> dict[str, torch.Tensor]:

@@ -1,0 +1,144 @@
+"""Transfer protocols: how a call's Batch arguments are split over a pool and outputs collected.
+
+A protocol (HybridFlow's Table 3) is plain data about a layout:
+
+- `num_chunks(dims)`: how many pieces each Batch argument is cut into (after padding to a
+  multiple, undone on the output);
+- `chunk_of(dims, position)`: which piece the rank at that pool position receives (ranks of one
+  DP replica, or of one generation replica, share a piece);
+- `output_positions(dims)`: the positions whose outputs come back, in piece order;
+- `join`: "concat" (Batches and tensors are concatenated; anything else stays a list) or "list".
+
+| protocol          | pieces  | who gets piece i                     | outputs from                       |
+|-------------------|---------|--------------------------------------|------------------------------------|
+| ONE_TO_ALL        | 1       | everyone                             | everyone (list)                    |
+| DP_COMPUTE        | dp      | every rank of DP replica i           | tp=0, pp=last of each replica      |
+| MICRO_DP_COMPUTE  | dp * dg | every rank of generation replica i   | gen_tp=0, gen_pp=last of each      |
+| PP_ONLY           | 1       | everyone                             | tp=0, dp=0 of each stage (list)    |
+| ALL_TO_ALL        | world   | position i (args are per-rank lists) | everyone (list)                    |
+
+Custom protocols are registered with `register_protocol`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from hfrl.controller.protocol import Batch
+from hfrl.distributed.parallel_dims import ParallelDims
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    num_chunks: Callable[[ParallelDims], int]
+    chunk_of: Callable[[ParallelDims, int], int]
+    output_positions: Callable[[ParallelDims], list[int]]
+    join: str = "concat"
+    per_rank_args: bool = False
+    """ALL_TO_ALL style: every argument is a list with one entry per pool position."""
+
+
+_PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register_protocol(protocol: Protocol) -> Protocol:
+    if protocol.join not in ("concat", "list"):
+        raise ValueError(f"protocol {protocol.name!r}: join={protocol.join!r}, expected "
+                         "'concat' or 'list'")
+    if protocol.name in _PROTOCOLS and _PROTOCOLS[protocol.name] != protocol:
+        raise ValueError(f"a different protocol named {protocol.name!r} is already registered")
+    _PROTOCOLS[protocol.name] = protocol
+    return protocol
+
+
+def get_protocol(name: str | Protocol) -> Protocol:
+    if isinstance(name, Protocol):
+        return name
+    if name not in _PROTOCOLS:
+        raise ValueError(f"unknown transfer protocol {name!r}; registered: {sorted(_PROTOCOLS)}")
+    return _PROTOCOLS[name]
+
+
+def _positions(dims: ParallelDims, keep: Callable, order: Callable) -> list[int]:
+    coords = [(i, dims.coord(i)) for i in range(dims.world_size)]
+    return [i for i, c in sorted(((i, c) for i, c in coords if keep(c)), key=lambda x: order(x[1]))]
+
+
+ONE_TO_ALL = register_protocol(Protocol(
+    "ONE_TO_ALL", num_chunks=lambda d: 1, chunk_of=lambda d, i: 0,
+    output_positions=lambda d: list(range(d.world_size)), join="list"))
+
+DP_COMPUTE = register_protocol(Protocol(
+    "DP_COMPUTE", num_chunks=lambda d: d.dp, chunk_of=lambda d, i: d.coord(i).dp,
+    output_positions=lambda d: _positions(d, lambda c: c.tp == 0 and c.pp == d.pp - 1,
+                                          lambda c: c.dp)))
+
+MICRO_DP_COMPUTE = register_protocol(Protocol(
+    "MICRO_DP_COMPUTE", num_chunks=lambda d: d.num_gen_replicas,
+    chunk_of=lambda d, i: d.coord(i).gen_replica(d.dg),
+    output_positions=lambda d: _positions(d, lambda c: c.gen_tp == 0 and c.gen_pp == d.pg - 1,
+                                          lambda c: c.gen_replica(d.dg))))
+
+PP_ONLY = register_protocol(Protocol(
+    "PP_ONLY", num_chunks=lambda d: 1, chunk_of=lambda d, i: 0,
+    output_positions=lambda d: _positions(d, lambda c: c.tp == 0 and c.dp == 0, lambda c: c.pp),
+    join="list"))
+
+ALL_TO_ALL = register_protocol(Protocol(
+    "ALL_TO_ALL", num_chunks=lambda d: d.world_size, chunk_of=lambda d, i: i,
+    output_positions=lambda d: list(range(d.world_size)), join="list", per_rank_args=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting and joining
+
+
+def padded_chunks(batch: Batch, num_chunks: int) -> tuple[list[Batch], int]:
+    """Pad to a multiple of `num_chunks` (repeating rows from the start) and chunk."""
+    if len(batch) == 0:
+        raise ValueError("cannot dispatch an empty Batch: there is no row to give each of "
+                         f"{num_chunks} workers; skip the call or pass at least one row")
+    padded, pad = batch.pad_to_multiple(num_chunks)
+    return padded.chunk(num_chunks), pad
+
+
+def chunk_row_ranges(num_rows: int, num_chunks: int) -> tuple[list[tuple[int, int]], int]:
+    """Row ranges [start, end) of each piece of a padded batch, and the pad size."""
+    padded = -(-num_rows // num_chunks) * num_chunks
+    size = padded // num_chunks
+    return [(i * size, (i + 1) * size) for i in range(num_chunks)], padded - num_rows
+
+
+def source_rows(padded_rows: range, num_rows: int) -> list[int]:
+    """Rows of the unpadded batch that padded rows come from (padding repeats from the start)."""
+    return [r if r < num_rows else (r - num_rows) % num_rows for r in padded_rows]
+
+
+def join_outputs(outputs: list[Any], join: str, pad: int, num_input_rows: int | None) -> Any:
+    """Concatenate (and unpad) or return the list, as the protocol says."""
+    if join == "list" or not outputs:
+        return outputs
+    if all(isinstance(o, Batch) for o in outputs):
+        joined = Batch.concat(outputs, check_meta=False)
+        return _unpad(joined, pad, num_input_rows)
+    if all(isinstance(o, torch.Tensor) and o.dim() > 0 for o in outputs):
+        joined = torch.cat(outputs)
+        return _unpad(joined, pad, num_input_rows)
+    return outputs
+
+
+def _unpad(joined, pad: int, num_input_rows: int | None):
+    """Drop the outputs of padded rows. An output with k rows per input row (n samples per
+    prompt, interleaved) drops k * pad rows; any other shape cannot be unpadded safely."""
+    if pad == 0 or num_input_rows is None:
+        return joined
+    padded_rows = num_input_rows + pad
+    if len(joined) % padded_rows:
+        raise ValueError(f"cannot remove {pad} padding rows: the joined output has "
+                         f"{len(joined)} rows, not a multiple of the {padded_rows} padded input "
+                         "rows; make the batch size divisible by the number of workers")
+    per_row = len(joined) // padded_rows
+    return joined[: num_input_rows * per_row]

@@ -1,0 +1,37 @@
+"""hfrl's Triton kernels, installed as ``hfrl_kernels`` (not ``kernels``: that name belongs to a PyPI
+package transformers probes for).
+
+Each kernel lives in its own module with a PyTorch reference beside it; its public function picks
+the Triton kernel for CUDA tensors when Triton is importable and the reference otherwise. Triton is
+optional: this package imports without it. Tests run the kernels on CPU under the Triton
+interpreter, which must be switched on before the kernel modules are imported
+(``TRITON_INTERPRET=1`` in the environment).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when triton imports (it may import without a GPU)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken triton install must not break hfrl
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Run the Triton kernel for this tensor: on CUDA, or on CPU under the interpreter."""
+    if not triton_available():
+        return False
+    return tensor.is_cuda or (interpreting() and tensor.device.type == "cpu")
