@@ -16,7 +16,7 @@
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
-    sed -n '2,16p' "$0" >&2
+    awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0" >&2
     exit 2
 fi
 NPROC="$1"; shift

@@ -152,7 +152,7 @@ stop_pidfile() {  # stop only the daemon this script started, by the id in its p
     if alive "$pid"; then
         kill "$pid" 2>/dev/null || true
         for _ in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
-        alive "$pid" && kill -9 "$pid" 2>/dev/null || true
+        if alive "$pid"; then kill -9 "$pid" 2>/dev/null || true; fi
     fi
     rm -f "$f"
 }

@@ -4,10 +4,10 @@ from hfrl.controller.dispatch import (ALL_TO_ALL, DP_COMPUTE, MICRO_DP_COMPUTE, 
                                       PP_ONLY, Protocol, register_protocol)
 from hfrl.controller.protocol import Batch
 from hfrl.controller.worker_group import (Future, RemoteError, Worker, WorkerContext,
-                                          WorkerGroup, register)
+                                          WorkerGroup, WorkerLostError, register)
 from hfrl.distributed.parallel_dims import ParallelDims
 from hfrl.distributed.resource_pool import ResourcePool
 
 __all__ = ["ALL_TO_ALL", "DP_COMPUTE", "MICRO_DP_COMPUTE", "ONE_TO_ALL", "PP_ONLY", "Batch",
            "Future", "ParallelDims", "Protocol", "RemoteError", "ResourcePool", "Worker",
-           "WorkerContext", "WorkerGroup", "register", "register_protocol", "run"]
+           "WorkerContext", "WorkerGroup", "WorkerLostError", "register", "register_protocol", "run"]

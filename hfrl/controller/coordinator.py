@@ -21,6 +21,7 @@ within about a second, and any other stall ends at the collective timeout.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
@@ -36,7 +37,7 @@ from hfrl.controller.dispatch import (Protocol, chunk_row_ranges, join_outputs, 
                                       source_rows)
 from hfrl.controller.protocol import Batch
 from hfrl.controller.transport import CMD, DATA, REPLY, Transport
-from hfrl.controller.worker_group import Future, RemoteError, WorkerContext
+from hfrl.controller.worker_group import Future, RemoteError, WorkerContext, WorkerLostError
 from hfrl.distributed.env import DistContext, init_distributed
 from hfrl.distributed.parallel_dims import GroupCache, ParallelDims, build_groups
 from hfrl.distributed.resource_pool import ResourcePool
@@ -94,7 +95,7 @@ class Runtime:
         self.ctx = ctx
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.transport = Transport(ctx.control_group)
-        self.cache = GroupCache()
+        self.cache = GroupCache(timeout=datetime.timedelta(seconds=ctx.timeout_s))
         self.groups: dict[int, _GroupState] = {}
         self.store: dict[int, Any] = {}
         self.inbox: dict[tuple[int, str], list] = defaultdict(list)
@@ -151,11 +152,35 @@ class Runtime:
         if include_self:
             position = ranks.index(0)
             cmd_args, cmd_kwargs, _ = per_rank[position]
-            value = getattr(state.worker, method)(*cmd_args, **cmd_kwargs)
+            try:
+                value = getattr(state.worker, method)(*cmd_args, **cmd_kwargs)
+            except Exception as local_error:
+                self._raise_root_cause(call, local_error)
             if position in outputs:
                 self.store[call.cid] = value
         future = Future(self, call)
         return future.result() if blocking else future
+
+    def _raise_root_cause(self, call: _Call, local_error: Exception) -> None:
+        """Rank 0's own share failed. Often that is a consequence (a collective timed out because
+        another rank failed first): report another rank's non-timeout failure of the same call
+        if there is one, else the local error."""
+        root = None
+        for rank in call.group.pool.ranks:
+            if rank == 0:
+                continue
+            try:
+                call.statuses[rank] = status = self._reply(rank, call.cid, "status")
+            except WorkerLostError as lost:
+                raise lost from local_error
+            if not status["ok"] and root is None and not _is_timeout(status["error"][1]):
+                root = status
+        if root is not None:
+            try:
+                self._check(root, call.group.name, call.method)
+            except RemoteError as remote:
+                raise remote from local_error
+        raise local_error
 
     def _resolve_local_futures(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         def value(a):
@@ -248,7 +273,11 @@ class Runtime:
         """The reply (cid, kind) from `src`, receiving and keeping earlier ones as they come."""
         key = (src, cid, kind)
         while key not in self._stash:
-            msg = self.transport.recv(src, REPLY)
+            try:
+                msg = self.transport.recv(src, REPLY)
+            except RuntimeError as err:   # gloo: connection closed, or the timeout
+                raise WorkerLostError(f"lost contact with rank {src} while waiting for its reply "
+                                      f"to call {cid}: {err}") from None
             if msg["cid"] not in self._forgotten:
                 self._stash[(src, msg["cid"], msg["kind"])] = msg
         return self._stash.pop(key)
@@ -354,7 +383,12 @@ class Runtime:
     def serve(self) -> int:
         """Run rank 0's commands until shutdown (returns 0) or abort (returns 1)."""
         while True:
-            cmd = self.transport.recv(0, CMD)
+            try:
+                cmd = self.transport.recv(0, CMD)
+            except RuntimeError as err:
+                logger.error("rank %d: lost contact with rank 0 (the controller): %s", self.rank,
+                             err)
+                return 1
             for cid in cmd.get("release", ()):
                 self.store.pop(cid, None)
             op = cmd["op"]
@@ -415,6 +449,11 @@ class _ChainPlan:
     @property
     def assemble(self) -> dict[int, list[tuple[int, int, int]]]:
         return self.runs
+
+
+def _is_timeout(message: str) -> bool:
+    message = message.lower()
+    return "timed out" in message or "timeout" in message
 
 
 def _runs(rows: list[int], starts: list[int], counts: list[int]) -> list[tuple[int, int, int]]:

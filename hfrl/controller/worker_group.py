@@ -93,6 +93,10 @@ class RemoteError(RuntimeError):
                               self.remote_message, self.remote_traceback))
 
 
+class WorkerLostError(RuntimeError):
+    """A rank stopped answering: its process died or its connection broke."""
+
+
 class Future:
     """The pending result of a non-blocking call. `result()` collects it on rank 0; passing the
     Future to another call lets that call's ranks fetch their rows straight from this call's

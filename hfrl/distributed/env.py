@@ -135,11 +135,11 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
 
 
 def _slurm_tasks_on_this_node(env: Mapping[str, str], world: int) -> int:
-    # SLURM_TASKS_PER_NODE looks like "4(x2),3": the first entry describes node 0; a uniform job is
-    # the common case, so use SLURM_NTASKS_PER_NODE if set, else the first entry.
-    if env.get("SLURM_NTASKS_PER_NODE"):
-        return int(env["SLURM_NTASKS_PER_NODE"])
-    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    # The step's own count first: inside an sbatch/salloc allocation, SLURM_NTASKS_PER_NODE is
+    # the job's and is inherited by steps that launch a different number of tasks. The value
+    # looks like "4(x2),3"; the first entry describes this job's first node.
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") \
+        or env.get("SLURM_NTASKS_PER_NODE")
     if per_node:
         return int(re.match(r"\d+", per_node).group(0))
     return world
@@ -193,7 +193,8 @@ class DistContext:
     backend: str
     device: torch.device
     control_group: object
-    """A gloo group over the whole world for control messages (the default group on CPU)."""
+    """A gloo group over the whole world for control messages, with its own long timeout: a
+    worker waits for its next command as long as rank 0 keeps the job alive."""
     timeout_s: float
 
     @property
@@ -217,11 +218,14 @@ def pick_backend(requested: str) -> str:
 
 
 def init_distributed(backend: str = "auto", timeout_s: float = 600.0,
-                     environ: Mapping[str, str] | None = None) -> DistContext:
+                     environ: Mapping[str, str] | None = None,
+                     control_timeout_s: float = 7 * 24 * 3600.0) -> DistContext:
     """Initialise the default process group from the launcher's environment.
 
-    On CUDA the default group is NCCL and a gloo group over the same ranks carries control
-    messages (NCCL cannot do CPU point-to-point); on CPU the default gloo group serves both.
+    The default group (NCCL on CUDA, gloo on CPU) carries the models' collectives with
+    `timeout_s`. A separate gloo group over the same ranks carries control messages (NCCL cannot
+    do CPU point-to-point) with `control_timeout_s`: waiting for the next command is not a
+    stall, while a dead peer still shows at once as a closed connection.
     A world of 1 with no launcher works and still creates a (single-rank) process group, so code
     paths are the same with and without a launcher.
     """
@@ -243,8 +247,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0,
             backend=backend, init_method=f"tcp://{_url_host(denv.master_addr)}:{denv.master_port}",
             rank=denv.rank, world_size=denv.world_size, timeout=timeout,
             **({"device_id": device} if backend == "nccl" else {}))
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" \
-        else dist.group.WORLD
+    control = dist.new_group(backend="gloo",
+                             timeout=datetime.timedelta(seconds=control_timeout_s))
     return DistContext(env=denv, backend=backend, device=device, control_group=control,
                        timeout_s=timeout_s)
 

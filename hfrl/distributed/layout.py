@@ -7,6 +7,7 @@ code (`torch.distributed`'s fake backend), so a 1024-rank plan can be checked on
 """
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -75,7 +76,7 @@ def run_layout(config: Config, dry_run_world_size: int | None = None) -> dict[st
     plan = plan_for_config(config, denv.world_size)   # before any collective
     ctx: DistContext = init_distributed(config.distributed.backend, config.distributed.timeout_s)
     try:
-        cache = GroupCache()
+        cache = GroupCache(timeout=datetime.timedelta(seconds=ctx.timeout_s))
         groups = build_process_groups(plan, ctx.rank, cache)
         local = check_groups(groups, ctx.rank)
         views = [None] * ctx.world_size

@@ -238,7 +238,8 @@ class GroupCache:
     """Creates each distinct rank set's process group once, in call order.
 
     torch.distributed.new_group is collective over the whole world: every rank must call it for
-    every group, in the same order, whether or not it is a member. Identical rank sets (for example
+    every group, in the same order, whether or not it is a member. Pass the job's collective
+    `timeout`: new_group does not inherit init_process_group's, it defaults to 30 minutes. Identical rank sets (for example
     the TP groups of colocated actor and reference) share one group.
     """
 

@@ -283,7 +283,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             weight = _SyncReplicatedRowsGrad.apply(weight, *self.kv_rows, self.kv_replicas, self.group)
             if bias is not None:
                 bias = _SyncReplicatedRowsGrad.apply(bias, *self.kv_rows, self.kv_replicas, self.group)
-        return F.linear(copy_to_tp_region(x, self.group), weight, bias)  # (..., local_rows)
+        return F.linear(x, weight, bias)
 
 
 class RowParallelLinear(_TPModule):

@@ -192,14 +192,17 @@ def tp_from_pretrained(path: str | os.PathLike, tp_group: dist.ProcessGroup | No
     return model
 
 
-def gather_full_state_dict(model: Decoder, tp_group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(model: Decoder, tp_group: dist.ProcessGroup | None,
+                           state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The full (unpadded) hfrl state dict of a TP model, on every TP rank (one all-gather per sharded tensor).
 
     Names are the model's own (a pipeline stage keeps its local layer numbers). Replicated entries are
-    the model's tensors, detached; sharded ones new tensors. Collective over ``tp_group``.
+    the model's tensors, detached; sharded ones new tensors. ``state`` replaces ``model.state_dict()``
+    with other per-parameter tensors of the same local shapes (e.g. ``{name: param.grad}``) to
+    reassemble those instead. Collective over ``tp_group``.
     """
     tp = tp_world_size(tp_group)
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     merged: dict[int, torch.Tensor] = {}  # data_ptr -> full tensor: a tied lm_head is gathered once
     out = {}
     for spec in model_param_plan(model):
@@ -221,6 +224,8 @@ def save_tp_pretrained(model: Decoder, tp_group: dist.ProcessGroup | None, path:
 
     Collective over ``tp_group``; returns on every rank after the files are written.
     """
+    if model.layer_offset != 0 or model.norm is None or not model.has_head or model.embed_tokens is None:
+        raise ValueError("save_tp_pretrained needs the full model, not a pipeline stage; gather the stages first")
     state = gather_full_state_dict(model, tp_group)
     if tp_rank(tp_group) == 0:
         with torch.device("meta"):

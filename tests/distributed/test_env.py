@@ -31,6 +31,15 @@ def test_slurm_variables():
     assert d.launcher == "slurm"
 
 
+def test_slurm_step_task_count_beats_the_jobs():
+    # srun -n 4 inside an allocation made with --ntasks-per-node=1: the job-level variable is
+    # inherited, the step-level one is right.
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3",
+           "SLURM_NODELIST": "vm", "SLURM_JOB_ID": "5", "SLURM_NTASKS_PER_NODE": "1",
+           "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_TASKS_PER_NODE": "4"}
+    assert detect_env(env).local_world_size == 4
+
+
 def test_slurm_step_nodelist_and_explicit_master_win():
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_NODELIST": "a[1-9]",
            "SLURM_STEP_NODELIST": "b[3-4]", "SLURM_JOB_ID": "7"}

@@ -92,7 +92,9 @@ def full_forward(model, mb: dict) -> torch.Tensor:
     return model(mb["input_ids"], **{k: mb[k] for k in MODEL_INPUT_KEYS if k in mb})
 
 
-def global_name(name: str, offset: int) -> str:
+def global_name(name: str, offset: int, full_names) -> str:
+    if name == "lm_head.weight" and name not in full_names:  # tied: the full model holds it once
+        return "embed_tokens.weight"
     if name.startswith("layers."):
         _, j, rest = name.split(".", 2)
         return f"layers.{int(j) + offset}.{rest}"
@@ -101,7 +103,7 @@ def global_name(name: str, offset: int) -> str:
 
 def max_grad_diff(stage_model, full_model) -> tuple[float, int]:
     full = dict(full_model.named_parameters())
-    diffs = [(p.grad - full[global_name(n, stage_model.layer_offset)].grad).abs().max().item()
+    diffs = [(p.grad - full[global_name(n, stage_model.layer_offset, full)].grad).abs().max().item()
              for n, p in stage_model.named_parameters()]
     return max(diffs), len(diffs)
 
@@ -138,9 +140,10 @@ def check_train(groups, full, model, schedule: str, num: int, seed: int) -> dict
     result = sched.train_step(mbs, token_ce)
     per_mb = [token_ce(full_forward(full, mb), mb) for mb in mbs]
     (sum(loss for loss, _ in per_mb) / num).backward()
+    per_mb = [(loss.detach(), metrics) for loss, metrics in per_mb]
     ref_metrics = {k: sum(float(m[k]) for _, m in per_mb) / num for k in per_mb[0][1]}
     grad_diff, num_grads = max_grad_diff(model, full)
-    return {"loss": result.loss, "ref_loss": sum(float(loss) for loss, _ in per_mb) / num,
+    return {"loss": result.loss, "ref_loss": sum(loss.item() for loss, _ in per_mb) / num,
             "metrics": result.metrics, "ref_metrics": ref_metrics, "grad_diff": grad_diff,
             "num_grads": num_grads, "ops": sched.executed_ops}
 

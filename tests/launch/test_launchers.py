@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -201,18 +202,21 @@ def test_srun(dry_run_report, mpi):
         plugins = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True,
                                  timeout=30)
         if mpi not in plugins.stdout + plugins.stderr:
-            pytest.skip(f"this Slurm has no --mpi={mpi} plugin")
+            _unavailable(f"this Slurm has no --mpi={mpi} plugin (srun --mpi=list)")
         flags = [f"--mpi={mpi}"]
-    result = run(["srun", "-n", str(NPROC), "--overcommit", *flags, sys.executable, *LAYOUT])
+    # --kill-on-bad-exit as in launch/slurm.sbatch: one failed task ends the step at once.
+    result = run(["srun", "-n", str(NPROC), "--overcommit", "--kill-on-bad-exit=1", *flags,
+                  sys.executable, *LAYOUT])
     check_same_plan(parse_report(result), "slurm", dry_run_report)
 
 
 def test_simulated_slurm(dry_run_report):
     """4 plain processes with the variables srun would set, started at the same time."""
+    from hfrl.distributed.env import slurm_port
+
     for _ in range(100):
         job_id = random.randrange(100_000, 10_000_000)
         # hfrl derives the port from the job id (distributed.env.slurm_port): pick one that is free.
-        from hfrl.distributed.env import slurm_port
         if _port_is_free(slurm_port(str(job_id))):
             break
     common = {"SLURM_NTASKS": str(NPROC), "SLURM_NODELIST": "localhost",
@@ -261,15 +265,45 @@ def test_launch_mpirun_sh(dry_run_report):
     check_same_plan(parse_report(result), mpi_flavour(mpiexec), dry_run_report)
 
 
+_SLURM_DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+               "PREEMPTED", "BOOT_FAIL", "DEADLINE")
+
+
+def wait_for_job(job_id: str, timeout: float = TIMEOUT_S) -> dict[str, str]:
+    """Poll `scontrol show job` until the job ends (sbatch --wait backs off to 30 s and more
+    between polls). Returns the job's fields; a job still running at the timeout is cancelled."""
+    deadline = time.monotonic() + timeout
+    fields: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                               text=True, timeout=30)
+        fields = dict(item.split("=", 1) for item in shown.stdout.split() if "=" in item)
+        if fields.get("JobState") in _SLURM_DONE:
+            return fields
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+    pytest.fail(f"Slurm job {job_id} did not end within {timeout:.0f} s: {fields}")
+
+
 def test_launch_slurm_sbatch(dry_run_report, tmp_path):
     _need_slurm()
     _need("sbatch")
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
-    # --overcommit: 4 tasks on a node that may have fewer cores (the test cluster has 2).
-    run(["sbatch", "--wait", "--overcommit", "--nodes=1", f"--ntasks-per-node={NPROC}",
-         f"--chdir={REPO}", f"--output={out}", f"--error={err}",
-         str(REPO / "launch" / "slurm.sbatch"), *LAYOUT[2:]],
-        env=_clean_env(PYTHON=sys.executable))
-    result = subprocess.CompletedProcess(["sbatch", "launch/slurm.sbatch"], 0, out.read_text(),
+    # The test node may have fewer cores than tasks (CI: 2), and sbatch rejects --ntasks-per-node
+    # above the node's CPU count even with --overcommit; srun inside the job does not. So allocate
+    # one task and have the script's srun start 4, overriding the job's per-node count too.
+    srun_args = f"--ntasks={NPROC} --ntasks-per-node={NPROC} --overcommit"
+    submitted = run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=1",
+                     f"--chdir={REPO}", f"--output={out}", f"--error={err}",
+                     str(REPO / "launch" / "slurm.sbatch"), *LAYOUT[2:]],
+                    env=_clean_env(PYTHON=sys.executable, SRUN_ARGS=srun_args))
+    job_id = submitted.stdout.strip().split(";")[0]
+    fields = wait_for_job(job_id)
+    result = subprocess.CompletedProcess(["sbatch", "launch/slurm.sbatch", *LAYOUT[2:]],
+                                         fields.get("ExitCode"),
+                                         out.read_text() if out.exists() else "",
                                          err.read_text() if err.exists() else "")
+    if fields["JobState"] != "COMPLETED":
+        pytest.fail(_describe(result.args, fields.get("ExitCode"), result.stdout, result.stderr,
+                              f"job {job_id} ended {fields['JobState']}"))
     check_same_plan(parse_report(result), "slurm", dry_run_report)

@@ -1,0 +1,257 @@
+"""The single controller on real processes: protocols, padding, colocation, asynchrony,
+chained futures that bypass rank 0, and remote errors."""
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import hfrl
+from hfrl.controller import (ALL_TO_ALL, DP_COMPUTE, MICRO_DP_COMPUTE, ONE_TO_ALL, PP_ONLY, Batch,
+                             ParallelDims, Protocol, RemoteError, ResourcePool, Worker,
+                             WorkerGroup, register, register_protocol)
+from tests.multiproc import run_ranks
+
+FIRST_ONLY = register_protocol(Protocol(
+    "TEST_FIRST_ONLY", num_chunks=lambda d: 1, chunk_of=lambda d, i: 0,
+    output_positions=lambda d: [0], join="list"))
+
+
+class Recorder(Worker):
+    """Returns the rows it got, tagged with its rank, and remembers them."""
+
+    def __init__(self, tag="rec"):
+        self.tag = tag
+        self.seen = []
+
+    def _echo(self, batch):
+        self.seen.append(batch["id"].tolist())
+        return Batch({"id": batch["id"], "rank": torch.full((len(batch),), self.ctx.rank)})
+
+    @register(protocol=DP_COMPUTE)
+    def dp(self, batch):
+        return self._echo(batch)
+
+    @register(protocol=MICRO_DP_COMPUTE)
+    def micro(self, batch):
+        return self._echo(batch)
+
+    @register(protocol=PP_ONLY)
+    def stage(self, batch):
+        return (self.ctx.coord.pp, self.ctx.rank, len(batch))
+
+    @register(protocol=ONE_TO_ALL)
+    def info(self, scale=1):
+        return {"rank": self.ctx.rank, "pid": os.getpid(), "tag": self.tag, "scale": scale,
+                "seen": self.seen}
+
+    @register(protocol=ALL_TO_ALL)
+    def each(self, value):
+        return (self.ctx.rank, value)
+
+    @register(protocol=FIRST_ONLY)
+    def first(self, batch):
+        return self.ctx.rank
+
+    @register(protocol=DP_COMPUTE)
+    def grow(self, batch, k=1):
+        # k output rows per input row (like n samples per prompt), interleaved.
+        return Batch({"id": batch["id"].repeat_interleave(k),
+                      "big": torch.ones(len(batch) * k, 256)})
+
+    @register(protocol=DP_COMPUTE)
+    def boom(self, batch):
+        if self.ctx.rank == 2:
+            raise ValueError(f"bad rows {batch['id'].tolist()}")
+        return batch
+
+    @register(protocol=ONE_TO_ALL)
+    def stats(self):
+        return self.ctx.runtime.transport.stats.snapshot()
+
+    @register(protocol=ONE_TO_ALL)
+    def nap(self, seconds):
+        start = time.time()
+        time.sleep(seconds)
+        return (self.ctx.rank, start, time.time())
+
+    @register(protocol=DP_COMPUTE)
+    def dp_sum(self, batch):
+        total = batch["id"].sum().reshape(1)
+        dist.all_reduce(total, group=self.ctx.groups.groups["dp"])
+        return Batch({"id": batch["id"], "total": total.expand(len(batch)).clone()})
+
+
+def ids(n):
+    return Batch({"id": torch.arange(n)})
+
+
+def run_main(rank, world, main, *args):
+    """Every rank: hfrl.run(main); rank 0's return value is main's."""
+    return hfrl.run(main, *args)
+
+
+# ---- protocols -------------------------------------------------------------------------------
+
+
+def protocols_main():
+    pool = ResourcePool("all", (0, 1, 2, 3))
+    out = {}
+    g = WorkerGroup(Recorder, pool, ParallelDims(tp=2, dp=2))          # TP pairs (0,1), (2,3)
+    r = g.dp(ids(6))
+    out["dp"] = (r["id"].tolist(), r["rank"].tolist())
+    out["dp_seen"] = [i["seen"] for i in g.info()]
+    m = WorkerGroup(Recorder, pool, ParallelDims(tp=4, tg=2))          # dg=2, gen TP (0,2), (1,3)
+    r = m.micro(ids(4))
+    out["micro"] = (r["id"].tolist(), r["rank"].tolist())
+    out["micro_seen"] = [i["seen"] for i in m.info()]
+    p = WorkerGroup(Recorder, pool, ParallelDims(pp=2, tp=2))
+    out["pp"] = p.stage(ids(5))
+    out["one"] = [(i["rank"], i["scale"]) for i in p.info(scale=3)]
+    out["all"] = p.each(["a", "b", "c", "d"])
+    out["first"] = p.first(ids(2))
+    return out
+
+
+def test_protocols_route_rows_to_the_right_ranks():
+    out = run_ranks(4, run_main, protocols_main)[0]
+    # DP_COMPUTE: replica 0 = ranks (0,1) gets rows 0-2, replica 1 = (2,3) rows 3-5; outputs
+    # come from tp=0 of each replica.
+    assert out["dp"] == ([0, 1, 2, 3, 4, 5], [0, 0, 0, 2, 2, 2])
+    assert out["dp_seen"] == [[[0, 1, 2]], [[0, 1, 2]], [[3, 4, 5]], [[3, 4, 5]]]
+    # MICRO_DP_COMPUTE with tg=2 (stride grouping): generation replicas (0,2) and (1,3).
+    assert out["micro"] == ([0, 1, 2, 3], [0, 0, 1, 1])
+    assert out["micro_seen"] == [[[0, 1]], [[2, 3]], [[0, 1]], [[2, 3]]]
+    # PP_ONLY: everyone gets everything, outputs from tp=0 of each stage: ranks 0 and 2.
+    assert out["pp"] == [(0, 0, 5), (1, 2, 5)]
+    assert out["one"] == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert out["all"] == [(0, "a"), (1, "b"), (2, "c"), (3, "d")]
+    assert out["first"] == [0]
+
+
+def padding_main():
+    results = {}
+    for dp in (2, 4):
+        g = WorkerGroup(Recorder, ResourcePool("p", tuple(range(dp))), ParallelDims(dp=dp))
+        for n in (1, 3, 7):
+            r = g.dp(ids(n))
+            results[(dp, n)] = r["id"].tolist()
+            k = g.grow(ids(n), k=2)
+            results[(dp, n, "k")] = k["id"].tolist()
+    return results
+
+
+def test_uneven_batches_are_padded_and_unpadded():
+    results = run_ranks(4, run_main, padding_main)[0]
+    for dp in (2, 4):
+        for n in (1, 3, 7):
+            assert results[(dp, n)] == list(range(n))
+            assert results[(dp, n, "k")] == [i for i in range(n) for _ in range(2)]
+
+
+# ---- colocation and asynchrony -------------------------------------------------------------
+
+
+def colocated_main():
+    pool = ResourcePool("all", (0, 1))
+    actor = WorkerGroup(Recorder, pool, None, "actor", name="actor")
+    critic = WorkerGroup(Recorder, pool, None, "critic", name="critic")
+    actor.dp(ids(4))
+    critic.dp(ids(2))
+    return actor.info(), critic.info()
+
+
+def test_colocated_roles_share_processes_but_not_state():
+    actor, critic = run_ranks(2, run_main, colocated_main)[0]
+    assert [a["pid"] for a in actor] == [c["pid"] for c in critic]
+    assert [a["tag"] for a in actor] == ["actor", "actor"]
+    assert [c["tag"] for c in critic] == ["critic", "critic"]
+    assert [a["seen"] for a in actor] == [[[0, 1]], [[2, 3]]]
+    assert [c["seen"] for c in critic] == [[[0]], [[1]]]
+
+
+def async_main():
+    left = WorkerGroup(Recorder, ResourcePool("left", (1,)))
+    right = WorkerGroup(Recorder, ResourcePool("right", (2, 3)))
+    f1 = left.nap(1.0, blocking=False)
+    f2 = right.nap(1.0, blocking=False)
+    mine = (0, time.time(), None)
+    time.sleep(0.3)      # rank 0's own work while both pools run
+    mine = (0, mine[1], time.time())
+    return f1.result(), f2.result(), mine
+
+
+def test_disjoint_pools_run_at_the_same_time():
+    left, right, mine = run_ranks(4, run_main, async_main)[0]
+    (_, l_start, l_end), = left
+    for _, r_start, r_end in right:
+        assert r_start < l_end and l_start < r_end      # the calls overlapped
+    assert mine[1] < l_end and mine[2] > l_start       # rank 0 worked meanwhile
+
+
+# ---- chained futures ---------------------------------------------------------------------------
+
+
+def chained_main(k, consumer_ranks):
+    producer = WorkerGroup(Recorder, ResourcePool("producer", (1, 2)))
+    consumer = WorkerGroup(Recorder, ResourcePool("consumer", consumer_ranks))
+    before = hfrl.controller.coordinator._RUNTIME.transport.stats.snapshot()
+    produced = producer.grow(ids(7), k=k, blocking=False)       # 7 rows -> padded to 8
+    out = consumer.dp_sum(produced)
+    after = hfrl.controller.coordinator._RUNTIME.transport.stats.snapshot()
+    reference = producer.grow(ids(7), k=k)
+    return {"ids": out["id"].tolist(), "total": out["total"].tolist(),
+            "ref": reference["id"].tolist(), "before": before, "after": after,
+            "producer_stats": producer.stats()}
+
+
+@pytest.mark.parametrize("k,consumer_ranks", [(1, (3,)), (3, (2, 3))])
+def test_chained_future_moves_no_tensor_bytes_through_rank_0(k, consumer_ranks):
+    out = run_ranks(4, run_main, chained_main, k, consumer_ranks)[0]
+    assert out["ids"] == out["ref"] == [i for i in range(7) for _ in range(k)]
+    assert out["total"] == [k * sum(range(7))] * (7 * k)
+    before, after = out["before"], out["after"]
+    sent = after["payload_sent"].get("cmd", 0) - before["payload_sent"].get("cmd", 0)
+    received = after["payload_recv"].get("reply", 0) - before["payload_recv"].get("reply", 0)
+    # Rank 0 sent only the 7 input ids (padded to 8, int64) and received only the consumer's
+    # output: per consumer rank ceil(7k / ranks) rows (padded) of "id" and "total", int64, each
+    # column aligned to 16 bytes. The producers' 256-float rows went directly to the consumer.
+    rows = -(-7 * k // len(consumer_ranks))
+    assert sent == 8 * 8
+    assert received == len(consumer_ranks) * 2 * (-(-rows * 8 // 16) * 16)
+    assert after["payload_recv"].get("data", 0) == 0 and after["payload_sent"].get("data", 0) == 0
+    data_sent = sum(s["payload_sent"].get("data", 0) for s in out["producer_stats"])
+    assert data_sent >= 7 * k * 256 * 4
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+def errors_main():
+    g = WorkerGroup(Recorder, ResourcePool("all", (0, 1, 2, 3)), name="scorer")
+    caught = None
+    try:
+        g.boom(ids(8))
+    except RemoteError as err:
+        caught = (err.rank, err.role, err.method, err.exc_type, err.remote_message,
+                  "raise ValueError" in err.remote_traceback)
+    after = g.dp(ids(4))["id"].tolist()     # the job goes on after a caught error
+    bad_inputs = []
+    for call in (lambda: g.dp(ids(2), Batch({"id": torch.arange(3)})),
+                 lambda: g.each([1, 2]), lambda: g.nothing(), lambda: g.dp(ids(0))):
+        try:
+            call()
+        except (ValueError, TypeError, AttributeError) as err:
+            bad_inputs.append(f"{type(err).__name__}: {err}")
+    return caught, after, bad_inputs
+
+
+def test_remote_errors_reach_rank_0_and_bad_input_is_rejected():
+    caught, after, bad = run_ranks(4, run_main, errors_main)[0]
+    assert caught == (2, "scorer", "boom", "ValueError", "bad rows [4, 5]", True)
+    assert after == [0, 1, 2, 3]
+    assert "different sizes" in bad[0] or "takes 2 positional" in bad[0]
+    assert "must be a list with one entry per rank (4)" in bad[1]
+    assert "has no method 'nothing'" in bad[2]
+    assert "cannot dispatch an empty Batch" in bad[3]

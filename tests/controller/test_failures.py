@@ -1,0 +1,120 @@
+"""Failures end the whole job quickly and loudly, under a real launcher (torchrun).
+
+Bounds are wall-clock limits generous enough for a busy 2-core machine; they catch hangs only.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.multiproc import free_port
+
+HANG_BOUND_S = 90
+
+SCRIPT = textwrap.dedent('''
+    import os, signal, sys, time
+    import torch
+    import hfrl
+    from hfrl.controller import DP_COMPUTE, ONE_TO_ALL, Batch, ResourcePool, Worker, WorkerGroup, register
+
+    MODE = sys.argv[1]
+
+    class Victim(Worker):
+        @register(protocol=ONE_TO_ALL)
+        def act(self):
+            if MODE == "raise" and self.ctx.rank == 2:
+                raise KeyError("missing reward column")
+            if MODE == "kill" and self.ctx.rank == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if MODE == "collective":
+                import torch.distributed as dist
+                if self.ctx.rank != 3:          # rank 3 never joins: the others wait for it
+                    dist.all_reduce(torch.ones(1), group=self.ctx.groups.groups["dp"])
+                else:
+                    raise RuntimeError("rank 3 failed before the all-reduce")
+            return self.ctx.rank
+
+    def main():
+        group = WorkerGroup(Victim, ResourcePool("all", (0, 1, 2, 3)))
+        if MODE == "rank0_dies":
+            far = WorkerGroup(Victim, ResourcePool("far", (2, 3)))
+            os._exit(3)
+        return group.act()
+
+    print("result", hfrl.run(main, timeout_s=float(os.environ.get("HFRL_TIMEOUT", 600))), flush=True)
+''')
+
+
+def launch(tmp_path, mode, timeout_env="600"):
+    """Under torchrun (whose agent also stops the other ranks when one fails)."""
+    script = tmp_path / "victim.py"
+    script.write_text(SCRIPT)
+    return subprocess.run(["torchrun", "--nproc-per-node", "4", "--master-port", str(free_port()),
+                           str(script), mode], capture_output=True, text=True,
+                          timeout=HANG_BOUND_S, env={**os.environ, "HFRL_TIMEOUT": timeout_env})
+
+
+def launch_plain(tmp_path, mode, timeout_env="600"):
+    """Four independent processes, no agent: each must end on its own. Returns per-rank
+    (exit code, stderr)."""
+    script = tmp_path / "victim.py"
+    script.write_text(SCRIPT)
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "4",
+                                   "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port, "HFRL_TIMEOUT": timeout_env})
+             for r in range(4)]
+    deadline = time.time() + HANG_BOUND_S
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(deadline - time.time(), 1))
+            results.append((p.returncode, out + err))
+    finally:
+        for p in procs:
+            p.kill()
+    return results
+
+
+def test_uncaught_remote_error_exits_every_rank_non_zero(tmp_path):
+    out = launch(tmp_path, "raise")
+    assert out.returncode != 0
+    assert "RemoteError: Victim.act failed on rank 2: KeyError: 'missing reward column'" \
+        in out.stderr
+    assert "--- remote traceback (rank 2) ---" in out.stderr
+    assert "result" not in out.stdout
+
+
+def test_uncaught_remote_error_without_an_agent(tmp_path):
+    results = launch_plain(tmp_path, "raise")
+    assert all(code != 0 for code, _ in results), results
+    assert "KeyError: 'missing reward column'" in results[0][1]
+    for code, text in results[1:]:
+        assert "aborting because rank 0 failed" in text
+
+
+def test_killed_worker_fails_the_job(tmp_path):
+    results = launch_plain(tmp_path, "kill")
+    assert results[2][0] == -9
+    assert all(code != 0 for code, _ in results), results
+    assert "WorkerLostError: lost contact with rank 2" in results[0][1]
+
+
+def test_rank_0_dying_leaves_no_rank_behind(tmp_path):
+    results = launch_plain(tmp_path, "rank0_dies")
+    assert results[0][0] == 3
+    for code, text in results[1:]:
+        assert code != 0 and "lost contact with rank 0" in text, (code, text)
+
+
+def test_peers_stuck_in_a_collective_end_at_the_timeout(tmp_path):
+    # Rank 3 fails before an all-reduce that ranks 0-2 entered: they wait until the collective
+    # timeout (5 s here), then every rank ends non-zero with rank 3's error reported.
+    results = launch_plain(tmp_path, "collective", timeout_env="5")
+    assert all(code != 0 for code, _ in results), results
+    assert any("rank 3 failed before the all-reduce" in text for _, text in results)
