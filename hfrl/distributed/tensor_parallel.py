@@ -283,7 +283,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             weight = _SyncReplicatedRowsGrad.apply(weight, *self.kv_rows, self.kv_replicas, self.group)
             if bias is not None:
                 bias = _SyncReplicatedRowsGrad.apply(bias, *self.kv_rows, self.kv_replicas, self.group)
-        return F.linear(x, weight, bias)
+        return F.linear(copy_to_tp_region(x, self.group), weight, bias)  # (..., local_rows)
 
 
 class RowParallelLinear(_TPModule):
@@ -459,8 +459,7 @@ def vocab_parallel_entropy(logits_shard: torch.Tensor, group: dist.ProcessGroup 
 
 def check_head_split(num_heads: int, num_kv_heads: int, tp: int) -> None:
     """ValueError unless tp splits the query heads evenly and the kv heads evenly or by replication."""
-    kv_ok = num_kv_heads % tp == 0 if num_kv_heads >= tp else tp % num_kv_heads == 0
-    if num_heads % tp or not kv_ok:
+    if not _splits(num_heads, num_kv_heads, tp):
         raise ValueError(
             f"tp={tp} cannot split attention with num_heads={num_heads}, num_kv_heads={num_kv_heads}: tp must "
             f"divide num_heads, and divide num_kv_heads or be a multiple of it (then kv heads are replicated); "

@@ -122,7 +122,8 @@ def parallelize_model(model: Decoder, tp_group: dist.ProcessGroup | None,
         if isinstance(module, Attention) and isinstance(module.qkv_proj, QKVParallelLinear):
             module.num_heads = module.qkv_proj.local_num_heads
             module.num_kv_heads = module.qkv_proj.local_num_kv_heads
-    model.tie_weights()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # the swap gave embed_tokens and a tied lm_head separate parameters
     return model
 
 

@@ -21,7 +21,9 @@ split under Megatron-style tensor parallelism. A ``ParamSpec`` reads:
 
 ``shard_slices(spec, tp_rank, tp_size)`` turns a spec into the slice of each HF tensor one rank
 needs, ready for safetensors' ``get_slice``; concatenating the slices on dim 0 gives the local
-tensor. Names in ``param_plan`` are global (``layers.{i}``); ``model_param_plan(model)`` renames them
+tensor (``replicate_kv_heads=True``: k/v heads fewer than tp are replicated, vLLM style).
+``shard_tensor``/``merge_shards`` do the same split and its inverse on in-memory hfrl tensors
+(vocab shards zero-padded to ceil(V / tp) rows); ``hfrl.models.parallelize`` uses all three. Names in ``param_plan`` are global (``layers.{i}``); ``model_param_plan(model)`` renames them
 to a pipeline stage's own ``layers.{i - layer_offset}`` and keeps only what the stage holds.
 
 Tied embeddings: HF omits ``lm_head.weight``; the plan then reads ``lm_head.weight`` from

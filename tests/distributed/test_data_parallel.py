@@ -98,7 +98,7 @@ def dp_body(rank, world_size):
                        zero_vs_plain=max_diff(zero, plain), one_off_vs_ref=max_diff(one_off, reference),
                        padded=opt.numel % dp != 0, shard=(opt.shard_numel, opt.numel),
                        state_bytes=opt.exp_avg.numel())
-    out["fallback"] = _fallback_collectives(rank, zero)
+    out["fallback"] = _fallback_collectives(rank, zero)  # zero: the dp=4 ZeRO-1 model, trained last
     out["resume"] = _resume(rank)
     out["bf16"] = _bf16_zero_vs_mixed(pairs[rank // 2], rank % 2)
     return out

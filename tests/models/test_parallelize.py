@@ -73,9 +73,13 @@ def _logit_diffs(path, group, vocab, ref_padded, ref_packed):
         local = model(ids, attention_mask=mask)
         padded = gather_vocab_logits(local, group, vocab)
         packed_logits = gather_vocab_logits(model(packed, cu_seqlens=cu_seqlens), group, vocab)
+    converted = parallelize_model(weights.from_pretrained(path).eval(), group)  # slices real weights in place
+    with torch.no_grad():
+        converted_logits = gather_vocab_logits(converted(ids, attention_mask=mask), group, vocab)
     attn = model.layers[0].attn
     return {
         "padded": (padded[mask.bool()] - ref_padded[mask.bool()]).abs().max().item(),
+        "converted": (converted_logits[mask.bool()] - ref_padded[mask.bool()]).abs().max().item(),
         "packed": (packed_logits - ref_packed).abs().max().item(),
         "local_width": (local.shape[-1], padded_vocab_size(vocab, tp) // tp),
         "heads": (attn.num_heads, attn.num_kv_heads),
@@ -214,7 +218,7 @@ def test_logits_match_transformers(run, case):
     for rank, per_rank in enumerate(results):
         for tp in ("none", "1", "2", "4"):
             r = per_rank[(case, tp)]
-            assert r["padded"] < TOL and r["packed"] < TOL, (rank, tp, r)
+            assert r["padded"] < TOL and r["packed"] < TOL and r["converted"] < TOL, (rank, tp, r)
             assert r["local_width"][0] == r["local_width"][1], (rank, tp)
             size = {"none": 1, "1": 1, "2": 2, "4": 4}[tp]
             assert r["heads"] == (4 // size, max(1, 2 // size)), (rank, tp)  # tp=4: kv heads replicated
@@ -268,3 +272,19 @@ def test_tp_not_dividing_heads_is_a_clear_error(run):
         check_tp(ModelConfig.from_hf(build_hf("llama_gqa_tied").config), 3)
     with pytest.raises(ValueError, match="tp=8"):
         check_tp(ModelConfig.from_hf(build_hf("llama_gqa_tied").config), 8)
+
+
+@pytest.mark.parametrize("vocab", [101, 5])
+def test_shard_and_merge_are_inverse(vocab):
+    """Single process: every parameter's shards (kv heads replicated at tp=4) merge back exactly."""
+    config = ModelConfig.from_hf(build_hf("llama_gqa_tied", vocab_size=vocab, num_hidden_layers=1,
+                                          attention_bias=True, mlp_bias=True).config)
+    torch.manual_seed(0)
+    state = CausalLM(config).state_dict()
+    for spec in weights.param_plan(config):
+        for tp in (1, 2, 4):
+            shards = [weights.shard_tensor(spec, state[spec.name], r, tp, replicate_kv_heads=True) for r in range(tp)]
+            assert len({s.shape for s in shards}) == 1, (spec.name, tp)  # equal shapes: all_gather-able
+            assert torch.equal(weights.merge_shards(spec, shards, replicate_kv_heads=True), state[spec.name])
+            if spec.shard == "vocab":
+                assert shards[0].shape[0] == padded_vocab_size(vocab, tp) // tp

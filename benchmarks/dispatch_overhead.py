@@ -1,0 +1,284 @@
+"""Dispatch overhead of the single controller: no-op round trips and batch throughput.
+
+    torchrun --nproc-per-node 4 benchmarks/dispatch_overhead.py [--quick] [--profile]
+    mpiexec -n 4 python benchmarks/dispatch_overhead.py [--quick]
+
+Rank 0 prints one JSON line per case (and one "env" line first):
+
+- ``noop_one_to_all_pool_all``: a ONE_TO_ALL call of a method doing nothing, on a pool of every
+  rank (rank 0 runs its share inline); ``noop_one_to_all_pool_remote``: the same on ranks 1..W-1;
+  ``noop_dp_compute_1row``: a DP_COMPUTE identity call on ranks 1..W-1 with a 1-row batch (padded
+  to one row per rank). ``per_rank_ms`` is the per-call time divided by the remote ranks.
+- ``through_rank0_<N>MB``: rank 0 splits a batch of one float32 column over ranks 1..W-1
+  (DP_COMPUTE), each returns its rows, rank 0 concatenates them (a blocking call).
+- ``chained_future_<N>MB``: a producer pool (ranks 1..) makes the batch itself from a size
+  argument and returns a Future; a consumer pool (the last ranks) takes that Future, so its ranks
+  fetch their rows straight from the producers, and returns a few Python numbers.
+
+MB means 2**20 bytes. ``mb_per_s`` is batch MB / median call time (each batch byte crosses the
+wire twice through rank 0, once in the chained case). Byte counts come from the transports'
+counters (tensor payload only, per call): ``bytes_through_rank0`` is what rank 0 sent plus
+received, ``bytes_through_rank0_seen_by_workers`` the same from the workers' counters, and
+``worker_to_worker_bytes`` what workers sent each other directly.
+
+``--profile`` runs rank 0's timed loops under cProfile and prints the top functions to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import hfrl
+from hfrl.controller import DP_COMPUTE, ONE_TO_ALL, Batch, ResourcePool, Worker, WorkerGroup, register
+
+MB = 2**20
+ROW_FLOATS = 1024   # one 4 KiB row of float32
+FULL = {"noop_iters": 300, "warmup": 20, "sizes_mb": (1, 16, 256),
+        "batch_iters": {1: 50, 16: 20, 256: 6}}
+QUICK = {"noop_iters": 40, "warmup": 5, "sizes_mb": (1, 16), "batch_iters": {1: 5, 16: 3}}
+
+
+class BenchWorker(Worker):
+    def __init__(self):
+        self._made: dict[tuple[int, int], torch.Tensor] = {}
+
+    @register(protocol=ONE_TO_ALL)
+    def noop(self):
+        return None
+
+    @register(protocol=DP_COMPUTE)
+    def identity(self, batch: Batch) -> Batch:
+        return batch
+
+    @register(protocol=DP_COMPUTE)
+    def make(self, num_rows: int, row_floats: int) -> Batch:
+        """This rank's share: ``num_rows`` rows of ``row_floats`` float32. Made once per shape
+        and reused, so the timed calls measure moving it, not filling it (rank 0's batch in the
+        through-rank-0 case is also made once)."""
+        shape = (num_rows, row_floats)
+        if shape not in self._made:
+            self._made[shape] = torch.full(shape, float(self.ctx.rank))
+        return Batch({"x": self._made[shape]})
+
+    @register(protocol=DP_COMPUTE)
+    def summarize(self, batch: Batch) -> dict:
+        """A few Python numbers (a plain dict travels in the header, no tensor payload)."""
+        return {"rows": len(batch), "nbytes": batch.nbytes, "first": float(batch["x"][0, 0])}
+
+    @register(protocol=ONE_TO_ALL)
+    def stats(self) -> dict:
+        return self.ctx.runtime.transport.stats.snapshot()
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+class Profiler:
+    """cProfile over several timed loops when enabled; a no-op otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.profile = cProfile.Profile() if enabled else None
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        if self.profile is None:
+            return fn()
+        self.profile.enable()
+        try:
+            return fn()
+        finally:
+            self.profile.disable()
+
+    def report(self, title: str, top: int = 30) -> None:
+        if self.profile is None:
+            return
+        text = io.StringIO()
+        pstats.Stats(self.profile, stream=text).sort_stats("tottime").print_stats(top)
+        print(f"==== cProfile on rank 0: {title} (sorted by own time) ====\n{text.getvalue()}",
+              file=sys.stderr, flush=True)
+        self.profile = cProfile.Profile()
+
+
+def time_calls(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
+    """Seconds per call of ``fn`` over ``iters`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary_ms(times: list[float]) -> dict[str, float]:
+    ms = sorted(t * 1e3 for t in times)
+    return {"iters": len(ms), "median_ms": round(statistics.median(ms), 4),
+            "p90_ms": round(ms[min(len(ms) - 1, int(0.9 * len(ms)))], 4),
+            "min_ms": round(ms[0], 4)}
+
+
+def _payload(snapshot: dict, direction: str, channel: str | None = None) -> int:
+    values = snapshot[f"payload_{direction}"]
+    return values.get(channel, 0) if channel else sum(values.values())
+
+
+def _header(snapshot: dict) -> int:
+    return sum(snapshot["header_sent"].values()) + sum(snapshot["header_recv"].values())
+
+
+class ByteCounters:
+    """Transport counters of every rank, before and after a timed loop, as per-call deltas."""
+
+    def __init__(self, group_all: WorkerGroup):
+        self.group_all = group_all
+        self.runtime = hfrl.controller.coordinator._RUNTIME
+
+    def snapshot(self) -> tuple[dict, list[dict]]:
+        workers = self.group_all.stats()[1:]   # position 0 is rank 0's own transport
+        return self.runtime.transport.stats.snapshot(), workers
+
+    def per_call(self, before, after, calls: int) -> dict[str, float]:
+        (r0_before, w_before), (r0_after, w_after) = before, after
+
+        def delta(fn, b, a):
+            return fn(a) - fn(b)
+
+        sent = delta(lambda s: _payload(s, "sent"), r0_before, r0_after)
+        recv = delta(lambda s: _payload(s, "recv"), r0_before, r0_after)
+        header = delta(_header, r0_before, r0_after)
+        seen = sum(delta(lambda s: _payload(s, "recv", "cmd") + _payload(s, "sent", "reply"), b, a)
+                   for b, a in zip(w_before, w_after))
+        direct = sum(delta(lambda s: _payload(s, "sent", "data"), b, a)
+                     for b, a in zip(w_before, w_after))
+        return {"bytes_through_rank0": round((sent + recv) / calls),
+                "rank0_payload_sent": round(sent / calls), "rank0_payload_recv": round(recv / calls),
+                "bytes_through_rank0_seen_by_workers": round(seen / calls),
+                "worker_to_worker_bytes": round(direct / calls),
+                "rank0_header_bytes": round(header / calls)}
+
+
+def emit(case: str, **fields: Any) -> None:
+    import torch.distributed as dist
+
+    line = {"bench": "dispatch_overhead", "case": case, "world_size": dist.get_world_size(), **fields}
+    print(json.dumps(line), flush=True)
+
+
+# ---------------------------------------------------------------------------------- cases
+
+
+def measure(fn, iters, warmup, counters: ByteCounters, profiler: Profiler) -> dict:
+    for _ in range(warmup):
+        fn()
+    before = counters.snapshot()
+    times = profiler.run(lambda: time_calls(fn, iters, warmup=0))
+    after = counters.snapshot()
+    return {**summary_ms(times), **counters.per_call(before, after, iters)}, times
+
+
+def noop_cases(groups: dict, cfg: dict, counters: ByteCounters, profiler: Profiler) -> None:
+    one_row = Batch({"x": torch.zeros(1, 1)})
+    cases = [("noop_one_to_all_pool_all", groups["all"], lambda: groups["all"].noop()),
+             ("noop_one_to_all_pool_remote", groups["remote"], lambda: groups["remote"].noop()),
+             ("noop_dp_compute_1row", groups["remote"], lambda: groups["remote"].identity(one_row))]
+    for case, group, fn in cases:
+        fields, _ = measure(fn, cfg["noop_iters"], cfg["warmup"], counters, profiler)
+        remote = sum(1 for r in group.pool.ranks if r != 0)
+        emit(case, pool=list(group.pool.ranks), remote_ranks=remote, **fields,
+             per_rank_ms=round(fields["median_ms"] / remote, 4))
+        profiler.report(case)
+
+
+def batch_rows(size_mb: int, multiple: int) -> int:
+    """Rows of ROW_FLOATS float32 closest below size_mb MB, a multiple of `multiple` (no padding)."""
+    rows = size_mb * MB // (ROW_FLOATS * 4)
+    return max(multiple, rows // multiple * multiple)
+
+
+def throughput_cases(groups: dict, cfg: dict, counters: ByteCounters, profiler: Profiler) -> None:
+    remote, producer, consumer = groups["remote"], groups["producer"], groups["consumer"]
+    # Rows divisible by every pool size, so no case pays for padding.
+    multiple = int(np.lcm.reduce([len(remote.pool), len(producer.pool), len(consumer.pool)]))
+    for size_mb in cfg["sizes_mb"]:
+        rows = batch_rows(size_mb, multiple)
+        nbytes = rows * ROW_FLOATS * 4
+        iters, warmup = cfg["batch_iters"][size_mb], 1 if size_mb >= 64 else 2
+        batch = Batch({"x": torch.randn(rows, ROW_FLOATS)})
+
+        def through_rank0():
+            out = remote.identity(batch)
+            assert out.nbytes == nbytes
+
+        # The producer gets plain ints (no Batch argument: every producer rank makes its share).
+        # Not a Batch of non-tensor row ids: a Batch without tensor columns cannot be received
+        # (transport.recv passes payload None to decode, which slices it).
+        rows_per_producer = rows // len(producer.pool)
+
+        def chained():
+            made = producer.make(rows_per_producer, ROW_FLOATS, blocking=False)
+            parts = consumer.summarize(made)
+            assert sum(p["nbytes"] for p in parts) == nbytes
+
+        for case, fn, pools in (
+                (f"through_rank0_{size_mb}MB", through_rank0, {"pool": list(remote.pool.ranks)}),
+                (f"chained_future_{size_mb}MB", chained,
+                 {"producer_pool": list(producer.pool.ranks),
+                  "consumer_pool": list(consumer.pool.ranks)})):
+            fields, times = measure(fn, iters, warmup, counters, profiler)
+            emit(case, size_mb=size_mb, batch_bytes=nbytes, **pools, **fields,
+                 mb_per_s=round(nbytes / MB / statistics.median(times), 1))
+            profiler.report(case)
+        del batch
+
+
+def main(quick: bool, profile: bool) -> None:
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    if world < 3:
+        raise ValueError(f"dispatch_overhead needs at least 3 ranks (rank 0 plus a producer and a "
+                         f"consumer pool), got a world of {world}; run it with torchrun "
+                         "--nproc-per-node 4 or mpiexec -n 4")
+    cfg = QUICK if quick else FULL
+    runtime = hfrl.controller.coordinator._RUNTIME
+    emit("env", torch=torch.__version__, python=platform.python_version(),
+         backend=runtime.ctx.backend, launcher=runtime.ctx.env.launcher,
+         cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), quick=quick)
+    remote_ranks = tuple(range(1, world))
+    num_consumers = len(remote_ranks) // 2   # 4 ranks: producers (1, 2), consumer (3,)
+    groups = {"all": WorkerGroup(BenchWorker, ResourcePool("all", tuple(range(world)))),
+              "remote": WorkerGroup(BenchWorker, ResourcePool("remote", remote_ranks)),
+              "producer": WorkerGroup(BenchWorker, ResourcePool(
+                  "producer", remote_ranks[:-num_consumers])),
+              "consumer": WorkerGroup(BenchWorker, ResourcePool(
+                  "consumer", remote_ranks[-num_consumers:]))}
+    counters = ByteCounters(groups["all"])
+    profiler = Profiler(profile)
+    noop_cases(groups, cfg, counters, profiler)
+    throughput_cases(groups, cfg, counters, profiler)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="1 and 16 MB only, few iterations (seconds; for tests)")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile rank 0's timed loops; top functions go to stderr")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    hfrl.run(main, args.quick, args.profile)
