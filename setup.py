@@ -8,8 +8,9 @@ import platform
 
 from setuptools import setup
 
-# triton only ships wheels for Linux x86_64/aarch64; everything in hfrl runs without it.
-_triton = ["triton>=3.0; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"]
+# triton ships wheels for Linux x86_64/aarch64 only; everything in hfrl imports and runs without
+# it (the kernels fall back to their PyTorch references).
+_triton = "triton>=3.0; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"
 
 setup(
     name="hfrl",
@@ -33,7 +34,7 @@ setup(
     ],
     package_dir={"hfrl_kernels": "kernels"},
     install_requires=[
-        # The torch pin is applied by scripts/install.sh (a CPU build where no GPU is present);
+        # The torch pin is applied by scripts/setup.sh (a CPU build where no GPU is present);
         # here any torch >= 2.4 is accepted so an existing install is left alone.
         "torch>=2.4",
         "numpy",
@@ -41,9 +42,9 @@ setup(
         "transformers>=4.45",
         "pyyaml",
         "tqdm",
+        _triton,
     ],
     extras_require={
-        "triton": _triton,
         "mpi": ["mpi4py>=3.1"],
         "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout", "hypothesis", "mpi4py>=3.1",
                  "mpich; platform_system == 'Linux'"],

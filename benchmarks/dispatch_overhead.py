@@ -81,6 +81,21 @@ class BenchWorker(Worker):
     def stats(self) -> dict:
         return self.ctx.runtime.transport.stats.snapshot()
 
+    @register(protocol=ONE_TO_ALL)
+    def probe(self) -> dict:
+        """Resident memory and the transport's count of sends it still holds (private state,
+        read here to show whether sent buffers are ever released)."""
+        return {"rss_mb": round(_rss_bytes() / MB), "pending_sends": len(self.ctx.runtime.transport._pending)}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:   # not Linux: the peak instead
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
 
 # ---------------------------------------------------------------------------- measurement
 
@@ -162,11 +177,14 @@ class ByteCounters:
                    for b, a in zip(w_before, w_after))
         direct = sum(delta(lambda s: _payload(s, "sent", "data"), b, a)
                      for b, a in zip(w_before, w_after))
+        probes = self.group_all.probe()
         return {"bytes_through_rank0": round((sent + recv) / calls),
                 "rank0_payload_sent": round(sent / calls), "rank0_payload_recv": round(recv / calls),
                 "bytes_through_rank0_seen_by_workers": round(seen / calls),
                 "worker_to_worker_bytes": round(direct / calls),
-                "rank0_header_bytes": round(header / calls)}
+                "rank0_header_bytes": round(header / calls),
+                "rss_mb": [p["rss_mb"] for p in probes],
+                "pending_sends": [p["pending_sends"] for p in probes]}
 
 
 def emit(case: str, **fields: Any) -> None:

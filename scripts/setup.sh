@@ -6,8 +6,8 @@
 # Creates .venv (with the system's site-packages visible, so an existing torch is reused rather
 # than downloaded again), installs torch only if none is importable -- the CPU-sized 2.13.0 where
 # no NVIDIA GPU is present, the default CUDA build where one is -- then hfrl in editable mode.
-# With "test", also the test extra (pytest, pytest-mpi, hypothesis, mpi4py + MPICH) and triton
-# for the Triton-interpreter kernel tests. Set PIP_INDEX_URL / PIP_EXTRA_INDEX_URL as usual to
+# With "test", also the test extra (pytest, pytest-mpi, pytest-timeout, hypothesis, mpi4py and
+# pip's MPICH). Set PIP_INDEX_URL / PIP_EXTRA_INDEX_URL as usual to
 # choose where pip downloads from (e.g. PyTorch's CPU wheel index on machines outside this setup).
 set -euo pipefail
 HFRL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,10 +33,12 @@ fi
 # The stamp skips pip entirely when nothing changed since the last install (seconds saved per run).
 _stamp="$HFRL_VENV/.hfrl-installed-${_extra:-base}"
 if [ ! -f "$_stamp" ] || [ "$HFRL_ROOT/setup.py" -nt "$_stamp" ]; then
+  # triton (a dependency where it has wheels): without a GPU, the version this machine already
+  # holds rather than the newest, a 300 MB download; on a GPU, whatever torch wants.
+  if ! python -c "import triton" >/dev/null 2>&1 && [ "$(uname -s)" = Linux ] && ! _has_gpu; then
+    _pip "$HFRL_TRITON_CPU" || echo "setup: $HFRL_TRITON_CPU unavailable; pip picks a triton" >&2
+  fi
   if [ "$_extra" = "test" ]; then
-    if ! python -c "import triton" >/dev/null 2>&1 && [ "$(uname -s)" = Linux ]; then
-      if _has_gpu; then _pip triton; else _pip "$HFRL_TRITON_CPU" || true; fi
-    fi
     _pip -e "$HFRL_ROOT[test]"
   else
     _pip -e "$HFRL_ROOT"

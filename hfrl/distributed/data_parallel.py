@@ -188,9 +188,10 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
 
     Takes parameters or param groups like ``torch.optim.AdamW`` (per-group ``lr`` and
     ``weight_decay``; an LR scheduler works on ``param_groups`` as usual) and gives the same
-    updates (``dp_group`` None: dp = 1, one shard holding everything). All parameters must share one dtype (fp32, or bf16 with fp32 master weights) and one
-    device. Construction makes every parameter a view of ``param_buffer``: build it after the model
-    is moved, parallelized and loaded; ``step`` raises if a parameter was re-bound since.
+    updates (``dp_group`` None: dp = 1, one shard holding everything). All parameters must share
+    one dtype (fp32, or bf16 with fp32 master weights) and one device. Construction makes every
+    parameter a view of ``param_buffer``: build it after the model is moved, parallelized and
+    loaded; ``step`` raises if a parameter was re-bound since.
 
     Engine-facing protocol (shared with ``hfrl.engine.optim.MixedPrecisionAdamW``):
     ``accumulate_grads()`` after a micro-batch's backward (optional: moves bf16 ``.grad`` into the
@@ -226,18 +227,7 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
         self.shard_numel = math.ceil(self.numel / self.dp)
         padded = self.shard_numel * self.dp
         lo, hi = self.dp_rank * self.shard_numel, (self.dp_rank + 1) * self.shard_numel
-
-        # Flat parameter buffer in the model dtype; parameters become views of it (no second copy).
-        self.param_buffer = torch.zeros(padded, dtype=self.param_dtype, device=device)
-        self._offsets: list[int] = []
-        offset = 0
-        with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
-                self.param_buffer[offset:offset + n].copy_(p.detach().reshape(-1))
-                p.data = self.param_buffer[offset:offset + n].view_as(p)
-                self._offsets.append(offset)
-                offset += n
+        self.param_buffer, self._offsets = self._flatten_params(padded, device)
         self.grad_buffer = torch.zeros(padded, dtype=torch.float32, device=device)  # local, accumulated
         own = self.param_buffer[lo:hi]
         # fp32 parameters: the master shard *is* the owned slice, updated in place.
@@ -249,6 +239,19 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
         self._grads_reduced = False
         self._segments = self._group_segments(lo, hi)
         self.master_params = self._master_views(lo, hi)
+
+    @torch.no_grad()
+    def _flatten_params(self, padded: int, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+        """Flat buffer in the model dtype; the parameters become views of it (no second copy)."""
+        buffer = torch.zeros(padded, dtype=self.param_dtype, device=device)
+        offsets, offset = [], 0
+        for p in self.params:
+            n = p.numel()
+            buffer[offset:offset + n].copy_(p.detach().reshape(-1))
+            p.data = buffer[offset:offset + n].view_as(p)
+            offsets.append(offset)
+            offset += n
+        return buffer, offsets
 
     def _group_segments(self, lo: int, hi: int) -> list[tuple[int, int]]:
         """Per param group, the [a, b) range of the owned shard (local offsets) it covers."""
