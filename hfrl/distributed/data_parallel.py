@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw as adamw_update
 
+from hfrl.distributed.tensor_parallel import REPLICATED_ROWS_ATTR, SHARD_ATTR
+
 LOW_PRECISION = (torch.bfloat16,)
 
 
@@ -266,8 +268,9 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
     def _master_views(self, lo: int, hi: int) -> list[torch.Tensor]:
         """One fp32 view of the master shard per (piece of a) parameter this rank owns.
 
-        Each view's ``.grad`` is the matching piece of the DP-averaged gradient shard and it carries
-        the parameter's ``hfrl_shard`` tag, so the global norm counts TP-sharded pieces correctly.
+        Each view's ``.grad`` is the matching piece of the DP-averaged gradient shard. It carries the
+        parameter's TP tags so the global norm counts every element once: ``hfrl_shard``, and
+        ``hfrl_replicated_rows`` translated from rows of the parameter to elements of the 1-D view.
         """
         views = []
         for p, offset in zip(self.params, self._offsets):
@@ -276,8 +279,15 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
                 continue
             view = self.master_shard[a - lo:b - lo]
             view.grad = self.grad_shard[a - lo:b - lo]
-            if hasattr(p, "hfrl_shard"):
-                view.hfrl_shard = p.hfrl_shard
+            if hasattr(p, SHARD_ATTR):
+                setattr(view, SHARD_ATTR, getattr(p, SHARD_ATTR))
+            rows = getattr(p, REPLICATED_ROWS_ATTR, None)
+            if rows is not None:
+                start, stop, num_replicas = rows
+                row_numel = p.numel() // p.shape[0]
+                s, e = max(offset + start * row_numel, a), min(offset + stop * row_numel, b)
+                if e > s:
+                    setattr(view, REPLICATED_ROWS_ATTR, (s - a, e - a, num_replicas))
             views.append(view)
         return views
 
@@ -388,9 +398,9 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load this rank's shard saved by ``state_dict``; collective (all-gathers the parameters)."""
-        saved, mine = state_dict.get("layout"), self.layout()
+        saved, mine = state_dict.get("layout") or {}, self.layout()
         if saved != mine:
-            diff = {k: (saved.get(k), mine[k]) for k in mine if saved is None or saved.get(k) != mine[k]}
+            diff = {k: (saved.get(k), mine[k]) for k in mine if saved.get(k) != mine[k]}
             raise ValueError(
                 f"ZeRO-1 state was saved with a different layout; (saved, current) per key: {diff}. A shard "
                 "loads only into the same dp size, DP rank and parameter list; reshard the checkpoint first")

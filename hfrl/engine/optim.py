@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from hfrl.distributed.data_parallel import (LOW_PRECISION, GradBucketer, ZeroOneOptimizer,
                                             group_size_rank, unique_params)
+from hfrl.distributed.tensor_parallel import REPLICATED_ROWS_ATTR, SHARD_ATTR
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -105,8 +106,8 @@ def param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[di
 class MixedPrecisionAdamW(torch.optim.AdamW):
     """torch AdamW over fp32 master weights, with the DP gradient average (ZeRO-0) built in.
 
-    bf16 parameters get an fp32 master copy (``master_params``, tagged with the parameter's
-    ``hfrl_shard``); fp32 parameters are their own master. ``accumulate_grads`` adds bf16 ``.grad``
+    bf16 parameters get an fp32 master copy (``master_params``, with the parameter's TP tags);
+    fp32 parameters are their own master. ``accumulate_grads`` adds bf16 ``.grad``
     into the fp32 master ``.grad`` (call it after each micro-batch's backward to accumulate in fp32;
     ``reduce_gradients`` calls it too), ``reduce_gradients`` averages the master grads over DP in
     buckets, ``step`` updates the masters and copies them back into the bf16 parameters.
@@ -128,8 +129,9 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
                     raise ValueError(f"parameter of dtype {p.dtype}: MixedPrecisionAdamW supports float32 and "
                                      "bfloat16 (fp16 would need loss scaling, which hfrl does not implement)")
                 master = p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
-                if master is not p and hasattr(p, "hfrl_shard"):
-                    master.hfrl_shard = p.hfrl_shard
+                for attr in (SHARD_ATTR, REPLICATED_ROWS_ATTR):  # TP tags, for the global norm
+                    if master is not p and hasattr(p, attr):
+                        setattr(master, attr, getattr(p, attr))
                 self.model_params.append(p)
                 self.master_params.append(master)
                 masters.append(master)
@@ -245,20 +247,17 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, tp_group: An
 
     The norm is over the whole model, across every parallel axis: gradients of TP-sharded
     parameters (attribute ``hfrl_shard``) are summed over the TP group, replicated ones are counted
-    once (by TP rank 0), stages are summed over the PP group. Gradients must already be DP-averaged;
+    once (by TP rank 0), rows that ``num_replicas`` consecutive TP ranks hold alike (attribute
+    ``hfrl_replicated_rows`` = (start, stop, num_replicas): kv heads when num_kv_heads < tp) once
+    (by the first replica), and stages are summed over the PP group. Gradients must already be DP-averaged;
     pass ``dp_group`` only when each DP rank holds a disjoint slice (ZeRO-1's master shards). The
     scaling is ``torch.nn.utils.clip_grad_norm_``'s (``max_norm / (norm + 1e-6)``, at most 1).
     ``max_norm`` 0 only computes the norm; a non-finite norm leaves the gradients untouched.
     A group of None means that axis has size 1 (as everywhere in hfrl; never the default world).
     """
     params = [p for p in params if p.grad is not None]
-    sharded = [p.grad for p in params if getattr(p, "hfrl_shard", None) is not None]
-    replicated = [p.grad for p in params if getattr(p, "hfrl_shard", None) is None]
     device = params[0].grad.device if params else _collective_device(tp_group if tp_group is not None else pp_group)
-    tp_rank = group_size_rank(tp_group)[1]
-    total_sq = _sum_of_squares(sharded, device)
-    if tp_rank == 0:  # replicated over TP: identical on every TP rank, count one copy
-        total_sq = total_sq + _sum_of_squares(replicated, device)
+    total_sq = _sum_of_squares(_grads_counted_here(params, group_size_rank(tp_group)[1]), device)
     for group in (tp_group, pp_group, dp_group):
         if group is not None and group_size_rank(group)[0] > 1:
             dist.all_reduce(total_sq, group=group)
@@ -267,6 +266,22 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, tp_group: An
     if max_norm > 0 and math.isfinite(norm) and params:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return norm
+
+
+def _grads_counted_here(params: list[torch.Tensor], tp_rank: int) -> list[torch.Tensor]:
+    """The (pieces of) gradients this TP rank contributes, so that each element counts once over TP."""
+    grads = []
+    for p in params:
+        if getattr(p, SHARD_ATTR, None) is None:
+            if tp_rank == 0:  # replicated over TP: the same on every TP rank
+                grads.append(p.grad)
+            continue
+        rows = getattr(p, REPLICATED_ROWS_ATTR, None)
+        if rows is None or tp_rank % rows[2] == 0:
+            grads.append(p.grad)
+        else:  # rows [start, stop) are counted by the first of their replicas
+            grads.extend((p.grad[:rows[0]], p.grad[rows[1]:]))
+    return grads
 
 
 def clip_optimizer_grads(optimizer: MixedPrecisionAdamW | ZeroOneOptimizer, max_norm: float,

@@ -117,6 +117,7 @@ def test_mixed_precision_master_matches_fp32_adamw(kind):
     """Same (bf16-representable) grads: fp32 masters follow fp32 AdamW bit for bit; params are their bf16."""
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(7, 5).to(torch.bfloat16)), nn.Parameter(torch.randn(5).to(torch.bfloat16))]
+    params[0].hfrl_shard, params[0].hfrl_replicated_rows = "column", (3, 5, 2)
     reference = [nn.Parameter(p.detach().float()) for p in params]
     groups = lambda ps: [{"params": [ps[0]], "weight_decay": 0.1}, {"params": [ps[1]], "weight_decay": 0.0}]
     ref_opt = torch.optim.AdamW(groups(reference), lr=1e-2)
@@ -140,6 +141,12 @@ def test_mixed_precision_master_matches_fp32_adamw(kind):
         assert m.dtype == torch.float32 and p.dtype == torch.bfloat16
         assert torch.equal(m, r.detach())
         assert torch.equal(p.detach(), r.detach().to(torch.bfloat16))
+    tagged = opt.master_params  # ZeRO: flat views, one per parameter here (dp = 1)
+    assert tagged[0].hfrl_shard == "column" and not hasattr(tagged[1], "hfrl_shard")  # TP tags follow
+    if kind == "mixed":
+        assert masters[0].hfrl_replicated_rows == (3, 5, 2)
+    else:  # the flat view of rows 3:5 of a (7, 5) param: elements 15:25
+        assert opt.master_params[0].hfrl_replicated_rows == (15, 25, 2)
     if kind == "mixed":  # the checkpoint carries the fp32 masters
         state = opt.state_dict()
         assert sorted(state["master_params"]) == [0, 1] and state["master_params"][0].dtype == torch.float32
@@ -198,14 +205,24 @@ def test_should_skip_step_single_process():
 
 # ---- multi-rank: TP/PP clipping, clipped DP/ZeRO training, skip decisions ---------------------------
 
-# Full "model": name -> (shape, TP split dim or None for replicated, tag, PP stage).
+# Full "model": name -> (shape, TP split dim or None for replicated, tag, PP stage). Split "qkv" is
+# a fused q/k/v with one kv head and tp=2: rank r holds q rows [2r, 2r+2) plus the shared kv rows 4:6.
 FULL = {
     "embed": ((10, 6), 0, "vocab", 0),
     "l0.col": ((8, 6), 0, "column", 0), "l0.row": ((6, 8), 1, "row", 0), "l0.norm": ((6,), None, None, 0),
     "l0.bias": ((6,), None, None, 0),
+    "l1.qkv": ((6, 5), "qkv", "column", 1), "l1.qkv_bias": ((6,), "qkv", "column", 1),
     "l1.col": ((8, 6), 0, "column", 1), "l1.row": ((6, 8), 1, "row", 1), "l1.norm": ((6,), None, None, 1),
     "head": ((10, 6), 0, "vocab", 1),
 }
+
+
+def _tp_slice(t, dim, tp_rank):
+    if dim is None:
+        return t
+    if dim == "qkv":
+        return torch.cat([t[2 * tp_rank:2 * tp_rank + 2], t[4:6]])
+    return t.chunk(2, dim)[tp_rank]
 
 
 def _full_params():
@@ -218,20 +235,18 @@ def _full_params():
     return params
 
 
-def _local_params(full, tp_rank, pp_rank):
-    """This rank's stage, TP-sliced and tagged; replicated params are full copies, untagged."""
+def _local_params(full, tp_rank, pp_rank=None):
+    """This rank's stage (all stages for None), TP-sliced and tagged like the TP layers tag them."""
     local = {}
     for name, (_, dim, tag, stage) in FULL.items():
-        if stage != pp_rank:
+        if pp_rank is not None and stage != pp_rank:
             continue
-        p = full[name]
-        if dim is None:
-            q = nn.Parameter(p.detach().clone())
-            q.grad = p.grad.clone()
-        else:
-            q = nn.Parameter(p.detach().chunk(2, dim)[tp_rank].clone())
-            q.grad = p.grad.chunk(2, dim)[tp_rank].clone()
+        q = nn.Parameter(_tp_slice(full[name].detach(), dim, tp_rank).clone())
+        q.grad = _tp_slice(full[name].grad, dim, tp_rank).clone()
+        if tag is not None:
             q.hfrl_shard = tag
+        if dim == "qkv":
+            q.hfrl_replicated_rows = (2, 4, 2)  # local rows 2:4 are held alike by 2 TP ranks
         local[name] = q
     return local
 
@@ -245,13 +260,24 @@ def _tp_pp_clip(rank, tp_group, pp_group):
             float(torch.nn.utils.get_total_norm([p.grad for p in full.values()]))
         local = _local_params(_full_params(), tp_rank, pp_rank)
         norm = clip_grad_norm(local.values(), max_norm, tp_group, pp_group)
-        grad_diff = 0.0
-        for name, q in local.items():
-            dim = FULL[name][1]
-            want = full[name].grad if dim is None else full[name].grad.chunk(2, dim)[tp_rank]
-            grad_diff = max(grad_diff, (q.grad - want).abs().max().item())
+        grad_diff = max((q.grad - _tp_slice(full[name].grad, FULL[name][1], tp_rank)).abs().max().item()
+                        for name, q in local.items())
         out[max_norm] = (norm, expected, grad_diff)
     return out
+
+
+def _zero_tp_clip(rank, tp_group, dp_group):
+    """ZeRO-1 at dp=2 x tp=2, whole model on each rank: the flat shards' views keep the TP tags."""
+    full = _full_params()
+    expected = float(torch.nn.utils.clip_grad_norm_(list(full.values()), 1.0))
+    local = _local_params(_full_params(), rank % 2)
+    opt = ZeroOneOptimizer(list(local.values()), dp_group, lr=1e-2)
+    opt.reduce_gradients()  # both DP ranks hold the same grads, so the average is that grad
+    before = opt.grad_shard.clone()
+    norm = clip_optimizer_grads(opt, 1.0, tp_group)
+    scale_diff = (opt.grad_shard - before * (1.0 / (norm + 1e-6))).abs().max().item()
+    tagged = sum(hasattr(v, "hfrl_replicated_rows") for v in opt.master_params)
+    return norm, expected, scale_diff, tagged
 
 
 def _clipped_training(rank, zero_stage):
@@ -309,7 +335,7 @@ def optim_body(rank, world_size):
     tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     pp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     tp_group, pp_group = tp_groups[rank // 2], pp_groups[rank % 2]
-    return {"clip": _tp_pp_clip(rank, tp_group, pp_group),
+    return {"clip": _tp_pp_clip(rank, tp_group, pp_group), "zero_tp": _zero_tp_clip(rank, tp_group, pp_group),
             "train0": _clipped_training(rank, 0), "train1": _clipped_training(rank, 1),
             "nonfinite": _nonfinite(rank, tp_group, pp_group)}
 
@@ -329,6 +355,13 @@ def test_clip_over_tp_and_pp_matches_single_process(results, max_norm):
         assert grad_diff < 1e-6  # each local grad is the matching slice of the clipped full grad
     if max_norm == 1.0:
         assert results[0]["clip"][1.0][1] > 2.0  # the clipping really scaled the grads down
+
+
+def test_zero_one_shards_clip_with_tp_tags(results):
+    for r in results:  # the pp groups {0,2} {1,3} serve as DP groups here
+        norm, expected, scale_diff, _ = r["zero_tp"]
+        assert norm == pytest.approx(expected, rel=1e-6) and scale_diff < 1e-7
+    assert sum(r["zero_tp"][3] for r in results) >= 1  # replicated rows reached some shard's views
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
