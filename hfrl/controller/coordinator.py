@@ -94,7 +94,10 @@ class Runtime:
     def __init__(self, ctx: DistContext):
         self.ctx = ctx
         self.rank, self.world_size = ctx.rank, ctx.world_size
-        self.transport = Transport(ctx.control_group)
+        # On CUDA, GPU tensors travel GPU to GPU over a dedicated NCCL group (p2p there never
+        # interleaves with the models' collectives); everything else over the gloo control group.
+        data_group = dist.new_group(backend="nccl") if ctx.backend == "nccl" else None
+        self.transport = Transport(ctx.control_group, data_group, ctx.device)
         self.cache = GroupCache(timeout=datetime.timedelta(seconds=ctx.timeout_s))
         self.groups: dict[int, _GroupState] = {}
         self.store: dict[int, Any] = {}
