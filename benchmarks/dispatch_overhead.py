@@ -19,7 +19,8 @@ MB means 2**20 bytes. ``mb_per_s`` is batch MB / median call time (each batch by
 wire twice through rank 0, once in the chained case). Byte counts come from the transports'
 counters (tensor payload only, per call): ``bytes_through_rank0`` is what rank 0 sent plus
 received, ``bytes_through_rank0_seen_by_workers`` the same from the workers' counters, and
-``worker_to_worker_bytes`` what workers sent each other directly.
+``worker_to_worker_bytes`` what workers sent each other directly. ``rss_mb`` and
+``pending_sends`` (per rank, after the case) show whether sent buffers are ever released.
 
 ``--profile`` runs rank 0's timed loops under cProfile and prints the top functions to stderr.
 """
@@ -29,6 +30,7 @@ import argparse
 import cProfile
 import io
 import json
+import math
 import os
 import platform
 import pstats
@@ -39,9 +41,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import hfrl
-from hfrl.controller import DP_COMPUTE, ONE_TO_ALL, Batch, ResourcePool, Worker, WorkerGroup, register
+from hfrl.controller import (DP_COMPUTE, ONE_TO_ALL, Batch, ResourcePool, Worker, WorkerGroup,
+                             coordinator, register)
 
 MB = 2**20
 ROW_FLOATS = 1024   # one 4 KiB row of float32
@@ -85,7 +89,8 @@ class BenchWorker(Worker):
     def probe(self) -> dict:
         """Resident memory and the transport's count of sends it still holds (private state,
         read here to show whether sent buffers are ever released)."""
-        return {"rss_mb": round(_rss_bytes() / MB), "pending_sends": len(self.ctx.runtime.transport._pending)}
+        pending = getattr(self.ctx.runtime.transport, "_pending", ())
+        return {"rss_mb": round(_rss_bytes() / MB), "pending_sends": len(pending)}
 
 
 def _rss_bytes() -> int:
@@ -138,10 +143,10 @@ def time_calls(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
 
 
 def summary_ms(times: list[float]) -> dict[str, float]:
+    """Median, nearest-rank 90th percentile and minimum, in ms."""
     ms = sorted(t * 1e3 for t in times)
     return {"iters": len(ms), "median_ms": round(statistics.median(ms), 4),
-            "p90_ms": round(ms[min(len(ms) - 1, int(0.9 * len(ms)))], 4),
-            "min_ms": round(ms[0], 4)}
+            "p90_ms": round(ms[math.ceil(0.9 * len(ms)) - 1], 4), "min_ms": round(ms[0], 4)}
 
 
 def _payload(snapshot: dict, direction: str, channel: str | None = None) -> int:
@@ -154,56 +159,59 @@ def _header(snapshot: dict) -> int:
 
 
 class ByteCounters:
-    """Transport counters of every rank, before and after a timed loop, as per-call deltas."""
+    """Transport counters of every rank, read before and after a timed loop (outside it)."""
 
     def __init__(self, group_all: WorkerGroup):
         self.group_all = group_all
-        self.runtime = hfrl.controller.coordinator._RUNTIME
 
     def snapshot(self) -> tuple[dict, list[dict]]:
         workers = self.group_all.stats()[1:]   # position 0 is rank 0's own transport
-        return self.runtime.transport.stats.snapshot(), workers
+        return coordinator._RUNTIME.transport.stats.snapshot(), workers
 
-    def per_call(self, before, after, calls: int) -> dict[str, float]:
+    @staticmethod
+    def per_call(before, after, calls: int) -> dict[str, int]:
+        """Tensor payload bytes per call, from rank 0's counters and from the workers'."""
         (r0_before, w_before), (r0_after, w_after) = before, after
+        sent = _payload(r0_after, "sent") - _payload(r0_before, "sent")
+        recv = _payload(r0_after, "recv") - _payload(r0_before, "recv")
+        header = _header(r0_after) - _header(r0_before)
 
-        def delta(fn, b, a):
-            return fn(a) - fn(b)
+        def workers(count) -> int:
+            return sum(count(a) - count(b) for b, a in zip(w_before, w_after))
 
-        sent = delta(lambda s: _payload(s, "sent"), r0_before, r0_after)
-        recv = delta(lambda s: _payload(s, "recv"), r0_before, r0_after)
-        header = delta(_header, r0_before, r0_after)
-        seen = sum(delta(lambda s: _payload(s, "recv", "cmd") + _payload(s, "sent", "reply"), b, a)
-                   for b, a in zip(w_before, w_after))
-        direct = sum(delta(lambda s: _payload(s, "sent", "data"), b, a)
-                     for b, a in zip(w_before, w_after))
-        probes = self.group_all.probe()
+        seen = workers(lambda s: _payload(s, "recv", "cmd") + _payload(s, "sent", "reply"))
+        direct = workers(lambda s: _payload(s, "sent", "data"))
         return {"bytes_through_rank0": round((sent + recv) / calls),
-                "rank0_payload_sent": round(sent / calls), "rank0_payload_recv": round(recv / calls),
+                "rank0_payload_sent": round(sent / calls),
+                "rank0_payload_recv": round(recv / calls),
                 "bytes_through_rank0_seen_by_workers": round(seen / calls),
                 "worker_to_worker_bytes": round(direct / calls),
-                "rank0_header_bytes": round(header / calls),
-                "rss_mb": [p["rss_mb"] for p in probes],
+                "rank0_header_bytes": round(header / calls)}
+
+    def memory(self) -> dict[str, list[int]]:
+        probes = self.group_all.probe()
+        return {"rss_mb": [p["rss_mb"] for p in probes],
                 "pending_sends": [p["pending_sends"] for p in probes]}
 
 
 def emit(case: str, **fields: Any) -> None:
-    import torch.distributed as dist
-
-    line = {"bench": "dispatch_overhead", "case": case, "world_size": dist.get_world_size(), **fields}
-    print(json.dumps(line), flush=True)
+    line = {"bench": "dispatch_overhead", "case": case, "world_size": dist.get_world_size()}
+    print(json.dumps({**line, **fields}), flush=True)
 
 
 # ---------------------------------------------------------------------------------- cases
 
 
-def measure(fn, iters, warmup, counters: ByteCounters, profiler: Profiler) -> dict:
+def measure(fn: Callable[[], Any], iters: int, warmup: int, counters: ByteCounters,
+            profiler: Profiler) -> tuple[dict, list[float]]:
+    """(JSON fields, seconds per call). Warm-up calls are neither timed nor counted."""
     for _ in range(warmup):
         fn()
     before = counters.snapshot()
     times = profiler.run(lambda: time_calls(fn, iters, warmup=0))
     after = counters.snapshot()
-    return {**summary_ms(times), **counters.per_call(before, after, iters)}, times
+    fields = {**summary_ms(times), **counters.per_call(before, after, iters), **counters.memory()}
+    return fields, times
 
 
 def noop_cases(groups: dict, cfg: dict, counters: ByteCounters, profiler: Profiler) -> None:
@@ -220,7 +228,7 @@ def noop_cases(groups: dict, cfg: dict, counters: ByteCounters, profiler: Profil
 
 
 def batch_rows(size_mb: int, multiple: int) -> int:
-    """Rows of ROW_FLOATS float32 closest below size_mb MB, a multiple of `multiple` (no padding)."""
+    """Rows of ROW_FLOATS float32 at most size_mb MB, a multiple of `multiple` (no padding)."""
     rows = size_mb * MB // (ROW_FLOATS * 4)
     return max(multiple, rows // multiple * multiple)
 
@@ -262,15 +270,13 @@ def throughput_cases(groups: dict, cfg: dict, counters: ByteCounters, profiler: 
 
 
 def main(quick: bool, profile: bool) -> None:
-    import torch.distributed as dist
-
     world = dist.get_world_size()
     if world < 3:
         raise ValueError(f"dispatch_overhead needs at least 3 ranks (rank 0 plus a producer and a "
                          f"consumer pool), got a world of {world}; run it with torchrun "
                          "--nproc-per-node 4 or mpiexec -n 4")
     cfg = QUICK if quick else FULL
-    runtime = hfrl.controller.coordinator._RUNTIME
+    runtime = coordinator._RUNTIME
     emit("env", torch=torch.__version__, python=platform.python_version(),
          backend=runtime.ctx.backend, launcher=runtime.ctx.env.launcher,
          cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), quick=quick)

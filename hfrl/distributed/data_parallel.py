@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw as adamw_update
 
-from hfrl.distributed.tensor_parallel import REPLICATED_ROWS_ATTR, SHARD_ATTR
+from hfrl.distributed.tensor_parallel import DUPLICATE_ATTR, REPLICATED_ROWS_ATTR, SHARD_ATTR
 
 LOW_PRECISION = (torch.bfloat16,)
 
@@ -279,8 +279,9 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
                 continue
             view = self.master_shard[a - lo:b - lo]
             view.grad = self.grad_shard[a - lo:b - lo]
-            if hasattr(p, SHARD_ATTR):
-                setattr(view, SHARD_ATTR, getattr(p, SHARD_ATTR))
+            for attr in (SHARD_ATTR, DUPLICATE_ATTR):
+                if hasattr(p, attr):
+                    setattr(view, attr, getattr(p, attr))
             rows = getattr(p, REPLICATED_ROWS_ATTR, None)
             if rows is not None:
                 start, stop, num_replicas = rows

@@ -39,6 +39,10 @@ SHARD_ATTR = "hfrl_shard"
 REPLICATED_ROWS_ATTR = "hfrl_replicated_rows"
 """(start, stop, num_replicas): rows of a column shard that num_replicas TP ranks hold identically
 (k/v heads when num_kv_heads < tp)."""
+DUPLICATE_ATTR = "hfrl_duplicate"
+"""True on a parameter that is an exact copy of one another pipeline stage holds (the last stage's
+tied lm_head, kept equal to stage 0's embedding by ``sync_tied_embedding_grads``): gradient-norm
+code skips it so the pair counts once. Set by the training engine."""
 
 
 # ---- groups ----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from hfrl.distributed.data_parallel import (LOW_PRECISION, GradBucketer, ZeroOneOptimizer,
                                             group_size_rank, unique_params)
-from hfrl.distributed.tensor_parallel import REPLICATED_ROWS_ATTR, SHARD_ATTR
+from hfrl.distributed.tensor_parallel import DUPLICATE_ATTR, REPLICATED_ROWS_ATTR, SHARD_ATTR
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -129,7 +129,7 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
                     raise ValueError(f"parameter of dtype {p.dtype}: MixedPrecisionAdamW supports float32 and "
                                      "bfloat16 (fp16 would need loss scaling, which hfrl does not implement)")
                 master = p if p.dtype == torch.float32 else p.detach().float().requires_grad_(True)
-                for attr in (SHARD_ATTR, REPLICATED_ROWS_ATTR):  # TP tags, for the global norm
+                for attr in (SHARD_ATTR, REPLICATED_ROWS_ATTR, DUPLICATE_ATTR):  # tags for the global norm
                     if master is not p and hasattr(p, attr):
                         setattr(master, attr, getattr(p, attr))
                 self.model_params.append(p)
@@ -249,7 +249,8 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, tp_group: An
     parameters (attribute ``hfrl_shard``) are summed over the TP group, replicated ones are counted
     once (by TP rank 0), rows that ``num_replicas`` consecutive TP ranks hold alike (attribute
     ``hfrl_replicated_rows`` = (start, stop, num_replicas): kv heads when num_kv_heads < tp) once
-    (by the first replica), and stages are summed over the PP group. Gradients must already be DP-averaged;
+    (by the first replica), and stages are summed over the PP group; a tied copy tagged ``hfrl_duplicate``
+    is clipped but not counted (its twin is). Gradients must already be DP-averaged;
     pass ``dp_group`` only when each DP rank holds a disjoint slice (ZeRO-1's master shards). The
     scaling is ``torch.nn.utils.clip_grad_norm_``'s (``max_norm / (norm + 1e-6)``, at most 1).
     ``max_norm`` 0 only computes the norm; a non-finite norm leaves the gradients untouched.
@@ -272,6 +273,8 @@ def _grads_counted_here(params: list[torch.Tensor], tp_rank: int) -> list[torch.
     """The (pieces of) gradients this TP rank contributes, so that each element counts once over TP."""
     grads = []
     for p in params:
+        if getattr(p, DUPLICATE_ATTR, False):  # a tied copy: its twin on another stage is counted
+            continue
         if getattr(p, SHARD_ATTR, None) is None:
             if tp_rank == 0:  # replicated over TP: the same on every TP rank
                 grads.append(p.grad)

@@ -1,0 +1,379 @@
+"""TrainEngine: one role's model trained on this rank's (pp, tp, dp) share, from a HF checkpoint.
+
+    engine = TrainEngine(EngineConfig(model_path=path, optim=OptimConfig(lr=1e-6)), role_groups)
+    metrics = engine.train_step(batch, loss_fn)   # batch: this DP replica's rows; same metrics on every rank
+    log_probs = engine.compute_log_probs(batch)   # (B, T-1) on the last pipeline stage, None elsewhere
+
+Building (every rank of the role runs it, in the same order):
+
+1. read ``config.json`` and check the layout against the model (tp splits the heads, pp <= layers)
+   before any collective, so a bad layout fails the same way on every rank;
+2. this rank's pipeline stage, layers ``partition_layers(num_layers, pp)[pp_rank]``, built on the
+   meta device, tensor-parallelised and filled with only this rank's slices of the checkpoint;
+3. AdamW (bucketed DP all-reduce, or ZeRO-1) and the LR schedule; after loading, because ZeRO-1
+   re-binds every parameter to a view of its flat buffer.
+
+One step (``train_step``), as dataflow:
+
+    loss tokens of this rank --all-reduce over DP--> global count G
+    micro-batches (by count or token budget), loss weight_i = tokens_i / (G / dp)
+    pipeline schedule: forward + backward of every micro-batch, loss_i * weight_i   (grads accumulate)
+    tied embedding: sum the two copies' grads (pp > 1)
+    DP average -> global grad norm (TP, PP, ZeRO shards) -> clip -> skip if inf/NaN on any rank
+    AdamW step -> LR schedule step -> zero grads
+
+Loss weighting. ``loss_fn`` returns the mean over its micro-batch's loss tokens. The weights make
+sum_i weight_i * mean_i = dp * (this rank's token sum) / G, and the DP average of the gradients
+divides by dp, so the step follows the global token mean over every DP rank's tokens, also when
+the ranks hold different numbers of tokens (token-budget batches, ragged responses).
+
+Outputs. ``loss_fn`` and ``forward``'s ``output_fn`` see the head's *local* outputs: vocab-sharded
+logits (B, T, V_pad/tp) of a CausalLM (padded columns -inf), values (B, T) of a ValueModel; with
+``pack_sequences`` (1, total, ...). ``token_log_probs`` / ``token_entropy`` turn local logits into
+per-token values without gathering the vocabulary. A per-token RL loss is then a few lines:
+
+    def ppo_loss(logits, mb):
+        log_probs = engine.token_log_probs(logits, mb["input_ids"])           # (B, T-1)
+        ratio = (log_probs - mb["old_log_probs"][:, 1:]).exp()
+        mask = mb["loss_mask"][:, 1:]
+        loss = -(torch.min(ratio * mb["advantages"][:, 1:], ...) * mask).sum() / mask.sum()
+        return loss, {"ratio": (ratio * mask).sum() / mask.sum()}
+
+Per-token tensors of the batch (shape (B, T, ...)) are cut, trimmed and packed with the batch; the
+convention is that position t of a per-token tensor belongs to token t, so a loss over the T-1
+predicted tokens uses ``[:, 1:]`` of masks and advantages.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from hfrl.distributed.data_parallel import group_size_rank
+from hfrl.distributed.parallel_dims import ParallelDims, RoleGroups
+from hfrl.distributed.pipeline_parallel import SCHEDULES, PipelineSchedule, partition_layers
+from hfrl.distributed.tensor_parallel import DUPLICATE_ATTR, vocab_parallel_entropy, vocab_parallel_log_probs
+from hfrl.engine.microbatch import MicroBatch, make_micro_batches, merge_micro_batch_outputs
+from hfrl.engine.optim import OptimConfig, build_optimizer, build_scheduler, clip_optimizer_grads, should_skip_step
+from hfrl.models.config import ModelConfig
+from hfrl.models.parallelize import check_tp, gather_full_state_dict, tp_from_pretrained
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+AXES = ("tp", "pp", "dp", "mp")
+LossFn = Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
+
+
+@dataclass
+class EngineConfig:
+    model_path: str = ""
+    """Local HF checkpoint folder (config.json + safetensors) the weights are read from."""
+    value_head: bool = False
+    """Build a ValueModel (critic, reward or cost model: one scalar per token) instead of a CausalLM."""
+    init_missing_value_head: bool = False
+    """With value_head: start the head from a seeded random init when the checkpoint has none
+    (a critic made from an actor checkpoint); otherwise a missing score.weight is an error."""
+    dtype: str = "float32"
+    """Parameter dtype, 'float32' or 'bfloat16' (the optimizer keeps fp32 master weights). bfloat16
+    is meant for CUDA; on CPU train in float32."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW, LR schedule, gradient clipping, ZeRO stage."""
+    num_micro_batches: int | None = None
+    """Micro-batches per step on each DP rank (contiguous rows, at most one per row). Leave None to
+    use max_tokens_per_micro_batch; both None means one micro-batch."""
+    max_tokens_per_micro_batch: int | None = None
+    """Dynamic batch size: micro-batches of at most this many real tokens (first-fit decreasing, a
+    longer sequence goes alone). Give this or num_micro_batches, not both."""
+    pack_sequences: bool = False
+    """Pack each micro-batch into one row without padding (cu_seqlens); the outputs loss_fn sees
+    are then (1, total, ...) and so are the micro-batch's per-token tensors."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: '1f1b' (at most pp micro-batches' activations per stage) or 'gpipe'."""
+    activation_checkpointing: bool = False
+    """Recompute every decoder layer's activations in backward instead of keeping them."""
+
+    def validate(self) -> None:
+        """ValueError naming the bad field; run on every rank before the first collective."""
+        if not self.model_path:
+            raise ValueError("engine.model_path is empty: set it to a local HF checkpoint folder")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"engine.dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
+        if self.num_micro_batches is not None and self.max_tokens_per_micro_batch is not None:
+            raise ValueError(f"engine.num_micro_batches={self.num_micro_batches} and engine.max_tokens_per_micro_"
+                             f"batch={self.max_tokens_per_micro_batch} are both set: micro-batch by count or by "
+                             "token budget, set the other to null")
+        for name in ("num_micro_batches", "max_tokens_per_micro_batch"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"engine.{name}={value!r} must be a positive integer or null")
+        if self.pp_schedule not in SCHEDULES:
+            raise ValueError(f"engine.pp_schedule={self.pp_schedule!r}: expected one of {SCHEDULES}")
+        self.optim.validate()
+
+
+def token_log_probs(logits_shard: torch.Tensor, input_ids: torch.Tensor, tp_group: Any = None, *,
+                    vocab_size: int | None = None) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | tokens <= t) from local logits: (B, T, V_pad/tp), (B, T) -> (B, T-1) fp32.
+
+    Vocab-parallel (collective over ``tp_group``, never gathers the vocabulary) and differentiable.
+    Packed rows (1, total) work too; positions at a sequence boundary predict the next sequence's
+    first token and must be masked (a loss mask is 0 on every sequence's first token).
+    """
+    return vocab_parallel_log_probs(logits_shard[:, :-1], input_ids[:, 1:], tp_group, vocab_size=vocab_size)
+
+
+def target_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask of tokens that have a real token before them: the tokens a next-token loss predicts.
+
+    It is ``attention_mask`` with each row's first real token zeroed (left or right padding).
+    """
+    mask = attention_mask.long()
+    first = (mask.cumsum(1) == 1) & mask.bool()
+    return mask.masked_fill(first, 0)
+
+
+class TrainEngine:
+    """This rank's pipeline stage of one role's model, its optimizer, and the step functions.
+
+    ``role_groups`` is this rank's ``RoleGroups`` for the role; None means one process, no
+    torch.distributed. Every rank of the role must call every method (they are collective over the
+    role), each DP replica with its own rows; the TP and PP ranks of a replica with the same batch.
+    """
+
+    def __init__(self, cfg: EngineConfig, role_groups: RoleGroups | None = None,
+                 device: torch.device | str | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.model_config = ModelConfig.from_pretrained(cfg.model_path)
+        if role_groups is not None and not role_groups.is_member:
+            raise ValueError(f"this rank is not in role {role_groups.role!r}'s pool; build its engine only on "
+                             f"the pool's ranks {role_groups.pool_ranks}")
+        self.role_groups = role_groups
+        self.dims = role_groups.dims if role_groups is not None else ParallelDims()
+        check_layout(self.model_config, self.dims, cfg.model_path)
+        coord = role_groups.coord if role_groups is not None else None
+        self.pp_rank, self.tp_rank, self.dp_rank = (coord.pp, coord.tp, coord.dp) if coord else (0, 0, 0)
+        self.groups: dict[str, Any] = {axis: (role_groups.groups.get(axis) if role_groups else None) for axis in AXES}
+        self.layer_range = partition_layers(self.model_config.num_layers, self.dims.pp)[self.pp_rank]
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = DTYPES[cfg.dtype]
+
+        self.model = tp_from_pretrained(cfg.model_path, self.groups["tp"], cfg.value_head,
+                                        layer_range=self.layer_range, dtype=self.dtype, device=self.device,
+                                        init_missing_value_head=cfg.init_missing_value_head)
+        self.model.set_activation_checkpointing(cfg.activation_checkpointing)
+        self._tag_tied_copy()
+        if role_groups is not None:
+            self.schedule = PipelineSchedule.from_groups(self.model, role_groups, schedule=cfg.pp_schedule)
+        else:
+            self.schedule = PipelineSchedule(self.model, schedule=cfg.pp_schedule)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, self.groups["dp"])
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.step = 0
+        """train_step calls so far, skipped steps included (restored by load_checkpoint)."""
+
+    # ---- layout ---------------------------------------------------------------------------------
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.dims.pp - 1
+
+    @property
+    def is_coordinator(self) -> bool:
+        """The role's first rank (pp, tp, dp all 0): the one that finishes checkpoints."""
+        return self.pp_rank == 0 and self.tp_rank == 0 and self.dp_rank == 0
+
+    @property
+    def pool_position(self) -> int:
+        """Position of this rank in the role's pool (Megatron order, see parallel_dims)."""
+        return (self.pp_rank * self.dims.dp + self.dp_rank) * self.dims.tp + self.tp_rank
+
+    def global_name(self, name: str) -> str:
+        """A stage-local parameter name with its global layer index (``layers.{i + offset}...``)."""
+        return re.sub(r"^layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + self.layer_range[0]}.", name)
+
+    def stage_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """This stage's full (TP-gathered, unpadded) tensors under global hfrl names. Collective over TP.
+
+        Replicated entries (all of them at tp=1) are the live parameters, detached: clone to keep a copy.
+
+        ``state``: other per-parameter tensors of the local shapes, by local name (see gather_full_state_dict).
+        """
+        full = gather_full_state_dict(self.model, self.groups["tp"], state)
+        return {self.global_name(name): tensor for name, tensor in full.items()}
+
+    def _tag_tied_copy(self) -> None:
+        """Under pp > 1 a tied lm_head is a second copy of the embedding: the grad norm must skip it."""
+        lm_head = getattr(self.model, "lm_head", None)
+        if self.model_config.tie_word_embeddings and lm_head is not None and self.model.embed_tokens is None:
+            setattr(lm_head.weight, DUPLICATE_ATTR, True)
+
+    # ---- vocab-parallel helpers for loss functions --------------------------------------------------
+
+    def token_log_probs(self, logits_shard: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, V_pad/tp) local logits, (B, T) ids -> (B, T-1) log-probs of each next token (see module fn)."""
+        return token_log_probs(logits_shard, input_ids, self.groups["tp"], vocab_size=self.model_config.vocab_size)
+
+    def token_entropy(self, logits_shard: torch.Tensor) -> torch.Tensor:
+        """(B, T, V_pad/tp) local logits -> (B, T-1) entropy of each next-token distribution, fp32."""
+        return vocab_parallel_entropy(logits_shard[:, :-1], self.groups["tp"], vocab_size=self.model_config.vocab_size)
+
+    # ---- training -------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict[str, Any], loss_fn: LossFn, *, loss_mask_key: str = "loss_mask"
+                   ) -> dict[str, float]:
+        """One optimizer step on this DP replica's ``batch``; returns the same metrics on every rank.
+
+        ``batch`` holds ``input_ids`` and ``attention_mask`` (B, T) and whatever ``loss_fn`` needs.
+        ``loss_fn(outputs, micro_batch) -> (scalar loss, {name: scalar})`` runs on the last stage and
+        must return the mean over the micro-batch's ``batch[loss_mask_key]`` tokens; that mask
+        weights micro-batches and DP ranks. Without a ``loss_mask`` the engine adds
+        ``target_mask(attention_mask)`` (every real token but each row's first).
+
+        Metrics: ``loss`` and each of loss_fn's metrics as the global token-weighted mean,
+        ``grad_norm`` (before clipping), ``lr`` (used by this step), ``num_tokens`` (global loss
+        tokens), ``skipped`` (1.0 if the norm was not finite and no update was made).
+        """
+        batch = self._prepare(batch)
+        if loss_mask_key not in batch:
+            if loss_mask_key != "loss_mask":
+                raise ValueError(f"loss_mask_key={loss_mask_key!r} is not in the batch; keys: {sorted(batch)}")
+            batch["loss_mask"] = target_mask(batch["attention_mask"])
+        global_tokens = self._dp_sum(float(batch[loss_mask_key].sum()))
+        if global_tokens == 0:
+            raise ValueError(f"no loss tokens: batch[{loss_mask_key!r}] is 0 on every DP rank")
+        micro_batches = self._micro_batches(batch, loss_mask_key, global_tokens / self.dims.dp)
+        result = self.schedule.train_step([mb.data for mb in micro_batches], loss_fn,
+                                          [mb.loss_weight for mb in micro_batches])
+        self.schedule.sync_tied_embedding_grads()
+        metrics = self._dp_sum({**result.metrics, "loss": result.loss})
+        metrics = {name: value / self.dims.dp for name, value in metrics.items()}
+        grad_norm, skipped, lr = self._optimizer_step()
+        self.step += 1
+        return {**metrics, "grad_norm": grad_norm, "lr": lr, "num_tokens": global_tokens, "skipped": float(skipped)}
+
+    def _optimizer_step(self) -> tuple[float, bool, float]:
+        opt, optim_cfg = self.optimizer, self.cfg.optim
+        try:
+            opt.reduce_gradients()
+            grad_norm = clip_optimizer_grads(opt, optim_cfg.grad_clip, self.groups["tp"], self.groups["pp"])
+            skipped = should_skip_step(grad_norm, optim_cfg.skip_nonfinite, (self.groups["mp"], self.groups["dp"]))
+            lr = float(opt.param_groups[0]["lr"])
+            if not skipped:
+                opt.step()
+                self.scheduler.step()
+        finally:
+            opt.zero_grad()
+        return grad_norm, skipped, lr
+
+    # ---- forward only ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, Any], output_fn: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
+                | None = None) -> torch.Tensor | None:
+        """Forward-only pass over ``batch`` in micro-batches; outputs merged back into row order.
+
+        ``output_fn(outputs, micro_batch)`` reduces the head's local outputs per micro-batch (e.g. to
+        per-token log-probs) and must return per-token (n, t, ...) tensors ((1, total, ...) packed)
+        or per-sequence (n, ...) ones. Returns (B, T, ...) / (B, ...) with 0 at trimmed padding on
+        every rank of the last pipeline stage (all its TP ranks, identical when ``output_fn``
+        reduces over TP as ``token_log_probs`` does), None on the other stages.
+        """
+        batch = self._prepare(batch)
+        micro_batches = self._micro_batches(batch, "attention_mask", None)
+        outputs = self.schedule.forward_only([mb.data for mb in micro_batches], output_fn)
+        if outputs is None:
+            return None
+        B, T = batch["attention_mask"].shape
+        return merge_micro_batch_outputs(outputs, micro_batches, B, T)
+
+    def compute_log_probs(self, batch: dict[str, Any], temperature: float = 1.0) -> torch.Tensor | None:
+        """(B, T-1) fp32: column t is log p(input_ids[:, t+1]) under logits / temperature; 0 where token
+        t or t+1 is padding. On the last pipeline stage, None elsewhere (see ``forward``)."""
+        if self.cfg.value_head:
+            raise ValueError("compute_log_probs needs a CausalLM engine; this one has a value head")
+
+        def output_fn(logits: torch.Tensor, mb: dict[str, Any]) -> torch.Tensor:
+            if temperature != 1.0:
+                logits = logits / temperature
+            return F.pad(self.token_log_probs(logits, mb["input_ids"]), (0, 1))  # (n, t): t-th predicts t+1
+
+        out = self.forward(batch, output_fn)
+        if out is None:
+            return None
+        mask = batch["attention_mask"].to(out.device)
+        return out[:, :-1] * (mask[:, 1:] * mask[:, :-1])
+
+    def compute_values(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """(B, T) fp32 values of a ValueModel engine, 0 at padding; on the last stage, None elsewhere."""
+        if not self.cfg.value_head:
+            raise ValueError("compute_values needs an engine built with value_head=True")
+        out = self.forward(batch, lambda values, mb: values.float())
+        if out is None:
+            return None
+        return out * batch["attention_mask"].to(out.device)
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        for key in ("input_ids", "attention_mask"):
+            if key not in batch:
+                raise ValueError(f"batch has no {key!r}; a batch needs input_ids and attention_mask (B, T), "
+                                 f"got keys {sorted(batch)}")
+        if batch["input_ids"].shape != batch["attention_mask"].shape or batch["input_ids"].dim() != 2:
+            raise ValueError(f"input_ids {tuple(batch['input_ids'].shape)} and attention_mask "
+                             f"{tuple(batch['attention_mask'].shape)} must both be (B, T)")
+        if batch["input_ids"].shape[0] == 0:
+            raise ValueError("empty batch: every DP rank needs at least one sequence")
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _micro_batches(self, batch: dict[str, Any], loss_mask_key: str, total_tokens: float | None
+                       ) -> list[MicroBatch]:
+        cfg = self.cfg
+        if cfg.max_tokens_per_micro_batch is not None:
+            split = dict(max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch)
+        else:  # at most one micro-batch per row (a derived count, not written back)
+            split = dict(num_micro_batches=min(cfg.num_micro_batches or 1, batch["input_ids"].shape[0]))
+        return make_micro_batches(batch, packed=cfg.pack_sequences, loss_mask_key=loss_mask_key,
+                                  total_tokens=total_tokens, **split)
+
+    def _dp_sum(self, values):
+        """Sum a float, or a dict of floats (same keys on every rank), over the DP group."""
+        group = self.groups["dp"]
+        if group_size_rank(group)[0] == 1:
+            return values
+        names = sorted(values) if isinstance(values, dict) else None
+        flat = [values[n] for n in names] if names is not None else [values]
+        tensor = torch.tensor(flat, dtype=torch.float64, device=self._collective_device)
+        dist.all_reduce(tensor, group=group)
+        summed = tensor.tolist()
+        return dict(zip(names, summed)) if names is not None else summed[0]
+
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def check_layout(config: ModelConfig, dims: ParallelDims, where: str = "") -> None:
+    """ValueError unless ``dims`` can train ``config``: tp splits heads and MLP, pp <= num_layers."""
+    try:
+        check_tp(config, dims.tp)
+        partition_layers(config.num_layers, dims.pp)
+    except ValueError as err:
+        raise ValueError(f"{where + ': ' if where else ''}layout {dims.describe()}: {err}") from None
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend()).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
