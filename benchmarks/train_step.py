@@ -9,7 +9,9 @@ It launches its own processes (one spawn per layout, gloo, CPU) and prints JSON 
   cores (``roof_flops``) and with one thread (``roof_flops_1thread``), torch version, core count;
 - one line per layout: ``tokens_per_s`` and ``achieved_flops`` of ``TrainEngine.train_step`` (median
   step time over the timed steps, each step bracketed by barriers), ``fraction_of_roof`` =
-  achieved_flops / roof_flops.
+  achieved_flops / roof_flops, and the 1-minute load average before the case (other jobs on a
+  shared machine show up there);
+- one ``env_end`` line: the roof measured again after the last case, to show how much it drifted.
 
 FLOPs are counted as ``6 * N * tokens`` for forward + backward, N = parameters that take part in
 matmuls (every parameter except the input embedding, whose lookup multiplies nothing; the tied
@@ -48,7 +50,7 @@ LAYOUTS = [  # (name, ranks, layout)
     ("tp2_dp2", 4, dict(tp=2)),
     ("pp2_tp2", 4, dict(pp=2, tp=2)),
 ]
-FULL = dict(num_seqs=16, seq_len=256, num_micro_batches=4, warmup=1, steps=3)
+FULL = dict(num_seqs=16, seq_len=256, num_micro_batches=4, warmup=1, steps=4)
 QUICK = dict(num_seqs=8, seq_len=64, num_micro_batches=2, warmup=1, steps=1)
 
 
@@ -167,6 +169,7 @@ def main() -> None:
         tokens = sizes["num_seqs"] * sizes["seq_len"]
         for name, world_size, layout in LAYOUTS:
             threads = max(1, cores // world_size)
+            load = os.getloadavg()[0]
             times = run_case(world_size, threads, path, layout, sizes)
             step_s = statistics.median(times)
             achieved = 6 * flop_params * tokens / step_s
@@ -176,10 +179,13 @@ def main() -> None:
                 "oversubscribed": world_size * threads > cores, "params": num_params, "flop_params": flop_params,
                 "global_batch_seqs": sizes["num_seqs"], "seq_len": sizes["seq_len"],
                 "micro_batches_per_dp_rank": sizes["num_micro_batches"], "tokens_per_step": tokens,
-                "step_s_median": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
+                "step_s_median": round(step_s, 4), "step_s_min": round(min(times), 4),
+                "step_s_all": [round(t, 4) for t in times], "loadavg_1m_before": round(load, 2),
                 "tokens_per_s": round(tokens / step_s, 1), "achieved_flops": achieved,
                 "fraction_of_roof": round(achieved / roof, 4), "flops_formula": "6 * flop_params * tokens"}),
                 flush=True)
+        print(json.dumps({"case": "env_end", "roof_flops": measure_roof(cores), "roof_flops_1thread": measure_roof(1),
+                          "loadavg_1m": round(os.getloadavg()[0], 2)}), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -106,12 +106,15 @@ class Runtime:
         self._next_cid = 0
         self._stash: dict[tuple[int, int, str], dict] = {}
         self._release: dict[int, list[int]] = defaultdict(list)
-        self._forgotten: set[int] = set()
+        self._discard: set[tuple[int, int]] = set()    # (rank, cid) replies nobody waits for
+        self._expected: dict[int, int] = defaultdict(int)   # replies still to come, per rank
 
     # ---- rank 0: issuing commands -------------------------------------------------------
     def _send_cmd(self, rank: int, cmd: dict) -> None:
         if self._release.get(rank):
             cmd["release"] = self._release.pop(rank)
+        if cmd["op"] in ("call", "fetch") or (cmd["op"] == "create" and rank in cmd["pool"]):
+            self._expected[rank] += 1
         self.transport.send(cmd, rank, CMD)
 
     def create_group(self, name: str, worker_cls: type, pool: ResourcePool, dims: ParallelDims,
@@ -276,14 +279,21 @@ class Runtime:
         """The reply (cid, kind) from `src`, receiving and keeping earlier ones as they come."""
         key = (src, cid, kind)
         while key not in self._stash:
-            try:
-                msg = self.transport.recv(src, REPLY)
-            except RuntimeError as err:   # gloo: connection closed, or the timeout
-                raise WorkerLostError(f"lost contact with rank {src} while waiting for its reply "
-                                      f"to call {cid}: {err}") from None
-            if msg["cid"] not in self._forgotten:
+            msg = self._recv_reply(src, f"call {cid}")
+            if (src, msg["cid"]) in self._discard:
+                self._discard.remove((src, msg["cid"]))
+            else:
                 self._stash[(src, msg["cid"], msg["kind"])] = msg
         return self._stash.pop(key)
+
+    def _recv_reply(self, src: int, waiting_for: str) -> dict:
+        try:
+            msg = self.transport.recv(src, REPLY)
+        except RuntimeError as err:   # gloo: connection closed, or the timeout
+            raise WorkerLostError(f"lost contact with rank {src} while waiting for its reply to "
+                                  f"{waiting_for}: {err}") from None
+        self._expected[src] -= 1
+        return msg
 
     def _check(self, status: dict, name: str, method: str) -> dict:
         if not status["ok"]:
@@ -322,13 +332,14 @@ class Runtime:
     def forget(self, call: _Call) -> None:
         """A Future was dropped: its ranks may free the stored output (told with the next
         command), and late replies are discarded."""
-        self._forgotten.add(call.cid)
         if not call.eager:
             for rank in call.output_ranks:
                 if rank != 0:
                     self._release[rank].append(call.cid)
-        for rank in list(call.statuses):
-            self._stash.pop((rank, call.cid, "status"), None)
+        for rank in call.group.pool.ranks:
+            if rank != 0 and rank not in call.statuses and \
+                    self._stash.pop((rank, call.cid, "status"), None) is None:
+                self._discard.add((rank, call.cid))
 
     # ---- every rank: executing commands ------------------------------------------------------
     def _create(self, cmd: dict) -> None:
@@ -411,7 +422,6 @@ class Runtime:
                                     send=self.rank in cmd["pool"])
             elif op == "call":
                 self._reply_to_zero(cmd["cid"], "status", lambda: self._serve_call(cmd))
-            self.transport.poll()
 
     def _reply_to_zero(self, cid: int, kind: str, fn: Callable[[], dict], send: bool = True):
         try:
@@ -427,7 +437,10 @@ class Runtime:
 
     # ---- rank 0: ending ------------------------------------------------------------------
     def shutdown(self) -> None:
+        """Collect every reply still in flight (so each worker's sends complete), then stop."""
         for rank in range(1, self.world_size):
+            while self._expected[rank] > 0:
+                self._recv_reply(rank, "shutdown")
             self._send_cmd(rank, {"op": "shutdown"})
         self.transport.flush()
 

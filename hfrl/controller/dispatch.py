@@ -97,12 +97,23 @@ ALL_TO_ALL = register_protocol(Protocol(
 
 
 def padded_chunks(batch: Batch, num_chunks: int) -> tuple[list[Batch], int]:
-    """Pad to a multiple of `num_chunks` (repeating rows from the start) and chunk."""
+    """Pad to a multiple of `num_chunks` (repeating rows from the start) and chunk.
+
+    Chunks are views of `batch` except the last one(s) that hold padding rows, so padding a
+    large batch copies only a chunk's worth of rows.
+    """
     if len(batch) == 0:
         raise ValueError("cannot dispatch an empty Batch: there is no row to give each of "
                          f"{num_chunks} workers; skip the call or pass at least one row")
-    padded, pad = batch.pad_to_multiple(num_chunks)
-    return padded.chunk(num_chunks), pad
+    num_rows = len(batch)
+    ranges, pad = chunk_row_ranges(num_rows, num_chunks)
+    chunks = []
+    for start, end in ranges:
+        if end <= num_rows:
+            chunks.append(batch[start:end])
+        else:
+            chunks.append(batch.reorder(source_rows(range(start, end), num_rows)))
+    return chunks, pad
 
 
 def chunk_row_ranges(num_rows: int, num_chunks: int) -> tuple[list[tuple[int, int]], int]:

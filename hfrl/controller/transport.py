@@ -4,11 +4,12 @@ A message is any picklable Python object. `Batch` objects and tensors inside it 
 contiguous payload buffer; the rest is a small pickled header. On the wire a message is two
 sends on one (peer, channel) pair, which gloo delivers in order:
 
-    int64[3] = (header bytes, payload bytes, payload on GPU)   then   uint8[header + payload]
+    int64[3] = (header bytes, payload bytes, where)   then   uint8[header, pad, small payload]
+                                                      [then uint8[large payload] (gloo or NCCL)]
 
 Sends are asynchronous (`isend`), so a worker that has sent its result moves on to its next
-command, and rank 0 can queue commands for busy workers without blocking; pending sends are kept
-alive until complete. Receives are blocking and name their source, so each (peer, channel) pair
+command, and rank 0 can queue commands for busy workers without blocking; a reaper thread keeps
+each sent buffer alive until its send completed. Receives are blocking and name their source, so each (peer, channel) pair
 is a FIFO. Channels are gloo tags: commands from rank 0, replies to rank 0, and data between
 workers never match each other's receives.
 
@@ -18,8 +19,11 @@ and the benchmarks read the latter, and tests use them to prove data did not pas
 """
 from __future__ import annotations
 
+import collections
 import io
 import pickle
+import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +115,8 @@ def buf_device(item: Batch | torch.Tensor) -> torch.device:
 
 def decode(header: bytes, payload: torch.Tensor | None) -> Any:
     body, descs = pickle.loads(header)
+    if payload is None:   # Batches without tensor columns have a 0-byte payload
+        payload = torch.empty(0, dtype=torch.uint8)
     items = []
     for kind, item_header, offset, nbytes in descs:
         meta = header_from_bytes(item_header)
@@ -123,74 +129,139 @@ def decode(header: bytes, payload: torch.Tensor | None) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-class Transport:
-    """This rank's endpoint: async sends, blocking receives, counters. Main thread only.
+class _Reaper:
+    """Keeps sent tensors alive until their send completed, and then lets them go.
 
-    `group` (gloo) carries every header and CPU payload. With a `data_group` (NCCL, on CUDA),
-    a message whose tensors all sit on one GPU sends its payload GPU to GPU over it instead; the
+    gloo's send Work only reports completion once waited on, so a background thread waits on the
+    oldest pending send (outside the lock; wait releases the GIL) and drops it. CUDA sends
+    (NCCL) are polled instead: their wait() only orders streams, it does not say the buffer is
+    free. A send that failed (dead peer) is dropped too: the receive side reports the failure.
+    """
+
+    def __init__(self):
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="hfrl-send-reaper", daemon=True)
+        self._thread.start()
+
+    def add(self, work, tensor: torch.Tensor) -> None:
+        with self._cond:
+            self._queue.append((work, tensor))
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                work, tensor = self._queue[0]
+            try:
+                if tensor.is_cuda:
+                    while not work.is_completed():
+                        time.sleep(0.0005)
+                else:
+                    work.wait()
+            except Exception:  # noqa: BLE001 - reported by whoever receives from that peer
+                pass
+            with self._cond:
+                self._queue.popleft()
+                self._cond.notify_all()
+
+    def wait_all(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue, timeout=timeout)
+
+
+class Transport:
+    """This rank's endpoint: async sends, blocking receives, counters.
+
+    Sends and receives are issued from the main thread only; a reaper thread releases sent
+    buffers. `group` (gloo) carries every header and CPU payload: a small payload inline after
+    the header (at an aligned offset, so the receiver's tensors are views, not copies), a large
+    one as its own message straight from the Batch's buffer. With a `data_group` (NCCL, on
+    CUDA), a message whose tensors all sit on one GPU sends its payload GPU to GPU over it; the
     header still goes first over gloo and says so. NCCL has no tags, but each ordered pair of
     ranks uses one channel only (rank 0 -> worker: commands, worker -> rank 0: replies, worker
     -> worker: data), so payloads on a pair arrive in the order of their headers.
     """
+
+    INLINE_MAX = 64 * 1024
 
     def __init__(self, group=None, data_group=None, device: torch.device | None = None):
         self.group = group
         self.data_group = data_group
         self.device = device
         self.stats = TransportStats()
-        self._pending: list[tuple[Any, torch.Tensor]] = []
+        self._reaper = _Reaper()
 
     def send(self, obj: Any, dst: int, channel: int) -> None:
         header, payload = encode(obj, keep_device=self.data_group is not None)
-        nbytes_payload = 0 if payload is None else payload.numel()
-        on_device = payload is not None and payload.is_cuda
-        inline = 0 if on_device else nbytes_payload
-        body = torch.empty(len(header) + inline, dtype=torch.uint8)
+        nbytes = 0 if payload is None else payload.numel()
+        where = _placement(payload, self.INLINE_MAX)
+        start = _aligned(len(header))
+        body = torch.empty(start + (nbytes if where == _INLINE else 0), dtype=torch.uint8)
         body[:len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
-        if inline:
-            body[len(header):] = payload
-        sizes = torch.tensor([len(header), nbytes_payload, int(on_device)], dtype=torch.int64)
+        if where == _INLINE and nbytes:
+            body[start:] = payload
+        sizes = torch.tensor([len(header), nbytes, where], dtype=torch.int64)
         self._isend(sizes, dst, channel, self.group)
         self._isend(body, dst, channel, self.group)
-        if on_device:
+        if where == _SEPARATE:
+            self._isend(payload, dst, channel, self.group)
+        elif where == _DEVICE:
             self._isend(payload, dst, channel, self.data_group)
         name = CHANNELS[channel]
         self.stats.header_sent[name] += len(header) + sizes.numel() * 8
-        self.stats.payload_sent[name] += nbytes_payload
+        self.stats.payload_sent[name] += nbytes
         self.stats.messages_sent[name] += 1
 
     def _isend(self, tensor: torch.Tensor, dst: int, channel: int, group) -> None:
-        work = dist.isend(tensor, dst=dst, group=group, tag=channel)
-        self._pending.append((work, tensor))
-        if len(self._pending) > 64:
-            self.poll()
+        self._reaper.add(dist.isend(tensor, dst=dst, group=group, tag=channel), tensor)
 
     def recv(self, src: int, channel: int) -> Any:
         sizes = torch.empty(3, dtype=torch.int64)
         dist.recv(sizes, src=src, group=self.group, tag=channel)
-        n_header, n_payload, on_device = (int(v) for v in sizes)
-        inline = 0 if on_device else n_payload
-        body = torch.empty(n_header + inline, dtype=torch.uint8)
+        n_header, nbytes, where = sizes.tolist()
+        start = _aligned(n_header)
+        body = torch.empty(start + (nbytes if where == _INLINE else 0), dtype=torch.uint8)
         dist.recv(body, src=src, group=self.group, tag=channel)
-        payload = body[n_header:] if inline else None
-        if on_device:
+        if where == _INLINE:
+            payload = body[start:]
+        elif where == _SEPARATE:
+            payload = torch.empty(nbytes, dtype=torch.uint8)
+            dist.recv(payload, src=src, group=self.group, tag=channel)
+        else:
             if self.data_group is None:
                 raise RuntimeError(f"rank {src} sent a GPU payload but this rank has no NCCL "
                                    "data group: every rank must use the same backend")
-            payload = torch.empty(n_payload, dtype=torch.uint8, device=self.device)
+            payload = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             dist.recv(payload, src=src, group=self.data_group, tag=channel)
         name = CHANNELS[channel]
         self.stats.header_recv[name] += n_header + sizes.numel() * 8
-        self.stats.payload_recv[name] += n_payload
+        self.stats.payload_recv[name] += nbytes
         self.stats.messages_recv[name] += 1
         return decode(body[:n_header].numpy().tobytes(), payload)
 
-    def poll(self) -> None:
-        """Forget sends that completed (their buffers may be freed)."""
-        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+    @property
+    def num_pending_sends(self) -> int:
+        return len(self._reaper)
 
-    def flush(self) -> None:
-        """Wait until every pending send is delivered."""
-        for work, _ in self._pending:
-            work.wait()
-        self._pending.clear()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every send so far was delivered (False if `timeout` passed first)."""
+        return self._reaper.wait_all(timeout)
+
+
+_INLINE, _SEPARATE, _DEVICE = 0, 1, 2
+
+
+def _placement(payload: torch.Tensor | None, inline_max: int) -> int:
+    if payload is None or (not payload.is_cuda and payload.numel() <= inline_max):
+        return _INLINE
+    return _DEVICE if payload.is_cuda else _SEPARATE
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN

@@ -24,7 +24,9 @@ Both saves are atomic: ranks write into ``.<name>.tmp`` next to the target, the 
 tp, dp all 0) writes the index or ``meta.json`` last and renames the folder into place, so a
 checkpoint is complete or absent; an old one at the same path is replaced. A folder without
 ``meta.json`` or with a listed file missing is refused with an error naming it. Every function is
-collective over the role; an error on one rank is raised on every rank.
+collective over the role. Each phase (prepare, write, publish; load) ends with a role-wide
+agreement, so an error on one rank (a full disk, a missing file) is raised on every rank instead of
+leaving the others waiting in the next collective.
 """
 from __future__ import annotations
 
@@ -441,7 +443,7 @@ def _collectively(engine: TrainEngine, fn: Callable[[], None]) -> None:
 
 def _role_any(engine: TrainEngine, flag: bool) -> bool:
     """Max of ``flag`` over the role: over DP, then over the replica (mp); also a full barrier."""
-    flag_tensor = torch.tensor([float(flag)], device=engine._collective_device)
+    flag_tensor = torch.tensor([float(flag)], device=engine.collective_device)
     for axis in ("dp", "mp"):
         group = engine.groups[axis]
         if group_size_rank(group)[0] > 1:

@@ -354,13 +354,14 @@ class TrainEngine:
             return values
         names = sorted(values) if isinstance(values, dict) else None
         flat = [values[n] for n in names] if names is not None else [values]
-        tensor = torch.tensor(flat, dtype=torch.float64, device=self._collective_device)
+        tensor = torch.tensor(flat, dtype=torch.float64, device=self.collective_device)
         dist.all_reduce(tensor, group=group)
         summed = tensor.tolist()
         return dict(zip(names, summed)) if names is not None else summed[0]
 
     @property
-    def _collective_device(self) -> torch.device:
+    def collective_device(self) -> torch.device:
+        """Where small tensors for collectives live: the engine's CUDA device under NCCL, else the CPU."""
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 

@@ -50,3 +50,21 @@ def test_counters_on_two_ranks():
     assert stats0["messages_sent"] == {"cmd": 2} and stats0["messages_recv"] == {"reply": 1}
     assert stats0["header_sent"]["cmd"] == stats1["header_recv"]["cmd"]
     assert stats0["payload_recv"] == {} or stats0["payload_recv"] == {"reply": 0}
+
+
+def large_and_empty(rank, world):
+    t = Transport()
+    if rank == 0:
+        t.send({"big": torch.arange(50_000, dtype=torch.float32),      # 200 kB: its own message
+                "rows": Batch(non_tensors={"r": np.arange(3)})}, 1, CMD)   # no tensor columns
+        t.flush()
+        return t.stats.snapshot()
+    msg = t.recv(0, CMD)
+    assert torch.equal(msg["big"], torch.arange(50_000, dtype=torch.float32))
+    assert len(msg["rows"]) == 3 and msg["rows"]["r"].tolist() == [0, 1, 2]
+    return t.stats.snapshot()
+
+
+def test_large_payloads_and_batches_without_tensors():
+    sent, received = run_ranks(2, large_and_empty, init=True)
+    assert sent["payload_sent"] == received["payload_recv"] == {"cmd": 200_000}
