@@ -212,7 +212,8 @@ class Decoder(nn.Module):
         return False
 
     def head(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """A bare decoder has no head: its output is the hidden states (B, T, H)."""
+        return hidden_states
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Toggle checkpointing on every layer (or set ``layers[j].activation_checkpointing_enabled``)."""
