@@ -33,8 +33,8 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from hfrl.controller.dispatch import (Protocol, chunk_row_ranges, join_outputs, padded_chunks,
-                                      source_rows)
+from hfrl.controller.dispatch import (Protocol, balanced_order, chunk_row_ranges, join_outputs,
+                                      ordered_chunks, padded_chunks, source_rows)
 from hfrl.controller.protocol import Batch
 from hfrl.controller.transport import CMD, DATA, REPLY, Transport
 from hfrl.controller.worker_group import Future, RemoteError, WorkerContext, WorkerLostError
@@ -75,6 +75,8 @@ class _Call:
     eager: bool
     pad: int = 0
     num_input_rows: int | None = None
+    order: list[int] | None = None
+    """Balanced protocols: the padded input row behind each distributed row."""
     output_ranks: list[int] = field(default_factory=list)
     statuses: dict[int, dict] = field(default_factory=dict)
     has_result: bool = False
@@ -229,8 +231,18 @@ class Runtime:
             raise ValueError(f"{call.group.name}.{call.method}: Batch arguments have different "
                              f"sizes {rows}; they are split together, so they must match")
         pieces = dict(named)
+        batches = [v for v in named.values() if isinstance(v, Batch)]
+        chained = any(isinstance(v, Future) for v in named.values())
+        if call.proto.balance_key and batches and not chained:
+            # One regrouping for every Batch argument, from the first that has the mask column.
+            # (With a chained Future among the arguments, everything is split in order.)
+            key = call.proto.balance_key
+            source = next((b for b in batches if key in b.tensors), batches[0])
+            call.order = balanced_order(source, n, key)
         for key, value in named.items():
-            if isinstance(value, Batch):
+            if isinstance(value, Batch) and call.order is not None:
+                pieces[key], call.pad = ordered_chunks(value, n, call.order)
+            elif isinstance(value, Batch):
                 pieces[key], call.pad = padded_chunks(value, n)
             elif isinstance(value, Future):
                 pieces[key] = self._chain(key, value._call, call, n)
@@ -324,7 +336,8 @@ class Runtime:
                 reply = self._check(self._reply(rank, call.cid, "data"), call.group.name,
                                     call.method)
                 values.append(reply["value"])
-        call.result = join_outputs(values, call.proto.join, call.pad, call.num_input_rows)
+        call.result = join_outputs(values, call.proto.join, call.pad, call.num_input_rows,
+                                   call.order)
         call.has_result = True
         self.store.pop(call.cid, None)
         return call.result

@@ -17,10 +17,12 @@ A protocol (HybridFlow's Table 3) is plain data about a layout:
 | PP_ONLY           | 1       | everyone                             | tp=0, dp=0 of each stage (list)    |
 | ALL_TO_ALL        | world   | position i (args are per-rank lists) | everyone (list)                    |
 
-Custom protocols are registered with `register_protocol`.
+`DP_COMPUTE_BALANCED` is DP_COMPUTE with pieces balanced by tokens (`balanced(protocol, key)`
+makes such a variant of any protocol). Custom protocols are registered with `register_protocol`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,6 +41,10 @@ class Protocol:
     join: str = "concat"
     per_rank_args: bool = False
     """ALL_TO_ALL style: every argument is a list with one entry per pool position."""
+    balance_key: str | None = None
+    """Balance the pieces by tokens: rows are regrouped so every piece holds the same number of
+    rows and near-equal totals of this (B, T) mask column (Karmarkar-Karp), and outputs are put
+    back in input order. Applies to Batches rank 0 holds; a chained Future is split in order."""
 
 
 _PROTOCOLS: dict[str, Protocol] = {}
@@ -92,8 +98,41 @@ ALL_TO_ALL = register_protocol(Protocol(
     output_positions=lambda d: list(range(d.world_size)), join="list", per_rank_args=True))
 
 
+
+
+def balanced(base: Protocol, key: str = "attention_mask") -> Protocol:
+    """`base` with pieces balanced by the token count of mask column `key` (see balance_key)."""
+    return register_protocol(dataclasses.replace(base, name=f"{base.name}[balance={key}]",
+                                                 balance_key=key))
+
+
+DP_COMPUTE_BALANCED = balanced(DP_COMPUTE)
+
+
 # ---------------------------------------------------------------------------------------------
 # Splitting and joining
+
+
+def balanced_order(batch: Batch, num_chunks: int, key: str) -> list[int]:
+    """Padded row indices regrouped so consecutive runs of len/num_chunks rows (the pieces)
+    have near-equal token totals of mask column `key`."""
+    from hfrl.engine.microbatch import balance_across_dp
+
+    if key not in batch.tensors:
+        raise ValueError(f"the protocol balances by column {key!r}, which the Batch lacks "
+                         f"(columns: {batch.keys()}); add it or use the unbalanced protocol")
+    padded, _ = batch.pad_to_multiple(num_chunks)
+    mask = padded.tensors[key]
+    lengths = (mask.reshape(len(padded), -1) != 0).sum(-1).tolist()
+    return [i for group in balance_across_dp(lengths, num_chunks, equal_size=True)
+            for i in group]
+
+
+def ordered_chunks(batch: Batch, num_chunks: int, order: list[int]) -> tuple[list[Batch], int]:
+    """Pad, then cut the rows taken in `order` into `num_chunks` equal pieces."""
+    padded, pad = batch.pad_to_multiple(num_chunks)
+    size = len(padded) // num_chunks
+    return [padded[order[i * size:(i + 1) * size]] for i in range(num_chunks)], pad
 
 
 def padded_chunks(batch: Batch, num_chunks: int) -> tuple[list[Batch], int]:
@@ -128,17 +167,34 @@ def source_rows(padded_rows: range, num_rows: int) -> list[int]:
     return [r if r < num_rows else (r - num_rows) % num_rows for r in padded_rows]
 
 
-def join_outputs(outputs: list[Any], join: str, pad: int, num_input_rows: int | None) -> Any:
-    """Concatenate (and unpad) or return the list, as the protocol says."""
+def join_outputs(outputs: list[Any], join: str, pad: int, num_input_rows: int | None,
+                 order: list[int] | None = None) -> Any:
+    """Concatenate (restore the input order, unpad) or return the list, as the protocol says.
+
+    `order[i]` is the padded input row that the i-th distributed row was (balanced protocols).
+    """
     if join == "list" or not outputs:
         return outputs
     if all(isinstance(o, Batch) for o in outputs):
         joined = Batch.concat(outputs, check_meta=False)
-        return _unpad(joined, pad, num_input_rows)
-    if all(isinstance(o, torch.Tensor) and o.dim() > 0 for o in outputs):
+    elif all(isinstance(o, torch.Tensor) and o.dim() > 0 for o in outputs):
         joined = torch.cat(outputs)
-        return _unpad(joined, pad, num_input_rows)
-    return outputs
+    else:
+        return outputs
+    if order is not None:
+        joined = joined[_inverse(order, len(joined))]
+    return _unpad(joined, pad, num_input_rows)
+
+
+def _inverse(order: list[int], num_out: int) -> torch.Tensor:
+    """Indices that put outputs (k per distributed row, consecutive) back in input order."""
+    if num_out % len(order):
+        raise ValueError(f"cannot restore the input order: {num_out} output rows for "
+                         f"{len(order)} input rows")
+    k = num_out // len(order)
+    position = torch.empty(len(order), dtype=torch.long)
+    position[torch.tensor(order)] = torch.arange(len(order))
+    return (position[:, None] * k + torch.arange(k)).reshape(-1)
 
 
 def _unpad(joined, pad: int, num_input_rows: int | None):

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import hfrl
-from hfrl.controller import (ALL_TO_ALL, DP_COMPUTE, MICRO_DP_COMPUTE, ONE_TO_ALL, PP_ONLY, Batch,
+from hfrl.controller import (ALL_TO_ALL, DP_COMPUTE, DP_COMPUTE_BALANCED, MICRO_DP_COMPUTE, ONE_TO_ALL, PP_ONLY, Batch,
                              ParallelDims, Protocol, RemoteError, ResourcePool, Worker,
                              WorkerGroup, register, register_protocol)
 from tests.multiproc import run_ranks
@@ -76,6 +76,13 @@ class Recorder(Worker):
         time.sleep(seconds)
         return (self.ctx.rank, start, time.time())
 
+    @register(protocol=DP_COMPUTE_BALANCED)
+    def balanced(self, batch, k=1):
+        tokens = int(batch["attention_mask"].sum())
+        return Batch({"id": batch["id"].repeat_interleave(k),
+                      "rank": torch.full((len(batch) * k,), self.ctx.rank),
+                      "tokens": torch.full((len(batch) * k,), tokens)})
+
     @register(protocol=DP_COMPUTE)
     def dp_sum(self, batch):
         total = batch["id"].sum().reshape(1)
@@ -140,6 +147,26 @@ def padding_main():
             k = g.grow(ids(n), k=2)
             results[(dp, n, "k")] = k["id"].tolist()
     return results
+
+
+def balanced_main():
+    g = WorkerGroup(Recorder, ResourcePool("p", (0, 1)), ParallelDims(dp=2))
+    lengths = [8, 8, 8, 8, 1, 1, 1]          # in order, DP would give 32 vs 3 (+pad) tokens
+    mask = (torch.arange(8)[None] < torch.tensor(lengths)[:, None]).long()
+    batch = Batch({"id": torch.arange(7), "attention_mask": mask})
+    plain = g.dp(batch)
+    out = g.balanced(batch, k=2)
+    return plain["rank"].tolist(), out["id"].tolist(), out["rank"].tolist(), out["tokens"].tolist()
+
+
+def test_balanced_protocol_evens_tokens_and_keeps_row_order():
+    plain_ranks, ids, ranks, tokens = run_ranks(2, run_main, balanced_main)[0]
+    assert plain_ranks == [0, 0, 0, 0, 1, 1, 1]
+    assert ids == [i for i in range(7) for _ in range(2)]     # input order, 2 outputs per row
+    per_rank = dict(zip(ranks, tokens))
+    # 8 padded rows (row 0 repeated) of 8,8,8,8,1,1,1,8 tokens in 4-row pieces: in order that is
+    # 32 vs 11 tokens; the best equal-size split is 25 vs 18.
+    assert sorted(per_rank.values()) == [18, 25] and set(ranks) == {0, 1}
 
 
 def test_uneven_batches_are_padded_and_unpadded():
