@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Quick start, second command: install the test dependencies and run the whole test suite:
 # the MPI tests under `mpiexec -n 4` with pytest-mpi, then the pytest suite (multi-rank tests
-# start real gloo processes; its summary line closes the output). Launcher tests skip when srun/mpiexec are missing unless
-# HFRL_REQUIRE_LAUNCHERS=1 (CI sets it). Exits non-zero on any failure, and when a run collects
-# no tests (pytest's exit code 5). Extra arguments go to the first pytest run.
+# start real gloo processes; its summary line closes the output). Launcher tests skip when
+# srun/mpiexec are missing unless HFRL_REQUIRE_LAUNCHERS=1 (CI sets it). Exits non-zero on any
+# failure, and when a run collects no tests (pytest's exit code 5). Extra arguments go to the
+# main pytest run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh test || exit 1
