@@ -309,6 +309,13 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
                 p.grad = None
 
     @torch.no_grad()
+    def grad_of(self, param: torch.Tensor) -> torch.Tensor:
+        """``param``'s slice of the fp32 flat gradient (a view), valid after ``accumulate_grads``."""
+        i = next(i for i, p in enumerate(self.params) if p is param)
+        offset = self._offsets[i]
+        return self.grad_buffer[offset:offset + param.numel()].view(param.shape)
+
+    @torch.no_grad()
     def reduce_gradients(self) -> None:
         """Reduce-scatter the flat gradients: ``grad_shard`` <- DP average of the owned slice."""
         self.accumulate_grads()

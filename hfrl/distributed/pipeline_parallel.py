@@ -154,17 +154,21 @@ class PipelineSchedule:
 
     def train_step(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn,
                    loss_scales: float | Sequence[float] | None = None, *, broadcast: bool = True,
-                   model_kwargs: dict[str, Any] | None = None) -> PipelineResult:
+                   model_kwargs: dict[str, Any] | None = None,
+                   after_backward: Callable[[], None] | None = None) -> PipelineResult:
         """Forward and backward every micro-batch with the configured schedule.
 
         ``loss_fn(outputs, micro_batch) -> (scalar loss, {name: scalar})`` runs on the last stage on
         the head's outputs (logits (B, T, V) or values (B, T)). Micro-batch i's loss is multiplied by
         ``loss_scales[i]`` (one float for all; default 1 / num_micro_batches) before its backward.
         ``broadcast`` sends the loss and metrics from the last stage to every stage of the pipeline.
+        ``after_backward()`` runs after each micro-batch's backward (the engine moves bf16 grads
+        into fp32 accumulators there).
         """
         scales = self._loss_scales(loss_scales, len(micro_batches))
         self._check_micro_batches(micro_batches)
-        state = _StepState(training=True, loss_fn=loss_fn, scales=scales, model_kwargs=model_kwargs or {})
+        state = _StepState(training=True, loss_fn=loss_fn, scales=scales, model_kwargs=model_kwargs or {},
+                           after_backward=after_backward)
         self._run(pipeline_ops(self.schedule, self.num_stages, self.stage, len(micro_batches)), micro_batches, state)
         result = state.result() if self.is_last else PipelineResult(None)
         if broadcast and self.num_stages > 1:
@@ -187,7 +191,8 @@ class PipelineSchedule:
         self._run([("F", i) for i in range(len(micro_batches))], micro_batches, state)
         return state.outputs if self.is_last else None
 
-    def sync_tied_embedding_grads(self) -> None:
+    def sync_tied_embedding_grads(self, grad_of: Callable[[torch.Tensor], torch.Tensor] | None = None
+                                  ) -> None:
         """Sum the gradients of the embedding (stage 0) and its tied copy ``lm_head`` (last stage).
 
         Under pp > 1 a tied model keeps two copies of the matrix, one per end of the pipeline; they
@@ -196,6 +201,9 @@ class PipelineSchedule:
         it (the sum is linear), never per micro-batch step: grads accumulated over several
         ``train_step`` calls would be added twice. A no-op for untied models, value models and pp=1.
         Under TP both ends hold the same vocabulary shard, so each TP rank pairs with its own.
+        ``grad_of(param)`` returns the tensor holding a parameter's accumulated gradient, to be
+        summed in place (default: ``param.grad``; the engine passes the optimizer's fp32
+        accumulator under bf16).
         """
         config = self.model.config
         # ValueModel has no lm_head attribute at all; a CausalLM stage without the head has None.
@@ -204,8 +212,14 @@ class PipelineSchedule:
         if not (self.is_first or self.is_last):
             return
         weight = self.model.embed_tokens.weight if self.is_first else self.model.lm_head.weight
-        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
         peer = self.ranks[-1] if self.is_first else self.ranks[0]
+        if grad_of is not None:
+            grad = grad_of(weight)
+            other = torch.empty_like(grad)
+            self._exchange([(grad.contiguous(), peer)], [(other, peer)])
+            grad.add_(other)
+            return
+        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
         other = torch.empty_like(grad)
         self._exchange([(grad.contiguous(), peer)], [(other, peer)])
         weight.grad = grad + other
@@ -264,6 +278,8 @@ class PipelineSchedule:
             torch.autograd.backward(out)  # the scaled scalar loss
         else:
             torch.autograd.backward(out, grad_tensors=grad_out)
+        if state.after_backward is not None:
+            state.after_backward()
         if self.is_first:
             return None
         received = state.inputs.pop(i)
@@ -333,6 +349,7 @@ class _StepState:
     output_fn: OutputFn | None = None
     scales: list[float] = field(default_factory=list)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    after_backward: Callable[[], None] | None = None
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     """Received hidden states by micro-batch, until their backward has filled ``.grad``."""
     outputs_for_backward: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -137,6 +137,7 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
                 masters.append(master)
             master_groups.append({**group, "params": masters})
         self._low_precision = [(p, m) for p, m in zip(self.model_params, self.master_params) if m is not p]
+        self._index = {id(p): i for i, p in enumerate(self.model_params)}
         super().__init__(master_groups, **adamw_kwargs)
         self.dp_group = dp_group
         self._bucketer = GradBucketer(self.master_params, dp_group, bucket_mb)
@@ -151,6 +152,15 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
                 else:
                     master.grad.add_(p.grad)
                 p.grad = None
+
+    @torch.no_grad()
+    def grad_of(self, param: torch.Tensor) -> torch.Tensor:
+        """The tensor accumulating ``param``'s gradient (its fp32 master's ``.grad`` under bf16,
+        else ``param.grad``), created as zeros if absent; valid after ``accumulate_grads``."""
+        master = self.master_params[self._index[id(param)]]
+        if master.grad is None:
+            master.grad = torch.zeros_like(master)
+        return master.grad
 
     def reduce_gradients(self) -> None:
         """Master ``.grad`` <- its average over the DP group (bucketed all-reduce)."""

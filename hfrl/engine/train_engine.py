@@ -17,7 +17,8 @@ One step (``train_step``), as dataflow:
 
     loss tokens of this rank --all-reduce over DP--> global count G
     micro-batches (by count or token budget), loss weight_i = tokens_i / (G / dp)
-    pipeline schedule: forward + backward of every micro-batch, loss_i * weight_i   (grads accumulate)
+    pipeline schedule: forward + backward of every micro-batch, loss_i * weight_i   (grads accumulate,
+                       in fp32 accumulators under bf16: moved there after each backward)
     tied embedding: sum the two copies' grads (pp > 1)
     DP average -> global grad norm (TP, PP, ZeRO shards) -> clip -> skip if inf/NaN on any rank
     AdamW step -> LR schedule step -> zero grads
@@ -253,9 +254,15 @@ class TrainEngine:
         if global_tokens == 0:
             raise ValueError(f"no loss tokens: batch[{loss_mask_key!r}] is 0 on every DP rank")
         micro_batches = self._micro_batches(batch, loss_mask_key, global_tokens / self.dims.dp)
+        # Under bf16, each micro-batch's grads move into fp32 accumulators right after its
+        # backward, so the sum over micro-batches is fp32 (under fp32 .grad already is).
+        low_precision = self.dtype != torch.float32
         result = self.schedule.train_step([mb.data for mb in micro_batches], loss_fn,
-                                          [mb.loss_weight for mb in micro_batches])
-        self.schedule.sync_tied_embedding_grads()
+                                          [mb.loss_weight for mb in micro_batches],
+                                          after_backward=self.optimizer.accumulate_grads
+                                          if low_precision else None)
+        self.optimizer.accumulate_grads()
+        self.schedule.sync_tied_embedding_grads(grad_of=self.optimizer.grad_of)
         metrics = self._dp_sum({**result.metrics, "loss": result.loss})
         metrics = {name: value / self.dims.dp for name, value in metrics.items()}
         grad_norm, skipped, lr = self._optimizer_step()

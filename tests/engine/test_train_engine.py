@@ -177,6 +177,16 @@ def engine_body(rank, world_size, paths, refs):
     results["skip"] = {"skipped": skipped, "unchanged": unchanged, "after": after,
                        "weights": _max_diff(engine.stage_state_dict(), refs[False]["state"]),
                        "scheduler_steps": engine.scheduler.last_epoch}
+    # bf16 with fp32 masters at pp=2: grads move into fp32 accumulators after every micro-batch,
+    # and the tied embedding's two copies (stage 0, last stage) get the same summed gradient.
+    engine = build("bf16", dict(pp=2), dtype="bfloat16", num_micro_batches=4)
+    metrics = engine.train_step(dp_share(batch, 2, engine.dp_rank), policy_loss(engine))
+    state = {n: t.float() for n, t in engine.stage_state_dict().items()}
+    tied = engine.model.embed_tokens if engine.model.embed_tokens is not None else engine.model.lm_head
+    results["bf16"] = {"metrics": metrics, "weights": _max_diff(state, refs[False]["state"]),
+                       "tied": tied.weight.detach().float().clone(),
+                       "masters_fp32": all(m.dtype == torch.float32
+                                           for m in engine.optimizer.master_params)}
     results["log"] = capture.messages
     return results
 
@@ -194,6 +204,15 @@ def run(tmp_path_factory):
     paths = {False: str(policy_path), True: str(critic_path)}
     refs = {value_head: reference_step(path, value_head, global_batch()) for value_head, path in paths.items()}
     return run_ranks(4, engine_body, paths, refs, init=True), refs, paths
+
+
+def test_bf16_step_keeps_tied_copies_equal_and_tracks_fp32(run):
+    results, refs, _ = run
+    first, last = results[0]["bf16"], results[2]["bf16"]      # stage 0 (ranks 0-1), stage 1 (2-3)
+    assert first["masters_fp32"] and last["masters_fp32"]
+    assert torch.equal(first["tied"], last["tied"])             # embedding == tied lm_head copy
+    assert abs(first["metrics"]["loss"] - refs[False]["loss"]) < 2e-2
+    assert first["weights"] < 2e-2 and last["weights"] < 2e-2   # bf16 rounding of the weights
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
