@@ -10,12 +10,15 @@ rank is re-raised in the test with that rank's traceback; a hang fails after `ti
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
 import socket
 import traceback
 from typing import Any, Callable
+
+import torch
 
 DEFAULT_TIMEOUT = 180.0
 
@@ -41,7 +44,11 @@ def _entry(fn, rank, world_size, port, init, env, args, results):
             dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                     init_method=f"tcp://127.0.0.1:{port}")
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # Plain bytes: a tensor put on the queue as-is travels as a shared-memory file
+        # descriptor that must be fetched from this process while it is still alive (a race).
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -72,7 +79,10 @@ def run_ranks(world_size: int, fn: Callable[..., Any], *args, init: bool = False
                 missing = sorted(set(range(world_size)) - set(values) - set(failures))
                 raise TimeoutError(f"ranks {missing} did not finish within {timeout} s; "
                                    f"failures so far: {failures}") from None
-            (values if ok else failures)[rank] = value
+            if ok:
+                values[rank] = torch.load(io.BytesIO(value), weights_only=False)
+            else:
+                failures[rank] = value
             if failures:
                 break   # the others may be blocked in a collective with the failed rank
     finally:

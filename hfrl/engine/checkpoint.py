@@ -65,9 +65,32 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def save_hf(engine: TrainEngine, path: str | os.PathLike) -> None:
-    """Merged HF checkpoint of the engine's model (all stages, all TP shards) at ``path``. Collective."""
-    _atomic_save(engine, path, lambda tmp: _write_hf_stage(engine, tmp),
-                 lambda tmp: _write_hf_index(engine, tmp))
+    """Merged HF checkpoint of the engine's model (all stages, all TP shards) at ``path``. Collective.
+
+    The folder is replaced atomically; files of an existing ``path`` that are not weights or the
+    model config (a tokenizer, generation_config.json, a README) are carried over.
+    """
+    def finish(tmp: str) -> None:
+        _write_hf_index(engine, tmp)
+        _carry_over_foreign_files(os.path.abspath(os.fspath(path)), tmp)
+
+    _atomic_save(engine, path, lambda tmp: _write_hf_stage(engine, tmp), finish)
+
+
+_MODEL_FILES = re.compile(r"(.*\.safetensors|.*\.bin|.*\.index\.json|config\.json)$")
+
+
+def _carry_over_foreign_files(path: str, tmp: str) -> None:
+    if not os.path.isdir(path):
+        return
+    for name in os.listdir(path):
+        source = os.path.join(path, name)
+        if _MODEL_FILES.fullmatch(name) or os.path.exists(os.path.join(tmp, name)):
+            continue
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(tmp, name))
+        else:
+            shutil.copy2(source, os.path.join(tmp, name))
 
 
 def stage_plan(config: ModelConfig, value_head: bool, layer_range: tuple[int, int]) -> list[ParamSpec]:

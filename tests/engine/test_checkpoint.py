@@ -44,7 +44,11 @@ def checkpoint_body(rank, world_size, path, out):
     results = {}
     exporter = build(dict(pp=2, tp=2), 0)
     save_hf(exporter, os.path.join(out, "hf"))
-    save_hf(exporter, os.path.join(out, "hf"))  # replaces the first export as a whole
+    if rank == 0:  # a tokenizer saved beside the weights, and a stale shard of an older export
+        for name in ("tokenizer.json", "model-00009-of-00009.safetensors"):
+            with open(os.path.join(out, "hf", name), "w") as f:
+                f.write("{}")
+    save_hf(exporter, os.path.join(out, "hf"))  # replaces the weights, keeps the tokenizer
 
     original = build(dict(tp=2), 1)
     step(original, 0)
@@ -84,7 +88,8 @@ def test_save_hf_loads_in_transformers_with_identical_logits(run):
     _, hf_model, _, out = run
     reloaded = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
     assert sorted(os.listdir(out / "hf")) == ["config.json", "model-00001-of-00002.safetensors",
-                                              "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+                                              "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                                              "tokenizer.json"]
     ref_sd, got_sd = hf_model.state_dict(), reloaded.state_dict()
     assert sorted(ref_sd) == sorted(got_sd) and all(torch.equal(ref_sd[n], got_sd[n]) for n in ref_sd)
     batch = global_batch()
