@@ -4,8 +4,11 @@ A message is any picklable Python object. `Batch` objects and tensors inside it 
 contiguous payload buffer; the rest is a small pickled header. On the wire a message is two
 sends on one (peer, channel) pair, which gloo delivers in order:
 
-    int64[3] = (header bytes, payload bytes, where)   then   uint8[header, pad, small payload]
-                                                      [then uint8[large payload] (gloo or NCCL)]
+    uint8[4096] = int64[4] (header bytes, payload bytes, where, body bytes) + the body if it fits
+    [then uint8[body] = header, pad, small payload, when it does not fit]
+    [then uint8[large payload], over gloo or NCCL]
+
+so a typical command or reply is a single gloo operation.
 
 Sends are asynchronous (`isend`), so a worker that has sent its result moves on to its next
 command, and rank 0 can queue commands for busy workers without blocking; a reaper thread keeps
@@ -202,19 +205,26 @@ class Transport:
         nbytes = 0 if payload is None else payload.numel()
         where = _placement(payload, self.INLINE_MAX)
         start = _aligned(len(header))
-        body = torch.empty(start + (nbytes if where == _INLINE else 0), dtype=torch.uint8)
+        body_len = start + (nbytes if where == _INLINE else 0)
+        # The first message has a fixed size, so the receiver can post it blind: the four sizes,
+        # then the body itself when it fits (one operation for a typical command or reply).
+        first = torch.empty(_FIRST, dtype=torch.uint8)
+        first[:_PREFIX].view(torch.int64).copy_(
+            torch.tensor([len(header), nbytes, where, body_len], dtype=torch.int64))
+        fits = _PREFIX + body_len <= _FIRST
+        body = first[_PREFIX:_PREFIX + body_len] if fits else torch.empty(body_len, dtype=torch.uint8)
         body[:len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
         if where == _INLINE and nbytes:
             body[start:] = payload
-        sizes = torch.tensor([len(header), nbytes, where], dtype=torch.int64)
-        self._isend(sizes, dst, channel, self.group)
-        self._isend(body, dst, channel, self.group)
+        self._isend(first, dst, channel, self.group)
+        if not fits:
+            self._isend(body, dst, channel, self.group)
         if where == _SEPARATE:
             self._isend(payload, dst, channel, self.group)
         elif where == _DEVICE:
             self._isend(payload, dst, channel, self.data_group)
         name = CHANNELS[channel]
-        self.stats.header_sent[name] += len(header) + sizes.numel() * 8
+        self.stats.header_sent[name] += _PREFIX + len(header)
         self.stats.payload_sent[name] += nbytes
         self.stats.messages_sent[name] += 1
 
@@ -222,14 +232,16 @@ class Transport:
         self._reaper.add(dist.isend(tensor, dst=dst, group=group, tag=channel), tensor)
 
     def recv(self, src: int, channel: int) -> Any:
-        sizes = torch.empty(3, dtype=torch.int64)
-        dist.recv(sizes, src=src, group=self.group, tag=channel)
-        n_header, nbytes, where = sizes.tolist()
-        start = _aligned(n_header)
-        body = torch.empty(start + (nbytes if where == _INLINE else 0), dtype=torch.uint8)
-        dist.recv(body, src=src, group=self.group, tag=channel)
+        first = torch.empty(_FIRST, dtype=torch.uint8)
+        dist.recv(first, src=src, group=self.group, tag=channel)
+        n_header, nbytes, where, body_len = first[:_PREFIX].view(torch.int64).tolist()
+        if _PREFIX + body_len <= _FIRST:
+            body = first[_PREFIX:_PREFIX + body_len]
+        else:
+            body = torch.empty(body_len, dtype=torch.uint8)
+            dist.recv(body, src=src, group=self.group, tag=channel)
         if where == _INLINE:
-            payload = body[start:]
+            payload = body[_aligned(n_header):]
         elif where == _SEPARATE:
             payload = torch.empty(nbytes, dtype=torch.uint8)
             dist.recv(payload, src=src, group=self.group, tag=channel)
@@ -240,7 +252,7 @@ class Transport:
             payload = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             dist.recv(payload, src=src, group=self.data_group, tag=channel)
         name = CHANNELS[channel]
-        self.stats.header_recv[name] += n_header + sizes.numel() * 8
+        self.stats.header_recv[name] += _PREFIX + n_header
         self.stats.payload_recv[name] += nbytes
         self.stats.messages_recv[name] += 1
         return decode(body[:n_header].numpy().tobytes(), payload)
@@ -255,6 +267,8 @@ class Transport:
 
 
 _INLINE, _SEPARATE, _DEVICE = 0, 1, 2
+_PREFIX = 32          # int64 (header bytes, payload bytes, where, body bytes)
+_FIRST = 4096         # the fixed-size first message: prefix + the body when it fits
 
 
 def _placement(payload: torch.Tensor | None, inline_max: int) -> int:
