@@ -14,19 +14,16 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch
 
+from hfrl.distributed.env import free_port  # noqa: F401 - tests import it from here
+
 DEFAULT_TIMEOUT = 180.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _entry(fn, rank, world_size, port, init, env, args, results):

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from hfrl.distributed.env import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 NPROC = 4
 TIMEOUT_S = 120.0
@@ -118,12 +120,6 @@ def parse_report(result: subprocess.CompletedProcess) -> dict:
     for key in ("world_size", "launcher", "plan"):
         assert key in report, f"report lacks {key!r}; keys: {sorted(report)}"
     return report
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def _port_is_free(port: int) -> bool:
