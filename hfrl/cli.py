@@ -50,7 +50,7 @@ def cmd_layout(ns: argparse.Namespace) -> int:
     report = run_layout(config, dry_run_world_size=ns.world_size)
     if report is not None:
         print(json.dumps(report, indent=None if ns.compact else 1) if ns.json
-              else format_report(report))
+              else format_report(report, max_groups=None if ns.all_groups else 16))
     return 0
 
 
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dry run for N ranks without a launcher (fake backend)")
     layout.add_argument("--json", action="store_true", help="print the report as JSON")
     layout.add_argument("--compact", action="store_true", help="one-line JSON")
+    layout.add_argument("--all-groups", action="store_true",
+                        help="list every group of every axis (default: the first 16 per axis; "
+                             "--json always has all)")
     layout.set_defaults(func=cmd_layout)
 
     config = sub.add_parser("config", help="print the resolved config as YAML")

@@ -47,6 +47,10 @@ def test_world_of_one_without_launcher():
 
 
 def test_human_readable_layout():
+    out = hfrl("layout", "--world-size", "64", "roles.actor.tp=2")
+    assert "... (+16 more)" in out.stdout                      # 32 TP groups, 16 shown
+    every = hfrl("layout", "--world-size", "64", "roles.actor.tp=2", "--all-groups")
+    assert "[62,63]" in every.stdout and "more)" not in every.stdout
     out = hfrl("layout", "--world-size", "8", "roles.actor.tp=4", "roles.actor.tg=2")
     assert out.returncode == 0, out.stderr
     assert "gen_tp       4 x 2    [0,2] [1,3] [4,6] [5,7]" in out.stdout

@@ -118,7 +118,7 @@ def _dry_run(config: Config, world_size: int) -> dict[str, Any]:
         dist.destroy_process_group()
 
 
-def format_report(report: dict[str, Any], max_groups: int = 16) -> str:
+def format_report(report: dict[str, Any], max_groups: int | None = 16) -> str:
     """Human-readable plan: pools, each role's layouts, and its groups per axis."""
     plan = report["plan"]
     lines = [f"world size {report['world_size']} | launcher {report['launcher']} | backend "
@@ -142,8 +142,9 @@ def format_report(report: dict[str, Any], max_groups: int = 16) -> str:
             if len(groups[0]) == 1:
                 trivial.append(axis)
                 continue
-            shown = " ".join(_fmt_group(g) for g in groups[:max_groups])
-            more = f" ... (+{len(groups) - max_groups} more)" if len(groups) > max_groups else ""
+            limit = len(groups) if max_groups is None else max_groups
+            shown = " ".join(_fmt_group(g, full=max_groups is None) for g in groups[:limit])
+            more = f" ... (+{len(groups) - limit} more)" if len(groups) > limit else ""
             lines.append(f"  {axis:<9} {len(groups):>4} x {len(groups[0]):<4} {shown}{more}")
         if trivial:
             lines.append(f"  (size-1 groups: {', '.join(trivial)})")
@@ -157,7 +158,7 @@ def _span(ranks: list[int]) -> str:
     return json.dumps(ranks) if len(ranks) <= 8 else f"[{ranks[0]}, ...]"
 
 
-def _fmt_group(group: list[int]) -> str:
-    if len(group) > 8:
+def _fmt_group(group: list[int], full: bool = False) -> str:
+    if len(group) > 8 and not full:
         return f"[{group[0]},{group[1]},..,{group[-1]}]"
     return "[" + ",".join(map(str, group)) + "]"
