@@ -212,7 +212,7 @@ class Runtime:
         for position in range(len(ranks)):
             chunk = proto.chunk_of(dims, position)
             mine = {k: (v[chunk] if isinstance(v, list) else v) for k, v in pieces.items()}
-            assemble = {k: v.assemble[ranks[position]] for k, v in pieces.items()
+            assemble = {k: v.runs[ranks[position]] for k, v in pieces.items()
                         if isinstance(v, _ChainPlan)}
             mine = {k: (_Remote(k) if isinstance(v, _ChainPlan) else v) for k, v in mine.items()}
             pos_args = tuple(mine[f"#{i}"] for i in range(len(args)))
@@ -474,10 +474,6 @@ class _ChainPlan:
     producer: _Call
     runs: dict[int, list[tuple[int, int, int]]]
     """Consumer rank -> [(producer rank, start row, end row)] in order."""
-
-    @property
-    def assemble(self) -> dict[int, list[tuple[int, int, int]]]:
-        return self.runs
 
 
 def _is_timeout(message: str) -> bool:

@@ -27,7 +27,7 @@ unlike single-process AdamW, which skips parameters whose ``.grad`` is None.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -74,19 +74,29 @@ def _is_unsupported(err: Exception) -> bool:
         s in text for s in ("not supported", "unsupported", "not implemented", "does not support"))
 
 
+def _native(name: str, collective: Callable | None, *args, **kwargs) -> bool:
+    """Run the tensor-API collective if this backend has it; False means "use the fallback".
+
+    "Unsupported" is raised before any data moves and on every rank alike, so falling back stays
+    in step; anything else (a dead peer, a timeout) propagates.
+    """
+    if name in _UNSUPPORTED or collective is None:
+        return False
+    try:
+        collective(*args, **kwargs)
+        return True
+    except (RuntimeError, NotImplementedError) as err:
+        if not _is_unsupported(err):
+            raise
+        _UNSUPPORTED.add(name)
+        return False
+
+
 def reduce_scatter_sum(output: torch.Tensor, flat: torch.Tensor, group: Any) -> None:
     """output (n,) <- slice ``rank`` of the sum over ``group`` of flat (size * n,)."""
     size, rank = group_size_rank(group)
-    if "reduce_scatter" not in _UNSUPPORTED and _REDUCE_SCATTER is not None:
-        try:
-            _REDUCE_SCATTER(output, flat, group=group)
-            return
-        except (RuntimeError, NotImplementedError) as err:
-            # "Unsupported" is raised before any data moves and on every rank alike; anything else
-            # (a dead peer, a timeout) must propagate, or the ranks' collectives would fall out of step.
-            if not _is_unsupported(err):
-                raise
-            _UNSUPPORTED.add("reduce_scatter")
+    if _native("reduce_scatter", _REDUCE_SCATTER, output, flat, group=group):
+        return
     # Fallback: all-reduce everything (dp times the traffic) and keep our slice.
     summed = flat.clone()
     dist.all_reduce(summed, group=group)
@@ -96,14 +106,8 @@ def reduce_scatter_sum(output: torch.Tensor, flat: torch.Tensor, group: Any) -> 
 
 def all_gather_flat(flat: torch.Tensor, shard: torch.Tensor, group: Any) -> None:
     """flat (size * n,) <- concatenation over ``group`` of each rank's shard (n,)."""
-    if "all_gather" not in _UNSUPPORTED and _ALL_GATHER is not None:
-        try:
-            _ALL_GATHER(flat, shard, group=group)
-            return
-        except (RuntimeError, NotImplementedError) as err:
-            if not _is_unsupported(err):
-                raise
-            _UNSUPPORTED.add("all_gather")
+    if _native("all_gather", _ALL_GATHER, flat, shard, group=group):
+        return
     # Fallback: a list of equal chunk views (the buffer is padded so every chunk has n elements).
     dist.all_gather(list(flat.chunk(group_size_rank(group)[0])), shard, group=group)
 

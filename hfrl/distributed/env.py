@@ -89,6 +89,15 @@ def slurm_port(job_id: str) -> int:
     return SLURM_PORT_BASE + int(digits[-9:]) % SLURM_PORT_RANGE
 
 
+# MPI launchers: (name, rank, size, local rank, local size). The master address is not among
+# them: rank 0 broadcasts it with mpi4py (resolve_master_with_mpi).
+_MPI_VARIABLES = (
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+)
+
+
 def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     """Read rank, world size, local rank/size and master address from the launcher's variables."""
     env = os.environ if environ is None else environ
@@ -114,21 +123,14 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_addr=addr or expand_first_host(nodelist),
             master_port=port or slurm_port(env.get("SLURM_JOB_ID", "0")), launcher="slurm"))
 
-    if "OMPI_COMM_WORLD_RANK" in env:
-        world = _int(env, "OMPI_COMM_WORLD_SIZE")
-        return _checked(DistEnv(
-            rank=_int(env, "OMPI_COMM_WORLD_RANK"), world_size=world,
-            local_rank=int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
-            local_world_size=int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", world)),
-            master_addr=addr, master_port=port, launcher="openmpi"))
-
-    if "PMI_RANK" in env:
-        world = _int(env, "PMI_SIZE")
-        return _checked(DistEnv(
-            rank=_int(env, "PMI_RANK"), world_size=world,
-            local_rank=int(env.get("MPI_LOCALRANKID", 0)),
-            local_world_size=int(env.get("MPI_LOCALNRANKS", world)),
-            master_addr=addr, master_port=port, launcher="mpich"))
+    for launcher, rank_var, size_var, local_var, local_size_var in _MPI_VARIABLES:
+        if rank_var in env:
+            world = _int(env, size_var)
+            return _checked(DistEnv(
+                rank=_int(env, rank_var), world_size=world,
+                local_rank=int(env.get(local_var, 0)),
+                local_world_size=int(env.get(local_size_var, world)),
+                master_addr=addr, master_port=port, launcher=launcher))
 
     return DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1,
                    master_addr=addr or "127.0.0.1", master_port=port, launcher="none")
