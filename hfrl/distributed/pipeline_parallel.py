@@ -15,9 +15,9 @@ Shapes. Nothing but activations and their gradients crosses the wire: the receiv
 shape itself as ``(*micro_batch["input_ids"].shape, hidden_size)``, because every stage holds the
 micro-batch's ``input_ids`` (padded (B, T) or packed (1, total)). Ragged micro-batches (a different
 T each) therefore cost no shape header and no extra latency. The price is that the stages must be
-given identical micro-batches; ``train_step``/``forward_only`` check the count and the token total
-with one tiny all-reduce over the pipeline before the first transfer, so a mismatch fails on every
-stage at once instead of hanging in a receive.
+given identical micro-batches; ``train_step``/``forward_only`` compare the count and every
+micro-batch's shapes with one tiny all-reduce over the pipeline before the first transfer, so a
+mismatch raises the same ValueError on every stage at once instead of hanging in a receive.
 
 Communication. Between two consecutive compute ops of a stage, the sends the first op produced and
 the receive the second op needs are posted together as one ``batch_isend_irecv`` and waited. In
@@ -33,6 +33,7 @@ returning hidden states (B, T, H) except on the last stage, where it returns the
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -313,19 +314,27 @@ class PipelineSchedule:
             work.wait()
 
     def _check_micro_batches(self, micro_batches: Sequence[MicroBatch]) -> None:
+        """ValueError on every stage unless all stages were given micro-batches of the same shapes.
+
+        The receives are sized from each micro-batch's input_ids, so a stage given other shapes
+        would wait forever (or read garbage). One all-reduce of (count, digest of the per-micro-batch
+        shapes) runs identically on every stage; only when they disagree do the stages exchange
+        their shape lists, again all of them, so every stage raises the same message.
+        """
         if len(micro_batches) == 0:
             raise ValueError("no micro-batches given: a pipeline step needs at least one")
         if self.num_stages == 1:
             return
-        # The engine gives every stage the same micro-batches; if it did not, the receives below
-        # would be sized wrongly or never matched. One tiny all-reduce makes that fail loudly.
-        tokens = sum(mb["input_ids"].numel() for mb in micro_batches if "input_ids" in mb)
-        local = torch.tensor([len(micro_batches), tokens], dtype=torch.int64, device=self.device)
+        shapes = [_micro_batch_shapes(mb) for mb in micro_batches]
+        digest = int.from_bytes(hashlib.sha256(repr(shapes).encode()).digest()[:7], "big")  # < 2**56: int64
+        local = torch.tensor([len(shapes), digest], dtype=torch.int64, device=self.device)
         both = torch.cat([local, -local])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
-        high, low = both[:2].tolist(), (-both[2:]).tolist()
-        assert high == low, (f"pipeline stage {self.stage} got {len(micro_batches)} micro-batches with {tokens} "
-                             f"tokens, but the stages disagree: (count, tokens) ranges from {low} to {high}")
+        if both[:2].tolist() == (-both[2:]).tolist():
+            return
+        per_stage: list[Any] = [None] * self.num_stages
+        dist.all_gather_object(per_stage, shapes, group=self.group)
+        raise ValueError(_disagreement(per_stage))
 
     @staticmethod
     def _loss_scales(loss_scales, num_micro_batches: int) -> list[float]:
@@ -338,6 +347,27 @@ class PipelineSchedule:
             raise ValueError(f"got {len(scales)} loss scales for {num_micro_batches} micro-batches; "
                              "pass one per micro-batch, a single float, or None for 1/num_micro_batches")
         return scales
+
+
+def _micro_batch_shapes(mb: MicroBatch) -> tuple:
+    """What the stages must agree on: the shape of input_ids and of each model input, by key."""
+    keys = ("input_ids", *MODEL_INPUT_KEYS)
+    return tuple((key, tuple(mb[key].shape)) for key in keys if isinstance(mb.get(key), torch.Tensor))
+
+
+def _disagreement(per_stage: list[list[tuple]]) -> str:
+    """The message every stage raises: the first micro-batch on which two stages differ."""
+    counts = [len(shapes) for shapes in per_stage]
+    if len(set(counts)) > 1:
+        detail = ", ".join(f"stage {s} has {n} micro-batches" for s, n in enumerate(counts))
+    else:
+        i = next(i for i in range(counts[0]) if len({shapes[i] for shapes in per_stage}) > 1)
+        detail = f"micro-batch {i} has " + ", ".join(
+            f"{', '.join(f'{key} {shape}' for key, shape in shapes[i]) or 'no tensors'} on stage {s}"
+            for s, shapes in enumerate(per_stage))
+    return (f"pipeline stages disagree on their micro-batches: {detail}. Every stage of a pipeline must be "
+            "given the same micro-batches (same count, same shapes, same order): stages size the activations "
+            "they receive from them")
 
 
 @dataclass

@@ -5,6 +5,10 @@ of 4 stages, then two pipelines of 2 stages (pp=2 x dp=2, stages on global ranks
 Each rank loads its stage from a HF checkpoint with ``from_pretrained(..., layer_range=...)`` and
 the full model from the same checkpoint, and reports max abs differences; the tests assert on them.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,15 +166,36 @@ def check_tied(groups, path: str, seed: int) -> dict:
     return {"before": before, "after": after, "all_grads": max_grad_diff(model, full)[0]}
 
 
-def check_mismatch(groups, model) -> str:
-    mbs = micro_batches(0, 4)
-    if groups.coord.pp == groups.dims.pp - 1:
-        mbs = mbs[:3]
-    try:
-        PipelineSchedule.from_groups(model, groups).forward_only(mbs)
-    except AssertionError as err:
-        return str(err)
-    return "no error"
+MISMATCHES = {
+    # the last stage is given 3 of the 4 micro-batches
+    "count": lambda mbs, last: mbs[:3] if last else mbs,
+    # same count and same token total, but micro-batch 0 is (9, 3) instead of (3, 9) there
+    "shape": lambda mbs, last: [{"input_ids": mbs[0]["input_ids"].reshape(9, 3)}, *mbs[1:]] if last else mbs,
+    # the same micro-batches in another order: every total agrees, the per-position shapes do not
+    "order": lambda mbs, last: mbs[::-1] if last else mbs,
+}
+
+
+def mismatch_body(rank, world_size, path: str) -> dict:
+    """Each MISMATCHES case through forward_only and train_step; the error message per case, per call."""
+    groups = build_groups("actor", ParallelDims(pp=world_size), tuple(range(world_size)), rank, GroupCache())
+    layer_range = partition_layers(TINY["num_hidden_layers"], world_size)[groups.coord.pp]
+    model = weights.from_pretrained(path, layer_range=layer_range)
+    sched = PipelineSchedule.from_groups(model, groups)
+    last = groups.coord.pp == world_size - 1
+    out = {}
+    for case, edit in MISMATCHES.items():
+        mbs = edit([{"input_ids": mb["input_ids"]} for mb in micro_batches(0, 4)], last)
+        for call in ("forward_only", "train_step"):
+            try:
+                if call == "forward_only":
+                    sched.forward_only(mbs)
+                else:
+                    sched.train_step(mbs, lambda logits, mb: (logits.float().mean(), {}))
+                out[case, call] = "no error"
+            except ValueError as err:
+                out[case, call] = f"ValueError: {err}"
+    return out
 
 
 def pipeline_body(rank, world_size, path: str, tied_path: str) -> dict:
@@ -182,9 +207,7 @@ def pipeline_body(rank, world_size, path: str, tied_path: str) -> dict:
         stage = {"stage": groups.coord.pp, "forward": check_forward(groups, full, model, seed)}
         for schedule, num in runs:
             stage[f"{schedule}-{num}"] = check_train(groups, full, model, schedule, num, seed + 100)
-        if name == "pp4":
-            stage["mismatch"] = check_mismatch(groups, model)
-        else:
+        if name == "pp2":
             stage["tied"] = check_tied(groups, tied_path, seed + 200)
         report[name] = stage
     return report
@@ -253,10 +276,33 @@ def test_tied_embedding_grads_synced(report):
         assert tied["after"] < TOL and tied["all_grads"] < TOL, tied
 
 
-def test_mismatched_micro_batch_counts_fail_on_every_stage(report):
-    for rank_report in report:
-        message = rank_report["pp4"]["mismatch"]
-        assert "stages disagree" in message, message
+def _check_mismatch_report(report):
+    for case in MISMATCHES:
+        for call in ("forward_only", "train_step"):
+            messages = [rank_report[case, call] for rank_report in report]
+            # every stage raises, and the same error: no stage is left waiting for a transfer
+            assert all(m.startswith("ValueError: ") and "stages disagree" in m for m in messages), (case, messages)
+            assert len(set(messages)) == 1, (case, call, messages)
+    assert "micro-batch 0" in report[0]["shape", "forward_only"], report[0]["shape", "forward_only"]
+    assert "(9, 3)" in report[0]["shape", "forward_only"] and "(3, 9)" in report[0]["shape", "forward_only"]
+    assert "4 micro-batches" in report[0]["count", "forward_only"] and "3 micro-batches" in report[0]["count", "forward_only"]
+
+
+def test_mismatched_micro_batches_fail_on_every_stage(checkpoints):
+    _check_mismatch_report(run_ranks(3, mismatch_body, checkpoints[0], init=True, timeout=60))
+
+
+def test_mismatched_micro_batches_fail_under_python_O(checkpoints, tmp_path):
+    """The check must not be an assert: under ``python -O`` it would vanish and the stages hang."""
+    out = tmp_path / "report.pt"
+    script = (f"import torch; from tests.multiproc import run_ranks; "
+              f"from tests.distributed.test_pipeline_parallel import mismatch_body; "
+              f"torch.save(run_ranks(2, mismatch_body, {checkpoints[0]!r}, init=True, timeout=60), {str(out)!r})")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-O", "-c", script], cwd=root, capture_output=True, text=True,
+                          timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_mismatch_report(torch.load(out, weights_only=False))
 
 
 # ---- single-process tests -----------------------------------------------------------------------
