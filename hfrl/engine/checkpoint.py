@@ -21,8 +21,11 @@ ZeRO-1 moments are all-gathered over DP before saving and re-sliced to the new D
 RNG states are restored only under the same layout (they are per rank); otherwise a notice says so.
 
 Both saves are atomic: ranks write into ``.<name>.tmp`` next to the target, the coordinator (pp,
-tp, dp all 0) writes the index or ``meta.json`` last and renames the folder into place, so a
-checkpoint is complete or absent; an old one at the same path is replaced. A folder without
+tp, dp all 0) writes ``config.json`` or ``meta.json`` last (each by one rename: the completion
+marker) and renames the folder into place, so a checkpoint is complete or absent. An old one at the
+same path is replaced by two renames (old -> ``.<name>.old``, tmp -> path); a kill between them
+leaves no folder at the path, so ``load_checkpoint`` then loads the newest complete one of
+``.<name>.tmp`` and ``.<name>.old`` and the next save moves it back into place. A folder without
 ``meta.json`` or with a listed file missing is refused with an error naming it. Every function is
 collective over the role. Each phase (prepare, write, publish; load) ends with a role-wide
 agreement, so an error on one rank (a full disk, a missing file) is raised on every rank instead of
@@ -71,10 +74,10 @@ def save_hf(engine: TrainEngine, path: str | os.PathLike) -> None:
     model config (a tokenizer, generation_config.json, a README) are carried over.
     """
     def finish(tmp: str) -> None:
-        _write_hf_index(engine, tmp)
         _carry_over_foreign_files(os.path.abspath(os.fspath(path)), tmp)
+        _write_hf_index(engine, tmp)  # config.json last: it marks the folder complete
 
-    _atomic_save(engine, path, lambda tmp: _write_hf_stage(engine, tmp), finish)
+    _atomic_save(engine, path, lambda tmp: _write_hf_stage(engine, tmp), finish, is_complete=_hf_complete)
 
 
 _MODEL_FILES = re.compile(r"(.*\.safetensors|.*\.bin|.*\.index\.json|config\.json)$")
@@ -153,14 +156,25 @@ def _write_hf_index(engine: TrainEngine, folder: str) -> None:
             for name, shape in zip(spec.hf_names, spec.hf_shapes):
                 weight_map[name] = _stage_file(stage, pp)
                 total += element_size * int(torch.Size(shape).numel())
-    with open(os.path.join(folder, SAFE_INDEX_NAME), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    _write_atomically(os.path.join(folder, SAFE_INDEX_NAME), lambda f: json.dump(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2))
     hf_config = config.to_hf()
     hf_config.architectures = [config.hf_architecture(value_head)]
     if value_head:
         hf_config.num_labels = 1
     setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", engine.dtype)
-    hf_config.to_json_file(os.path.join(folder, "config.json"))
+    _write_atomically(os.path.join(folder, "config.json"), lambda f: f.write(hf_config.to_json_string()))
+
+
+def _hf_complete(folder: str) -> bool:
+    """Whether a save_hf folder was finished: config.json (written last) and every indexed shard present."""
+    try:
+        with open(os.path.join(folder, SAFE_INDEX_NAME)) as f:
+            shards = set(json.load(f)["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    names = ["config.json", *shards]
+    return all(os.path.isfile(os.path.join(folder, name)) for name in names)
 
 
 # ---- training state: save ----------------------------------------------------------------------------
@@ -187,10 +201,9 @@ def save_checkpoint(engine: TrainEngine, path: str | os.PathLike) -> None:
                 "optimizer_steps": _optimizer_steps(engine), "layout": _layout(engine),
                 "value_head": engine.cfg.value_head, "model_type": engine.model_config.model_type,
                 "num_layers": engine.model_config.num_layers, "files": files}
-        with open(os.path.join(tmp, META_NAME), "w") as f:
-            json.dump(meta, f, indent=2)
+        _write_atomically(os.path.join(tmp, META_NAME), lambda f: json.dump(meta, f, indent=2))  # last: the marker
 
-    _atomic_save(engine, path, write, finish, subdirs=("model", "optim", "rng"))
+    _atomic_save(engine, path, write, finish, subdirs=("model", "optim", "rng"), is_complete=_state_complete)
 
 
 def _expected_files(pp: int, num_ranks: int) -> list[str]:
@@ -275,8 +288,30 @@ def _rng_state() -> dict[str, Any]:
 # ---- training state: load ----------------------------------------------------------------------------
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """The folder holding the checkpoint published at ``path``.
+
+    That is ``path`` itself, except after a save killed between the two renames that replace an
+    existing checkpoint: then ``path`` is gone, the previous checkpoint is ``.<name>.old`` and the
+    new one ``.<name>.tmp``, and the newest complete one of the two is returned (``.tmp`` unless it
+    lacks its ``meta.json``, written last, or a file it lists). With neither complete, ``path``.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        return path
+    for candidate in (_sibling(path, "tmp"), _sibling(path, "old")):
+        if _state_complete(candidate):
+            logger.warning("%s is missing: a save was interrupted while replacing it; using the complete "
+                           "checkpoint %s (the next save to %s moves it back into place)", path, candidate, path)
+            return candidate
+    return path
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """``meta.json`` of a training checkpoint, after checking it is complete (every listed file present)."""
+    """``meta.json`` of a training checkpoint, after checking it is complete (every listed file present).
+
+    ``path`` is read as given; ``load_checkpoint`` first resolves it with ``resolve_checkpoint``.
+    """
     path = os.fspath(path)
     meta_file = os.path.join(path, META_NAME)
     if not os.path.isfile(meta_file):
@@ -293,6 +328,15 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def _state_complete(folder: str) -> bool:
+    """Whether a save_checkpoint folder was finished (``read_meta`` accepts it)."""
+    try:
+        read_meta(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
 def load_checkpoint(engine: TrainEngine, path: str | os.PathLike) -> dict[str, Any]:
     """Restore weights, optimizer state, LR schedule, step (and RNG under the same layout) from ``path``.
 
@@ -300,7 +344,7 @@ def load_checkpoint(engine: TrainEngine, path: str | os.PathLike) -> dict[str, A
     decay) come from the engine's config, the LR schedule's position from the checkpoint. Returns
     the checkpoint's ``meta.json``. Collective over the role.
     """
-    path = os.fspath(path)
+    path = resolve_checkpoint(path)
     meta: dict[str, Any] = {}
 
     def load() -> None:
@@ -413,13 +457,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_save(engine: TrainEngine, path: str | os.PathLike, write: Callable[[str], None],
-                 finish: Callable[[str], None], subdirs: tuple[str, ...] = ()) -> None:
-    """tmp folder (coordinator) -> ``write`` (every rank) -> ``finish`` + rename (coordinator)."""
+                 finish: Callable[[str], None], subdirs: tuple[str, ...] = (),
+                 is_complete: Callable[[str], bool] = lambda folder: False) -> None:
+    """tmp folder (coordinator) -> ``write`` (every rank) -> ``finish`` + rename (coordinator).
+
+    ``finish`` writes the folder's completion marker last; ``is_complete(folder)`` checks for it,
+    to recover from a save killed mid-replacement (see ``_replace_dir``).
+    """
     path = os.path.abspath(os.fspath(path))
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    tmp = _sibling(path, "tmp")
 
     def prepare() -> None:
         if engine.is_coordinator:
+            _finish_interrupted_replace(path, is_complete)
             shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted save
             for sub in ("", *subdirs):
                 os.makedirs(os.path.join(tmp, sub))
@@ -434,20 +484,50 @@ def _atomic_save(engine: TrainEngine, path: str | os.PathLike, write: Callable[[
         _collectively(engine, lambda: write(tmp))
         _collectively(engine, publish)
     finally:
-        if engine.is_coordinator:
+        if engine.is_coordinator and os.path.exists(path):  # else tmp may be all there is: keep it
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _sibling(path: str, kind: str) -> str:
+    """``.<name>.<kind>`` next to ``path``: the folder a save writes ("tmp") or replaces ("old")."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{kind}")
+
+
 def _replace_dir(tmp: str, path: str) -> None:
-    """Move the finished ``tmp`` to ``path``; an existing ``path`` is replaced (never left half-written)."""
+    """Move the finished ``tmp`` to ``path``; an existing ``path`` is replaced (never left half-written).
+
+    Replacing takes two renames (POSIX cannot swap two folders in one): ``path`` -> ``.<name>.old``,
+    then ``tmp`` -> ``path``. A kill between them leaves no ``path`` but two complete folders;
+    ``resolve_checkpoint`` loads the newer (``tmp``) and the next save moves it into place.
+    """
     if not os.path.exists(path):
         os.replace(tmp, path)
         return
-    old = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.old"
+    old = _sibling(path, "old")
     shutil.rmtree(old, ignore_errors=True)
     os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish_interrupted_replace(path: str, is_complete: Callable[[str], bool]) -> None:
+    """Complete a replacement that a kill cut between its two renames: newest complete folder -> ``path``."""
+    old = _sibling(path, "old")
+    if not os.path.exists(path):
+        for candidate in (_sibling(path, "tmp"), old):
+            if is_complete(candidate):
+                logger.warning("%s was missing after an interrupted save; restoring it from %s", path, candidate)
+                os.replace(candidate, path)
+                break
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomically(file: str, write: Callable[[Any], Any]) -> None:
+    """``write(f)`` into ``file`` by way of a temp name and one rename: a reader sees all of it or nothing."""
+    part = f"{file}.part"
+    with open(part, "w") as f:
+        write(f)
+    os.replace(part, file)
 
 
 def _collectively(engine: TrainEngine, fn: Callable[[], None]) -> None:

@@ -10,6 +10,8 @@ process (a third layout) and checks the refusal of incomplete folders.
 """
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,3 +150,79 @@ def test_incomplete_checkpoints_are_refused(run, tmp_path):
         load_checkpoint(engine, missing)
     with pytest.raises(ValueError, match="value_head=True"):
         load_checkpoint(TrainEngine(engine_config(path, True, init_missing_value_head=True)), out / "state")
+
+
+# ---- a save killed between the two renames of a replacement (single process) -------------------------
+
+KILL_SCRIPT = """
+import os, sys
+from hfrl.engine import checkpoint
+from hfrl.engine.train_engine import TrainEngine
+from tests.engine.test_train_engine import engine_config, global_batch, policy_loss
+
+model_path, ckpt = sys.argv[1:3]
+engine = TrainEngine(engine_config(model_path, False))
+checkpoint.save_checkpoint(engine, ckpt)  # step 0
+engine.train_step(global_batch(), policy_loss(engine))
+real_replace = os.replace
+
+def replace_then_die(src, dst):
+    real_replace(src, dst)
+    if os.path.abspath(src) == os.path.abspath(ckpt):  # the published checkpoint was just moved away
+        os._exit(17)  # a kill: no finally, no clean-up
+
+checkpoint.os.replace = replace_then_die
+checkpoint.save_checkpoint(engine, ckpt)  # step 1, killed mid-swap
+os._exit(0)
+"""
+
+
+@pytest.fixture(scope="module")
+def killed_swap(tmp_path_factory):
+    """A step-0 checkpoint replaced by a step-1 one, the process killed between the two renames."""
+    model_path = tmp_path_factory.mktemp("kill_policy")
+    build_hf("llama_gqa_tied", vocab_size=VOCAB, num_hidden_layers=2).save_pretrained(model_path)
+    out = tmp_path_factory.mktemp("kill")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(model_path), str(out / "ckpt")], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    return str(model_path), out
+
+
+def _copy_state(out, tmp_path):
+    """The killed save's folders, copied so that each test can change them."""
+    shutil.copytree(out, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def test_kill_between_renames_leaves_the_new_checkpoint_loadable(killed_swap, tmp_path):
+    model_path, out = killed_swap
+    folder = _copy_state(out, tmp_path)
+    assert sorted(os.listdir(folder)) == [".ckpt.old", ".ckpt.tmp"]  # what the kill left: no ckpt at all
+    engine = TrainEngine(engine_config(model_path, False))
+    meta = load_checkpoint(engine, folder / "ckpt")
+    assert meta["step"] == 1 and engine.step == 1  # the newest complete one, not the older .old
+    # the next save at the same path finishes the job and leaves no temp folder behind
+    save_checkpoint(engine, folder / "ckpt")
+    assert sorted(os.listdir(folder)) == ["ckpt"]
+    assert load_checkpoint(TrainEngine(engine_config(model_path, False)), folder / "ckpt")["step"] == 1
+
+
+@pytest.mark.parametrize("damage", ["no_meta", "truncated_meta", "missing_file"])
+def test_half_written_tmp_is_never_taken_as_complete(killed_swap, tmp_path, damage):
+    model_path, out = killed_swap
+    folder = _copy_state(out, tmp_path)
+    tmp = folder / ".ckpt.tmp"
+    if damage == "no_meta":
+        os.remove(tmp / "meta.json")
+    elif damage == "truncated_meta":
+        text = (tmp / "meta.json").read_text()
+        (tmp / "meta.json").write_text(text[:len(text) // 2])
+    else:
+        os.remove(tmp / "optim" / "stage-00000.safetensors")
+    engine = TrainEngine(engine_config(model_path, False))
+    assert load_checkpoint(engine, folder / "ckpt")["step"] == 0  # the older complete one
+    shutil.rmtree(folder / ".ckpt.old")
+    with pytest.raises(FileNotFoundError, match="ckpt"):
+        load_checkpoint(engine, folder / "ckpt")
