@@ -24,6 +24,7 @@ laptop; `build_groups` is the only function that touches torch.distributed.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,37 +167,40 @@ class ParallelDims:
         return Coord(pp=pp_rank, dp=dp_rank, tp=tp_rank, gen_pp=gen_pp, gen_tp=gen_tp,
                      micro=micro_p * st + micro_t)
 
-    def _axis_key(self, axis: str, c: Coord) -> tuple:
-        # Positions that share the key form one group of `axis`.
-        return {
-            "tp": (c.pp, c.dp),
-            "pp": (c.dp, c.tp),
-            "dp": (c.pp, c.tp),
-            "mp": (c.dp,),
-            "gen_tp": (c.dp, c.micro, c.gen_pp),
-            "gen_pp": (c.dp, c.micro, c.gen_tp),
-            "micro_dp": (c.dp, c.gen_pp, c.gen_tp),
-            "gen_mp": (c.dp, c.micro),
-        }[axis]
-
-    def _axis_order(self, axis: str, c: Coord) -> tuple:
-        # Order of members inside a group: the rank of a member in the group is its position.
-        return {
-            "tp": (c.tp,), "pp": (c.pp,), "dp": (c.dp,), "mp": (c.pp, c.tp),
-            "gen_tp": (c.gen_tp,), "gen_pp": (c.gen_pp,), "micro_dp": (c.micro,),
-            "gen_mp": (c.gen_pp, c.gen_tp),
-        }[axis]
-
     def groups(self, axis: str) -> list[list[int]]:
-        """All groups of `axis` as lists of pool positions, ordered by their first member."""
+        """All groups of `axis` as lists of pool positions, ordered by their first member.
+
+        A group is the positions whose coordinates agree on every other axis: a tp group shares
+        (pp, dp); pp (dp, tp); dp (pp, tp); mp (dp); gen_tp (dp, micro, gen_pp); gen_pp (dp,
+        micro, gen_tp); micro_dp (dp, gen_pp, gen_tp); gen_mp (dp, micro). Members are in
+        group-rank order (tp by tp, mp by (pp, tp), micro_dp by micro, gen_mp by (gen_pp, gen_tp),
+        ...), which is also ascending position order. Arithmetic, linear in the pool size and
+        cached per layout, so a 100k-rank plan takes a fraction of a second.
+        """
         if axis not in AXES:
             raise ValueError(f"unknown axis {axis!r}; expected one of {AXES}")
-        buckets: dict[tuple, list[tuple[tuple, int]]] = {}
-        for index in range(self.world_size):
-            c = self.coord(index)
-            buckets.setdefault(self._axis_key(axis, c), []).append((self._axis_order(axis, c), index))
-        groups = [[index for _, index in sorted(members)] for members in buckets.values()]
-        return sorted(groups, key=lambda g: g[0])
+        return [list(g) for g in _axis_groups(self, axis)]
+
+    def _factors(self) -> dict[str, tuple[int, int]]:
+        """The pool index as a mixed-radix number: factor -> (size, stride).
+
+        With tp = tg * st and pp = pg * sp, a position is
+        hybridflow: i = (((gen_pp*sp + micro_p)*dp + dp_rank)*tg + gen_tp)*st + micro_t
+        vanilla:    i = (((micro_p*pg + gen_pp)*dp + dp_rank)*st + micro_t)*tg + gen_tp
+        (the same decomposition `coord` does with divmod).
+        """
+        st, sp = self.tp // self.tg, self.pp // self.pg
+        if self.grouping == "hybridflow":
+            order = (("micro_t", st), ("gen_tp", self.tg), ("dp", self.dp), ("micro_p", sp),
+                     ("gen_pp", self.pg))
+        else:
+            order = (("gen_tp", self.tg), ("micro_t", st), ("dp", self.dp), ("gen_pp", self.pg),
+                     ("micro_p", sp))
+        factors, stride = {}, 1
+        for name, size in order:
+            factors[name] = (size, stride)
+            stride *= size
+        return factors
 
     def all_groups(self) -> dict[str, list[list[int]]]:
         return {axis: self.groups(axis) for axis in AXES}
@@ -208,6 +212,42 @@ class ParallelDims:
     def describe(self) -> str:
         return (f"train pp={self.pp} tp={self.tp} dp={self.dp} | generate pg={self.pg} "
                 f"tg={self.tg} dg={self.dg} ({self.grouping})")
+
+
+# The factors (see ParallelDims._factors) that vary inside one group of each axis; the others
+# are fixed by the group (the shared coordinates listed in ParallelDims.groups).
+_AXIS_MEMBER_FACTORS = {
+    "tp": ("gen_tp", "micro_t"),
+    "pp": ("gen_pp", "micro_p"),
+    "dp": ("dp",),
+    "mp": ("gen_pp", "micro_p", "gen_tp", "micro_t"),
+    "gen_tp": ("gen_tp",),
+    "gen_pp": ("gen_pp",),
+    "micro_dp": ("micro_p", "micro_t"),
+    "gen_mp": ("gen_pp", "gen_tp"),
+}
+
+
+def _offsets(factors: list[tuple[int, int]]) -> list[int]:
+    """Every sum of value * stride over the factors, ascending."""
+    sums = [0]
+    for size, stride in factors:
+        sums = [s + v * stride for v in range(size) for s in sums]
+    return sorted(sums)
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_groups(dims: ParallelDims, axis: str) -> tuple[tuple[int, ...], ...]:
+    # A group is base + offsets: the offsets span the member factors, the bases the others. Every
+    # factor's stride exceeds the largest value of the factors inside it, so ascending offsets are
+    # the members' group-rank order and ascending bases order the groups by first member.
+    factors = dims._factors()
+    members = _AXIS_MEMBER_FACTORS[axis]
+    offsets = _offsets([factors[f] for f in members])
+    bases = _offsets([v for f, v in factors.items() if f not in members])
+    if len(offsets) == 1:
+        return tuple((b,) for b in bases)
+    return tuple(tuple([b + o for o in offsets]) for b in bases)
 
 
 def _divisors(n: int) -> list[int]:
