@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 import hfrl
 from hfrl.controller import (DP_COMPUTE, ONE_TO_ALL, Batch, ResourcePool, Worker, WorkerGroup,
-                             coordinator, register)
+                             get_runtime, register)
 
 MB = 2**20
 ROW_FLOATS = 1024   # one 4 KiB row of float32
@@ -166,7 +166,7 @@ class ByteCounters:
 
     def snapshot(self) -> tuple[dict, list[dict]]:
         workers = self.group_all.stats()[1:]   # position 0 is rank 0's own transport
-        return coordinator._RUNTIME.transport.stats.snapshot(), workers
+        return get_runtime().transport.stats.snapshot(), workers
 
     @staticmethod
     def per_call(before, after, calls: int) -> dict[str, int]:
@@ -276,7 +276,7 @@ def main(quick: bool, profile: bool) -> None:
                          f"consumer pool), got a world of {world}; run it with torchrun "
                          "--nproc-per-node 4 or mpiexec -n 4")
     cfg = QUICK if quick else FULL
-    runtime = coordinator._RUNTIME
+    runtime = get_runtime()
     emit("env", torch=torch.__version__, python=platform.python_version(),
          backend=runtime.ctx.backend, launcher=runtime.ctx.env.launcher,
          cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), quick=quick)

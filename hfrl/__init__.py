@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 def run(main, *args, **kwargs):
     """Run `main` on rank 0 as the single controller; every other rank serves (see
-    hfrl.controller.coordinator.run)."""
-    from hfrl.controller.coordinator import run as _run
+    hfrl.controller.entry.run)."""
+    from hfrl.controller.entry import run as _run
 
     return _run(main, *args, **kwargs)

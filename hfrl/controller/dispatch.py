@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from hfrl.controller.protocol import Batch
+from hfrl.controller.batch import Batch
 from hfrl.distributed.parallel_dims import ParallelDims
 
 
@@ -98,8 +98,6 @@ ALL_TO_ALL = register_protocol(Protocol(
     output_positions=lambda d: list(range(d.world_size)), join="list", per_rank_args=True))
 
 
-
-
 def balanced(base: Protocol, key: str = "attention_mask") -> Protocol:
     """`base` with pieces balanced by the token count of mask column `key` (see balance_key)."""
     return register_protocol(dataclasses.replace(base, name=f"{base.name}[balance={key}]",
@@ -116,16 +114,27 @@ DP_COMPUTE_BALANCED = balanced(DP_COMPUTE)
 def balanced_order(batch: Batch, num_chunks: int, key: str) -> list[int]:
     """Padded row indices regrouped so consecutive runs of len/num_chunks rows (the pieces)
     have near-equal token totals of mask column `key`."""
-    from hfrl.engine.microbatch import balance_across_dp
-
     if key not in batch.tensors:
         raise ValueError(f"the protocol balances by column {key!r}, which the Batch lacks "
                          f"(columns: {batch.keys()}); add it or use the unbalanced protocol")
-    padded, _ = batch.pad_to_multiple(num_chunks)
-    mask = padded.tensors[key]
-    lengths = (mask.reshape(len(padded), -1) != 0).sum(-1).tolist()
-    return [i for group in balance_across_dp(lengths, num_chunks, equal_size=True)
-            for i in group]
+    return balanced_order_from_lengths(row_lengths(batch.tensors[key]), num_chunks)
+
+
+def row_lengths(mask: torch.Tensor) -> list[int]:
+    """Non-zero entries per row of a (B, ...) mask: the tokens each row holds."""
+    return (mask.reshape(len(mask), -1) != 0).sum(-1).tolist()
+
+
+def balanced_order_from_lengths(lengths: list[int], num_chunks: int) -> list[int]:
+    """As `balanced_order`, from the token count of each (unpadded) row."""
+    from hfrl.engine.microbatch import balance_across_dp
+
+    if not lengths:
+        raise ValueError("cannot dispatch an empty Batch: there is no row to give each of "
+                         f"{num_chunks} workers; skip the call or pass at least one row")
+    ranges, _ = chunk_row_ranges(len(lengths), num_chunks)
+    padded = [lengths[r] for r in source_rows(range(ranges[-1][1]), len(lengths))]
+    return [i for group in balance_across_dp(padded, num_chunks, equal_size=True) for i in group]
 
 
 def ordered_chunks(batch: Batch, num_chunks: int, order: list[int]) -> tuple[list[Batch], int]:

@@ -8,7 +8,9 @@ sends on one (peer, channel) pair, which gloo delivers in order:
     [then uint8[body] = header, pad, small payload, when it does not fit]
     [then uint8[large payload], over gloo or NCCL]
 
-so a typical command or reply is a single gloo operation.
+so a typical command or reply is a single gloo operation. A message is encoded once
+(`encode_message`) and may then be posted to several ranks, or forwarded as received
+(`recv(..., raw=True)` then `post`), without being encoded again.
 
 Sends are asynchronous (`isend`), so a worker that has sent its result moves on to its next
 command, and rank 0 can queue commands for busy workers without blocking; a reaper thread keeps
@@ -34,10 +36,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hfrl.controller.protocol import Batch, buffer_nbytes, header_from_bytes, header_to_bytes
+from hfrl.controller.batch import Batch, buffer_nbytes, header_from_bytes, header_to_bytes
 
-CMD, REPLY, DATA = 101, 102, 103
-CHANNELS = {CMD: "cmd", REPLY: "reply", DATA: "data"}
+CMD, REPLY, DATA, RELAY = 101, 102, 103, 104
+CHANNELS = {CMD: "cmd", REPLY: "reply", DATA: "data", RELAY: "relay"}
 _ALIGN = 16
 
 
@@ -178,30 +180,50 @@ class _Reaper:
             return self._cond.wait_for(lambda: not self._queue, timeout=timeout)
 
 
+@dataclass
+class Message:
+    """An encoded message, ready to post to any number of ranks (or received, to forward)."""
+
+    first: torch.Tensor
+    """uint8[_FIRST]: the four sizes, then the body when it fits."""
+    body: torch.Tensor | None
+    """uint8[body bytes] when the body does not fit in `first`."""
+    payload: torch.Tensor | None
+    """uint8[payload bytes] sent as a message of its own (gloo, or NCCL for GPU tensors)."""
+    where: int
+    header_bytes: int
+    payload_bytes: int
+
+
 class Transport:
     """This rank's endpoint: async sends, blocking receives, counters.
 
     Sends and receives are issued from the main thread only; a reaper thread releases sent
     buffers. `group` (gloo) carries every header and CPU payload: a small payload inline after
     the header (at an aligned offset, so the receiver's tensors are views, not copies), a large
-    one as its own message straight from the Batch's buffer. With a `data_group` (NCCL, on
-    CUDA), a message whose tensors all sit on one GPU sends its payload GPU to GPU over it; the
-    header still goes first over gloo and says so. NCCL has no tags, but each ordered pair of
-    ranks uses one channel only (rank 0 -> worker: commands, worker -> rank 0: replies, worker
-    -> worker: data), so payloads on a pair arrive in the order of their headers.
+    one as its own message straight from the Batch's buffer. With `data_groups` (two NCCL
+    groups, on CUDA), a message whose tensors all sit on one GPU sends its payload GPU to GPU;
+    the header still goes first over gloo and says so. NCCL has no tags, and the operations of
+    one communicator between a pair of ranks run in order on one stream: if two ranks each sent
+    the other a large payload and then received, each send would wait for a receive queued
+    behind the other's send (a deadlock). So payloads from a lower to a higher rank use the
+    first group and the other direction the second: each direction of a pair is its own stream,
+    and payloads in one direction arrive in the order of their headers.
     """
 
     INLINE_MAX = 64 * 1024
 
-    def __init__(self, group=None, data_group=None, device: torch.device | None = None):
+    def __init__(self, group=None, data_groups=None, device: torch.device | None = None):
         self.group = group
-        self.data_group = data_group
+        self.data_groups = data_groups
         self.device = device
         self.stats = TransportStats()
         self._reaper = _Reaper()
+        self._rank = dist.get_rank() if dist.is_initialized() else 0
 
-    def send(self, obj: Any, dst: int, channel: int) -> None:
-        header, payload = encode(obj, keep_device=self.data_group is not None)
+    def encode_message(self, obj: Any) -> Message:
+        """Encode once; raises (TypeError/ValueError/pickle errors) before anything is sent."""
+        header, payload = encode(obj, keep_device=self.data_groups is not None)
         nbytes = 0 if payload is None else payload.numel()
         where = _placement(payload, self.INLINE_MAX)
         start = _aligned(len(header))
@@ -216,46 +238,63 @@ class Transport:
         body[:len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
         if where == _INLINE and nbytes:
             body[start:] = payload
-        self._isend(first, dst, channel, self.group)
-        if not fits:
-            self._isend(body, dst, channel, self.group)
-        if where == _SEPARATE:
-            self._isend(payload, dst, channel, self.group)
-        elif where == _DEVICE:
-            self._isend(payload, dst, channel, self.data_group)
+        return Message(first, None if fits else body, None if where == _INLINE else payload,
+                       where, len(header), nbytes)
+
+    def send(self, obj: Any, dst: int, channel: int) -> None:
+        self.post(self.encode_message(obj), dst, channel)
+
+    def post(self, msg: Message, dst: int, channel: int) -> None:
+        """Send an encoded (or received, to forward) message; the buffers are not copied."""
+        self._isend(msg.first, dst, channel, self.group)
+        if msg.body is not None:
+            self._isend(msg.body, dst, channel, self.group)
+        if msg.where == _SEPARATE:
+            self._isend(msg.payload, dst, channel, self.group)
+        elif msg.where == _DEVICE:
+            self._isend(msg.payload, dst, channel, self._data_group(self._rank, dst))
         name = CHANNELS[channel]
-        self.stats.header_sent[name] += _PREFIX + len(header)
-        self.stats.payload_sent[name] += nbytes
+        self.stats.header_sent[name] += _PREFIX + msg.header_bytes
+        self.stats.payload_sent[name] += msg.payload_bytes
         self.stats.messages_sent[name] += 1
+
+    def _data_group(self, src: int, dst: int):
+        if self.data_groups is None:
+            raise RuntimeError(f"rank {src} sent a GPU payload but this rank has no NCCL data "
+                               "group: every rank must use the same backend")
+        return self.data_groups[0 if src < dst else 1]
 
     def _isend(self, tensor: torch.Tensor, dst: int, channel: int, group) -> None:
         self._reaper.add(dist.isend(tensor, dst=dst, group=group, tag=channel), tensor)
 
-    def recv(self, src: int, channel: int) -> Any:
+    def recv(self, src: int, channel: int, raw: bool = False) -> Any:
+        """The next message from `src` on `channel`; with `raw`, (object, Message to forward)."""
         first = torch.empty(_FIRST, dtype=torch.uint8)
         dist.recv(first, src=src, group=self.group, tag=channel)
         n_header, nbytes, where, body_len = first[:_PREFIX].view(torch.int64).tolist()
+        body = None
         if _PREFIX + body_len <= _FIRST:
-            body = first[_PREFIX:_PREFIX + body_len]
+            header_and_inline = first[_PREFIX:_PREFIX + body_len]
         else:
-            body = torch.empty(body_len, dtype=torch.uint8)
+            body = header_and_inline = torch.empty(body_len, dtype=torch.uint8)
             dist.recv(body, src=src, group=self.group, tag=channel)
+        payload = None
         if where == _INLINE:
-            payload = body[_aligned(n_header):]
+            inline = header_and_inline[_aligned(n_header):]
         elif where == _SEPARATE:
-            payload = torch.empty(nbytes, dtype=torch.uint8)
+            payload = inline = torch.empty(nbytes, dtype=torch.uint8)
             dist.recv(payload, src=src, group=self.group, tag=channel)
         else:
-            if self.data_group is None:
-                raise RuntimeError(f"rank {src} sent a GPU payload but this rank has no NCCL "
-                                   "data group: every rank must use the same backend")
-            payload = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            dist.recv(payload, src=src, group=self.data_group, tag=channel)
+            payload = inline = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            dist.recv(payload, src=src, group=self._data_group(src, self._rank), tag=channel)
         name = CHANNELS[channel]
         self.stats.header_recv[name] += _PREFIX + n_header
         self.stats.payload_recv[name] += nbytes
         self.stats.messages_recv[name] += 1
-        return decode(body[:n_header].numpy().tobytes(), payload)
+        obj = decode(header_and_inline[:n_header].numpy().tobytes(), inline)
+        if raw:
+            return obj, Message(first, body, payload, where, n_header, nbytes)
+        return obj
 
     @property
     def num_pending_sends(self) -> int:

@@ -19,34 +19,13 @@ registered protocol says (see dispatch.py). `self.ctx` tells a worker where it i
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from hfrl.controller.dispatch import Protocol, get_protocol
-from hfrl.distributed.parallel_dims import ParallelDims, RoleGroups
+from hfrl.controller.entry import get_runtime
+from hfrl.controller.runtime import WorkerContext
+from hfrl.distributed.parallel_dims import ParallelDims
 from hfrl.distributed.resource_pool import ResourcePool
-
-
-@dataclass
-class WorkerContext:
-    """Where a worker object lives: set as `self.ctx` before its `__init__` runs."""
-
-    name: str
-    rank: int
-    """Global rank."""
-    position: int
-    """Index of this rank in the pool."""
-    pool: ResourcePool
-    dims: ParallelDims
-    groups: RoleGroups
-    """This rank's process groups of the layout (tp, pp, dp, mp, gen_tp, ...)."""
-    device: Any
-    runtime: Any
-    """The process's `Runtime` (transport counters, the control group)."""
-
-    @property
-    def coord(self):
-        return self.groups.coord
 
 
 class Worker:
@@ -77,52 +56,6 @@ def protocol_of(worker_cls: type, method: str) -> Protocol:
     return proto
 
 
-class RemoteError(RuntimeError):
-    """A worker method raised on another rank. Carries rank, role, method and traceback."""
-
-    def __init__(self, rank: int, role: str, method: str, exc_type: str, message: str,
-                 remote_traceback: str):
-        self.rank, self.role, self.method = rank, role, method
-        self.exc_type, self.remote_message = exc_type, message
-        self.remote_traceback = remote_traceback
-        super().__init__(f"{role}.{method} failed on rank {rank}: {exc_type}: {message}\n"
-                         f"--- remote traceback (rank {rank}) ---\n{remote_traceback}")
-
-    def __reduce__(self):
-        return (RemoteError, (self.rank, self.role, self.method, self.exc_type,
-                              self.remote_message, self.remote_traceback))
-
-
-class WorkerLostError(RuntimeError):
-    """A rank stopped answering: its process died or its connection broke."""
-
-
-class Future:
-    """The pending result of a non-blocking call. `result()` collects it on rank 0; passing the
-    Future to another call lets that call's ranks fetch their rows straight from this call's
-    ranks instead."""
-
-    def __init__(self, runtime, call):
-        self._runtime = runtime
-        self._call = call
-
-    @property
-    def call_id(self) -> int:
-        return self._call.cid
-
-    def result(self) -> Any:
-        return self._runtime.resolve(self._call)
-
-    def wait(self) -> None:
-        """Block until every rank of the call has finished (raises its RemoteError if any)."""
-        self._runtime.wait_status(self._call)
-
-    def __del__(self):
-        runtime = getattr(self, "_runtime", None)
-        if runtime is not None:
-            runtime.forget(self._call)
-
-
 class WorkerGroup:
     """Rank 0's handle on one role's workers: attribute access gives remote methods.
 
@@ -133,8 +66,6 @@ class WorkerGroup:
 
     def __init__(self, worker_cls: type, pool: ResourcePool, layout: ParallelDims | None = None,
                  *args, name: str | None = None, **kwargs):
-        from hfrl.controller.coordinator import get_runtime
-
         layout = layout if layout is not None else ParallelDims(dp=len(pool))
         if layout.world_size != len(pool):
             raise ValueError(f"layout {layout.describe()} needs {layout.world_size} ranks but pool "

@@ -223,10 +223,10 @@ def test_disjoint_pools_run_at_the_same_time():
 def chained_main(k, consumer_ranks):
     producer = WorkerGroup(Recorder, ResourcePool("producer", (1, 2)))
     consumer = WorkerGroup(Recorder, ResourcePool("consumer", consumer_ranks))
-    before = hfrl.controller.coordinator._RUNTIME.transport.stats.snapshot()
+    before = hfrl.controller.get_runtime().transport.stats.snapshot()
     produced = producer.grow(ids(7), k=k, blocking=False)       # 7 rows -> padded to 8
     out = consumer.dp_sum(produced)
-    after = hfrl.controller.coordinator._RUNTIME.transport.stats.snapshot()
+    after = hfrl.controller.get_runtime().transport.stats.snapshot()
     reference = producer.grow(ids(7), k=k)
     return {"ids": out["id"].tolist(), "total": out["total"].tolist(),
             "ref": reference["id"].tolist(), "before": before, "after": after,

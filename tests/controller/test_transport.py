@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from hfrl.controller.protocol import Batch, batches_equal
+from hfrl.controller.batch import Batch, batches_equal
 from hfrl.controller.transport import CMD, REPLY, Transport, decode, encode
 from tests.multiproc import run_ranks
 

@@ -1,4 +1,4 @@
-"""Tests for hfrl.controller.protocol.Batch: row/column operations, padding, serialisation."""
+"""Tests for hfrl.controller.batch.Batch: row/column operations, padding, serialisation."""
 import json
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hfrl.controller.protocol import (
+from hfrl.controller.batch import (
     Batch, batches_equal, buffer_nbytes, header_from_bytes, header_to_bytes,
 )
 

@@ -1,0 +1,102 @@
+"""`hfrl.run(main)`: the entry point every rank calls, under torchrun / srun / mpirun / python.
+
+Rank 0 becomes the single controller (`Driver`) and calls `main()`; every other rank becomes a
+`Server` and runs rank 0's commands until it shuts them down. Rank 0 issues one total order of
+commands and every rank runs its commands in that order, so the collectives inside worker
+methods always match: there is no deadlock by design.
+
+Failure: an exception in a worker method becomes a `RemoteError` on rank 0, raised where the
+program waits for that call; the program may catch it. If `main` raises, every rank is told to
+abort and every process exits non-zero. A dead peer, or rank 0 failing while others wait for
+it in a collective, ends the job within seconds under every launcher (watchdog.py); the
+collective timeout is only the last resort.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+from hfrl.controller import runtime as _runtime
+from hfrl.controller.driver import Driver
+from hfrl.controller.serve import Server
+from hfrl.controller.watchdog import Watchdog
+from hfrl.distributed.env import init_distributed
+
+WATCHDOG_GRACE_S = 3.0
+"""How long a rank waits, after losing a peer or after rank 0 failed inside a call it is still
+running, before it ends itself (the main thread gets this long to fail the ordinary way)."""
+
+
+def get_runtime() -> Driver:
+    """Rank 0's driver of the running `hfrl.run`."""
+    current = _runtime.current()
+    if current is None:
+        raise RuntimeError("no hfrl runtime: create worker groups inside a function run by "
+                           "hfrl.run(main)")
+    if current.rank != 0:
+        raise RuntimeError(f"worker groups are driven from rank 0; rank {current.rank} only "
+                           "serves (create them inside main, which hfrl.run runs on rank 0)")
+    return current
+
+
+def run(main: Callable[..., Any], *args, config: Any = None, backend: str | None = None,
+        timeout_s: float | None = None, **kwargs) -> Any:
+    """Run `main(*args, **kwargs)` on rank 0 as the single controller; serve on other ranks.
+
+    `config`: an `hfrl.config.Config` (or a YAML path), validated on every rank before the
+    first collective; its `distributed.backend` and `distributed.timeout_s` set up the process
+    groups, and workers see it as `self.ctx.config`. `backend`/`timeout_s` override it.
+
+    Returns main's result on rank 0 and None on the others. If main raises, every rank exits
+    non-zero: rank 0 re-raises, the others raise SystemExit(1).
+    """
+    config = _resolve_config(config)
+    if config is not None:
+        backend = backend or config.distributed.backend
+        timeout_s = timeout_s if timeout_s is not None else config.distributed.timeout_s
+    owns_group = not dist.is_initialized()
+    ctx = init_distributed(backend or "auto", 600.0 if timeout_s is None else timeout_s)
+    watchdog = Watchdog(ctx.rank, ctx.world_size, WATCHDOG_GRACE_S)
+    role = Driver if ctx.rank == 0 else Server
+    runtime = role(ctx, config, watchdog)
+    watchdog.start()
+    _runtime.set_current(runtime)
+    clean = False
+    try:
+        if ctx.rank != 0:
+            code = runtime.serve()
+            if code:
+                raise SystemExit(code)
+            clean = True
+            return None
+        try:
+            result = main(*args, **kwargs)
+            runtime.shutdown()
+        except BaseException:
+            # Printed before the others are told: a launcher's agent (torchrun) may stop this
+            # process as soon as the first of them exits.
+            print(f"hfrl: the program failed on rank 0; ending all {ctx.world_size} ranks:\n"
+                  f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+            runtime.abort()
+            raise
+        clean = True
+        return result
+    finally:
+        _runtime.set_current(None)
+        # After a failure the watchdog's threads may still wait on peers: leave the groups to
+        # the process's exit rather than tear them down under those threads.
+        if owns_group and clean and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _resolve_config(config: Any) -> Any:
+    if config is None:
+        return None
+    from hfrl import config as config_module
+
+    if isinstance(config, config_module.Config):
+        return config
+    return config_module.load_config(config)

@@ -1,0 +1,179 @@
+"""Every rank but 0: run rank 0's commands, in the order it issued them, until shutdown.
+
+Commands (CMD channel, from rank 0):
+
+    create    build a role's process groups (every rank) and its worker (the pool's ranks)
+    call      receive the relayed piece (forwarding it down its tree) and the chained pieces,
+              run the method, reply with a status (and the output, for eager calls)
+    send      send rows of a stored output to consumer ranks (chained futures)
+    fetch     reply with a stored output
+    shutdown / abort
+
+Every failure is turned into an error reply naming the method: an exception in the method, an
+argument that cannot be assembled, an output that cannot be encoded. The rank stays up for the
+next command. A failed call still reads every piece sent to it, so the next call finds its
+channels clean.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import defaultdict
+from typing import Any, Callable
+
+from hfrl.controller.batch import Batch
+from hfrl.controller.dispatch import row_lengths
+from hfrl.controller.runtime import Remote, Runtime
+from hfrl.controller.transport import CMD, DATA, RELAY, REPLY
+from hfrl.controller.watchdog import Watchdog
+
+logger = logging.getLogger(__name__)
+
+
+class Server(Runtime):
+    """A worker rank's command loop."""
+
+    def __init__(self, ctx, config=None, watchdog: Watchdog | None = None):
+        super().__init__(ctx, config)
+        self.watchdog = watchdog
+        self.inbox: dict[tuple[int, str], list] = defaultdict(list)
+        """Pieces this rank sent itself (producer and consumer on one rank), per (call, key)."""
+
+    def serve(self) -> int:
+        """Run rank 0's commands until shutdown (returns 0) or abort (returns 1)."""
+        while True:
+            try:
+                cmd = self.transport.recv(0, CMD)
+            except RuntimeError as err:
+                logger.error("rank %d: lost contact with rank 0 (the controller): %s", self.rank,
+                             err)
+                return self._ending(1)
+            for cid in cmd.get("release", ()):
+                self.store.pop(cid, None)
+            op = cmd["op"]
+            if op == "shutdown":
+                self.transport.flush()
+                if self.watchdog is not None:
+                    self.watchdog.close()
+                return 0
+            if op == "abort":
+                logger.error("rank %d: aborting because rank 0 failed", self.rank)
+                return self._ending(1)
+            if op == "send":
+                self._serve_send(cmd)
+            elif op == "fetch":
+                self._reply(cmd["cid"], "data", "fetch",
+                            lambda: {"value": self.store[cmd["cid"]]})
+            elif op == "create":
+                self._reply(-(cmd["gid"] + 1), "status", f"{cmd['name']}.__init__",
+                            lambda: self.create_local(cmd) or {}, send=self.rank in cmd["pool"])
+            elif op == "call":
+                what = f"{self.groups[cmd['gid']].name}.{cmd['method']}"
+                self._reply(cmd["cid"], "status", what, lambda: self._serve_call(cmd, what))
+
+    def _ending(self, code: int) -> int:
+        if self.watchdog is not None:
+            self.watchdog.ending.set()
+        return code
+
+    # ---- a call --------------------------------------------------------------------------------
+    def _serve_call(self, cmd: dict, what: str) -> dict:
+        if self.watchdog is not None:
+            self.watchdog.current_call = (cmd["cid"], what)
+        try:
+            args, kwargs = self._receive_arguments(cmd)
+            value = getattr(self.groups[cmd["gid"]].worker, cmd["method"])(*args, **kwargs)
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.current_call = None
+        reply: dict[str, Any] = {"rows": len(value) if isinstance(value, Batch) else None}
+        if cmd["want_output"]:
+            if cmd["eager"]:
+                reply["value"] = value
+            else:
+                self.store[cmd["cid"]] = value
+                if isinstance(value, Batch):   # lets a balanced consumer regroup by tokens
+                    reply["lengths"] = {k: row_lengths(t) for k, t in value.tensors.items()
+                                        if k.endswith("mask") and t.dim() >= 2}
+        return reply
+
+    def _receive_arguments(self, cmd: dict) -> tuple[tuple, dict]:
+        """Relayed and chained arguments; every piece sent for this call is read, even after
+        one turned out to be an error, so none is left for the next call to read."""
+        relayed: dict[str, Any] = {}
+        if cmd.get("relay"):
+            relay = cmd["relay"]
+            relayed, msg = self.transport.recv(relay["parent"], RELAY, raw=True)
+            for child in relay["children"]:
+                self.transport.post(msg, child, RELAY)
+        chained, errors = {}, []
+        for key, pieces in cmd["assemble"].items():
+            chained[key] = []
+            for src, lo, hi in pieces:
+                if src == self.rank:
+                    piece = self.inbox[(cmd["cid"], key)].pop(0)
+                else:
+                    piece = self.transport.recv(src, DATA)
+                if isinstance(piece, dict):   # the producer could not send its rows
+                    errors.append(f"rank {src} could not send rows {lo}:{hi} of argument "
+                                  f"{key!r}: {piece['error']}")
+                chained[key].append(piece)
+            self.inbox.pop((cmd["cid"], key), None)
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+        def value(key: str, v: Any) -> Any:
+            if not isinstance(v, Remote):
+                return v
+            if v.kind == "relayed":
+                return relayed[key]
+            pieces = chained[key]
+            return Batch.concat(pieces, check_meta=False) if len(pieces) > 1 else pieces[0]
+
+        args = tuple(value(f"#{i}", a) for i, a in enumerate(cmd["args"]))
+        return args, {k: value(k, v) for k, v in cmd["kwargs"].items()}
+
+    def _serve_send(self, cmd: dict) -> None:
+        """Send rows of a stored output to consumers; an error piece if they cannot be sent."""
+        output = self.store.get(cmd["fid"])
+        for dst, lo, hi in cmd["pieces"]:
+            if isinstance(output, Batch):
+                piece = output[lo:hi]
+            else:
+                piece = {"error": f"no stored Batch output of call {cmd['fid']} on rank "
+                                  f"{self.rank} (the producing call failed or was released)"}
+            if dst == self.rank:
+                self.inbox[(cmd["dst_cid"], cmd["key"])].append(piece)
+                continue
+            try:
+                msg = self.transport.encode_message(piece)
+            except Exception as err:  # noqa: BLE001 - the consumer must get its piece or why
+                msg = self.transport.encode_message(
+                    {"error": f"rows {lo}:{hi} cannot be encoded: {type(err).__name__}: {err}"})
+            self.transport.post(msg, dst, DATA)
+
+    # ---- replies -------------------------------------------------------------------------------
+    def _reply(self, cid: int, kind: str, what: str, fn: Callable[[], dict],
+               send: bool = True) -> None:
+        try:
+            reply = {"ok": True, **fn()}
+        except Exception as err:  # noqa: BLE001 - every failure goes back to rank 0
+            reply = {"ok": False, "error": (type(err).__name__, str(err), traceback.format_exc())}
+        if not send:
+            if not reply["ok"]:
+                # Nobody waits for this rank's reply, and a rank that missed a collective step
+                # must not go on: fail loudly (peers see the connection close).
+                raise RuntimeError(f"rank {self.rank}: {reply['error'][2]}")
+            return
+        message = {"cid": cid, "kind": kind, "rank": self.rank, **reply}
+        try:
+            msg = self.transport.encode_message(message)
+        except Exception as err:  # noqa: BLE001 - an output that cannot be sent is an error too
+            reason = (f"the result of {what} cannot be sent to rank 0: "
+                      f"{type(err).__name__}: {err}")
+            msg = self.transport.encode_message(
+                {"cid": cid, "kind": kind, "rank": self.rank, "ok": False,
+                 "error": ("UnsendableResult", reason, traceback.format_exc())})
+            if kind == "status":
+                self.store.pop(cid, None)
+        self.transport.post(msg, 0, REPLY)

@@ -1,0 +1,192 @@
+"""Liveness: no rank outlives a lost peer or a failed rank 0 by more than a few seconds.
+
+The main thread of a rank can be blocked anywhere: in a collective inside a worker method, in a
+receive from a busy peer. A collective waits for the job's timeout (600 s by default) before it
+fails, and a process killed under srun or mpirun (no torchrun agent) is noticed by nobody else.
+So every rank runs two small threads over a gloo group of their own:
+
+    ring:  rank r waits on a receive from rank (r + 1) % world. A peer that exits cleanly sends
+           BYE first; any other end of that connection (SIGKILL, OOM kill, a crash) fails the
+           receive at once: rank r reports "rank r+1 is lost" to rank 0 (NOTE channel).
+    ctl:   every rank but 0 waits on a receive from rank 0: ABORT (rank 0 failed: exit now),
+           INTERRUPT (rank 0's own share of call c failed: if this rank is still inside call c
+           after the grace period, it is waiting for rank 0 in a collective: exit), or BYE. A
+           failed receive means rank 0 is gone.
+    note:  (rank 0) receives LOST reports and, at shutdown, DONE from every rank.
+
+A lost rank ends the job: rank 0 gives its main thread `grace_s` to notice and fail the normal
+way (a WorkerLostError with the lost rank named, every rank told to abort); if it has not, rank
+0 prints where its threads are, tells every rank to abort, and exits non-zero. Gloo reports a
+closed connection within milliseconds, so a killed rank ends the whole job in about `grace_s`.
+"""
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import logging
+import os
+import sys
+import threading
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+RING, CTL, NOTE = 201, 202, 203
+BYE, LOST, ABORT, DONE, INTERRUPT = range(5)
+
+
+def _exit_now(code: int, message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+class Watchdog:
+    """This rank's liveness threads (see the module docstring). Create on every rank, in the
+    same order (the group is collective), then `start()`; `close()` on a clean shutdown."""
+
+    def __init__(self, rank: int, world_size: int, grace_s: float = 3.0):
+        self.rank, self.world_size, self.grace_s = rank, world_size, grace_s
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+        self.ending = threading.Event()
+        """Set by the main thread once it handles a failure itself (or shuts down cleanly)."""
+        self.current_call: tuple[int, str] | None = None
+        """(call id, 'role.method') the main thread is executing (workers)."""
+        self._threads: dict[str, threading.Thread] = {}
+        self._lost: set[int] = set()
+        self._lock = threading.Lock()
+
+    # ---- starting and stopping ------------------------------------------------------------
+    def start(self) -> None:
+        if self.world_size < 2:
+            return
+        self._spawn("ring", self._ring_loop)
+        self._spawn("note" if self.rank == 0 else "ctl",
+                    self._note_loop if self.rank == 0 else self._ctl_loop)
+
+    def _spawn(self, name: str, target: Callable) -> None:
+        thread = threading.Thread(target=target, name=f"hfrl-watch-{name}", daemon=True)
+        self._threads[name] = thread
+        thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Clean shutdown handshake: every watched connection is told BYE before it closes."""
+        if self.world_size < 2:
+            return
+        self.ending.set()
+        pred = (self.rank - 1) % self.world_size
+        self._send(BYE, 0, pred, RING)
+        if self.rank == 0:
+            self._threads["note"].join(timeout)          # DONE from every rank
+            for rank in range(1, self.world_size):
+                self._send(BYE, 0, rank, CTL)
+        else:
+            self._send(DONE, self.rank, 0, NOTE)
+            self._threads["ctl"].join(timeout)
+        self._threads["ring"].join(timeout)
+
+    # ---- rank 0's main thread ------------------------------------------------------------
+    def abort_all(self) -> None:
+        """Tell every rank to exit now (they may be blocked in a collective)."""
+        self.ending.set()
+        for rank in range(1, self.world_size):
+            if rank not in self._lost:
+                self._send(ABORT, 0, rank, CTL)
+
+    def interrupt(self, cid: int, ranks) -> None:
+        """Rank 0's own share of call `cid` failed: ranks still inside it after the grace period
+        are waiting for rank 0 and end themselves."""
+        for rank in ranks:
+            if rank != 0 and rank not in self._lost:
+                self._send(INTERRUPT, cid, rank, CTL)
+
+    # ---- threads -----------------------------------------------------------------------------
+    def _send(self, kind: int, value: int, dst: int, tag: int) -> None:
+        try:
+            dist.send(torch.tensor([kind, value], dtype=torch.int64), dst=dst, group=self.group,
+                      tag=tag)
+        except Exception:  # noqa: BLE001 - a dead peer cannot be told; the others still are
+            pass
+
+    def _recv(self, src: int | None, tag: int) -> tuple[int, int]:
+        buf = torch.empty(2, dtype=torch.int64)
+        dist.recv(buf, src=src, group=self.group, tag=tag)
+        kind, value = buf.tolist()
+        return kind, value
+
+    def _ring_loop(self) -> None:
+        succ = (self.rank + 1) % self.world_size
+        try:
+            kind, _ = self._recv(succ, RING)
+        except Exception:  # noqa: BLE001 - the connection to succ broke: succ is gone
+            self._peer_lost(succ)
+            return
+        assert kind == BYE, kind
+
+    def _ctl_loop(self) -> None:
+        while True:
+            try:
+                kind, value = self._recv(0, CTL)
+            except Exception:  # noqa: BLE001 - rank 0 is gone
+                self._peer_lost(0)
+                return
+            if kind == BYE:
+                return
+            if kind == ABORT:
+                _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed")
+            if kind == INTERRUPT:
+                self._later(self._still_inside, value)
+
+    def _note_loop(self) -> None:
+        done = set()
+        while len(done) < self.world_size - 1:
+            try:
+                kind, value = self._recv(None, NOTE)
+            except Exception:  # noqa: BLE001 - the group itself broke: nothing left to watch
+                return
+            if kind == DONE:
+                done.add(value)
+            elif kind == LOST:
+                self._peer_lost(value)
+
+    # ---- decisions ---------------------------------------------------------------------------
+    def _later(self, fn: Callable, *args) -> None:
+        timer = threading.Timer(self.grace_s, fn, args)
+        timer.daemon = True
+        timer.start()
+
+    def _peer_lost(self, peer: int) -> None:
+        with self._lock:
+            if peer in self._lost:
+                return
+            self._lost.add(peer)
+        if self.ending.is_set():
+            return
+        if self.rank != 0 and peer != 0:
+            self._send(LOST, peer, 0, NOTE)
+            return
+        self._later(self._end_job, peer)
+
+    def _end_job(self, peer: int) -> None:
+        """The grace period after losing `peer` is over and the main thread has not ended."""
+        if self.ending.is_set():
+            return
+        if self.rank != 0:
+            _exit_now(1, f"rank {self.rank}: lost contact with rank 0 (the controller) while "
+                         "busy; ending this rank")
+        print(f"hfrl: rank {peer} was lost (its process died or its connection broke) while "
+              f"rank 0 was busy; ending the job. Rank 0's threads were at:", file=sys.stderr,
+              flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        self.abort_all()
+        _exit_now(1, f"hfrl: aborted: rank {peer} was lost")
+
+    def _still_inside(self, cid: int) -> None:
+        current = self.current_call
+        if current is not None and current[0] == cid and not self.ending.is_set():
+            _exit_now(1, f"rank {self.rank}: rank 0 failed inside {current[1]} (call {cid}) and "
+                         f"this rank was still inside it {self.grace_s:g} s later, probably "
+                         "waiting for rank 0 in a collective; ending this rank")
