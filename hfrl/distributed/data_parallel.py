@@ -13,6 +13,10 @@ global mean, see ``hfrl.engine.microbatch``).
   reduce-scatter the flat fp32 gradients (average), AdamW on the owned slice, all-gather the
   updated slices into the buffer, which updates every parameter in place.
 
+Both reductions can also start during the last micro-batch's backward, bucket by bucket, from
+gradient hooks: ``hfrl.distributed.grad_overlap`` drives them through ``GradBucketer.launch`` /
+``finish`` and ``ZeroOneOptimizer.accumulate_grad`` / ``take_reduced_slice``.
+
 Collectives use SUM and divide by dp: gloo lacks PREMUL_SUM, and AVG is not implemented by every
 backend build. torch 2.13 renames ``reduce_scatter_tensor``/``all_gather_into_tensor`` to
 ``reduce_scatter_single``/``all_gather_single`` (the old names warn); the new names are used when
@@ -118,26 +122,34 @@ class GradBucketer:
     """Averages the ``.grad`` of ``params`` over ``dp_group`` in flat buckets of ~``bucket_mb``.
 
     Buckets are formed once, in reverse parameter order, each holding parameters of one dtype and
-    device; a parameter larger than the bucket size gets a bucket of its own. The flat buffers are
-    allocated on the first call and reused. Reduce fp32 gradients: under mixed precision pass the
-    fp32 master parameters (``MixedPrecisionAdamW.master_params``), not the bf16 model parameters.
-    ``dp_group`` None means dp = 1: nothing to do.
+    device; a parameter larger than the bucket size gets a bucket of its own, and so does each of
+    ``separate`` (placed after all the others, to be launched last: see ``hfrl.distributed.grad_overlap``). The flat
+    buffers are allocated on first use and reused. Reduce fp32 gradients: under mixed precision
+    pass the fp32 master parameters (``MixedPrecisionAdamW.master_params``), not the bf16 model
+    parameters. ``dp_group`` None means dp = 1: nothing to do.
+
+    ``allreduce()`` does a whole step; ``launch(i)`` (bucket i's grads are final) and ``finish()``
+    (launch the rest, wait, copy the averages back) split it for overlap with backward.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], dp_group: Any = None, bucket_mb: float = 25.0):
+    def __init__(self, params: Iterable[torch.Tensor], dp_group: Any = None, bucket_mb: float = 25.0, *,
+                 separate: Iterable[torch.Tensor] = ()):
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb={bucket_mb!r} must be positive (megabytes per all-reduce bucket)")
         self.params = [p for p in unique_params(params) if p.requires_grad]
         self.dp_group = dp_group
         self.dp = group_size_rank(dp_group)[0]
-        self.buckets = self._assign(int(bucket_mb * 2**20))
-        self._buffers: list[torch.Tensor] | None = None
+        self.buckets = self._assign(int(bucket_mb * 2**20), {id(p) for p in separate})
+        self._buffers: list[torch.Tensor | None] = [None] * len(self.buckets)
+        self._works: list[Any] = [None] * len(self.buckets)
 
-    def _assign(self, bucket_bytes: int) -> list[list[torch.Tensor]]:
+    def _assign(self, bucket_bytes: int, separate: set[int]) -> list[list[torch.Tensor]]:
         buckets: list[list[torch.Tensor]] = []
         current: list[torch.Tensor] = []
         current_bytes, key = 0, None
         for p in reversed(self.params):
+            if id(p) in separate:
+                continue
             nbytes = p.numel() * p.element_size()
             if current and ((p.dtype, p.device) != key or current_bytes + nbytes > bucket_bytes):
                 buckets.append(current)
@@ -147,29 +159,46 @@ class GradBucketer:
             key = (p.dtype, p.device)
         if current:
             buckets.append(current)
-        return buckets
+        return buckets + [[p] for p in reversed(self.params) if id(p) in separate]
 
     def allreduce(self) -> None:
         """Replace every ``.grad`` by its DP average (a missing grad counts as zeros and is created)."""
+        for i in range(len(self.buckets)):
+            # Asynchronous, so packing the next bucket overlaps this one's communication.
+            self.launch(i)
+        self.finish()
+
+    @torch.no_grad()
+    def launch(self, i: int) -> None:
+        """Pack bucket ``i``'s ``.grad`` into its flat buffer and start its all-reduce (asynchronous)."""
         if self.dp == 1:
             return
-        if self._buffers is None:
-            self._buffers = [torch.empty(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device)
-                             for b in self.buckets]
-        works = []
-        for bucket, buf in zip(self.buckets, self._buffers):
-            offset = 0
-            for p in bucket:
-                n = p.numel()
-                if p.grad is None:
-                    buf[offset:offset + n].zero_()
-                else:
-                    buf[offset:offset + n].copy_(p.grad.reshape(-1))
-                offset += n
-            # Launched asynchronously so packing the next bucket overlaps this one's communication.
-            works.append(dist.all_reduce(buf, group=self.dp_group, async_op=True))
-        for bucket, buf, work in zip(self.buckets, self._buffers, works):
-            work.wait()
+        assert self._works[i] is None, f"bucket {i} launched twice in one step"
+        bucket = self.buckets[i]
+        if self._buffers[i] is None:
+            self._buffers[i] = torch.empty(sum(p.numel() for p in bucket), dtype=bucket[0].dtype,
+                                           device=bucket[0].device)
+        buf, offset = self._buffers[i], 0
+        for p in bucket:
+            n = p.numel()
+            if p.grad is None:
+                buf[offset:offset + n].zero_()
+            else:
+                buf[offset:offset + n].copy_(p.grad.reshape(-1))
+            offset += n
+        self._works[i] = dist.all_reduce(buf, group=self.dp_group, async_op=True)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Launch the buckets not launched yet, wait for all, and copy the averages into ``.grad``."""
+        if self.dp == 1:
+            return
+        for i, work in enumerate(self._works):
+            if work is None:
+                self.launch(i)
+        for i, (bucket, buf) in enumerate(zip(self.buckets, self._buffers)):
+            self._works[i].wait()
+            self._works[i] = None
             buf.div_(self.dp)
             offset = 0
             for p in bucket:
@@ -180,6 +209,10 @@ class GradBucketer:
                 else:
                     p.grad.copy_(chunk)
                 offset += n
+
+    def reset(self) -> None:
+        """Forget launched collectives without waiting (after a failed step: they may never complete)."""
+        self._works = [None] * len(self.buckets)
 
 
 def allreduce_gradients(params: Iterable[torch.Tensor], dp_group: Any = None, bucket_mb: float = 25.0) -> None:
@@ -234,6 +267,7 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
         padded = self.shard_numel * self.dp
         lo, hi = self.dp_rank * self.shard_numel, (self.dp_rank + 1) * self.shard_numel
         self.param_buffer, self._offsets = self._flatten_params(padded, device)
+        self._index = {id(p): i for i, p in enumerate(self.params)}
         self.grad_buffer = torch.zeros(padded, dtype=torch.float32, device=device)  # local, accumulated
         own = self.param_buffer[lo:hi]
         # fp32 parameters: the master shard *is* the owned slice, updated in place.
@@ -307,16 +341,22 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def accumulate_grads(self) -> None:
         """Add every ``.grad`` into the fp32 flat gradient and drop it (fp32 accumulation for bf16)."""
-        for p, offset in zip(self.params, self._offsets):
-            if p.grad is not None:
-                self.grad_buffer[offset:offset + p.numel()].add_(p.grad.reshape(-1))
-                p.grad = None
+        for i in range(len(self.params)):
+            self.accumulate_grad(i)
+
+    @torch.no_grad()
+    def accumulate_grad(self, i: int) -> None:
+        """``accumulate_grads`` for ``self.params[i]`` alone."""
+        p = self.params[i]
+        if p.grad is not None:
+            offset = self._offsets[i]
+            self.grad_buffer[offset:offset + p.numel()].add_(p.grad.reshape(-1))
+            p.grad = None
 
     @torch.no_grad()
     def grad_of(self, param: torch.Tensor) -> torch.Tensor:
         """``param``'s slice of the fp32 flat gradient (a view), valid after ``accumulate_grads``."""
-        i = next(i for i, p in enumerate(self.params) if p is param)
-        offset = self._offsets[i]
+        offset = self._offsets[self._index[id(param)]]
         return self.grad_buffer[offset:offset + param.numel()].view(param.shape)
 
     @torch.no_grad()
@@ -328,6 +368,14 @@ class ZeroOneOptimizer(torch.optim.Optimizer):
         else:
             reduce_scatter_sum(self.grad_shard, self.grad_buffer, self.dp_group)
             self.grad_shard.div_(self.dp)
+        self._grads_reduced = True
+
+    @torch.no_grad()
+    def take_reduced_slice(self) -> None:
+        """``grad_shard`` <- the owned slice of ``grad_buffer`` / dp, once something else (overlapped
+        reduction, ``hfrl.distributed.grad_overlap``) has summed that slice over DP in place."""
+        lo = self.dp_rank * self.shard_numel
+        self.grad_shard.copy_(self.grad_buffer[lo:lo + self.shard_numel]).div_(self.dp)
         self._grads_reduced = True
 
     @torch.no_grad()
