@@ -44,7 +44,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hfrl.distributed.data_parallel import ZeroOneOptimizer, all_gather_flat, group_size_rank
@@ -53,7 +52,8 @@ from hfrl.engine.train_engine import TrainEngine
 from hfrl.models.config import ModelConfig
 from hfrl.models.parallelize import load_tp_weights
 from hfrl.models.weights import (
-    SAFE_INDEX_NAME, ParamSpec, hfrl_to_hf, model_param_plan, pad_rows, param_plan, shard_slices,
+    SAFE_INDEX_NAME, ParamSpec, check_finite, hfrl_to_hf, model_param_plan, open_safetensors, pad_rows, param_plan,
+    shard_slices,
 )
 
 logger = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ def load_checkpoint(engine: TrainEngine, path: str | os.PathLike) -> dict[str, A
 def _load_optimizer(engine: TrainEngine, folder: str, steps: int) -> None:
     files = {}
     for name in sorted(os.listdir(folder)):
-        with safe_open(os.path.join(folder, name), framework="pt") as f:
+        with open_safetensors(os.path.join(folder, name)) as f:
             files.update(dict.fromkeys(f.keys(), os.path.join(folder, name)))
     specs = {spec.name: spec for spec in model_param_plan(engine.model)}
     names = _param_names(engine)
@@ -435,8 +435,8 @@ def _read_local(stack: contextlib.ExitStack, handles: dict[str, Any], files: dic
             raise ValueError(f"{folder}: no tensor {key} (needed for {spec.name}); the checkpoint is incomplete "
                              "or belongs to another model")
         if files[key] not in handles:
-            handles[files[key]] = stack.enter_context(safe_open(files[key], framework="pt"))
-        pieces.append(handles[files[key]].get_slice(key)[index])
+            handles[files[key]] = stack.enter_context(open_safetensors(files[key]))
+        pieces.append(check_finite(handles[files[key]].get_slice(key)[index], key, files[key]))
     local = torch.cat(pieces, dim=0)
     if spec.shard == "vocab":
         local = pad_rows(local, shape[0])

@@ -175,7 +175,16 @@ class ModelConfig:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"{config_file} not found: expected a HF checkpoint folder with config.json")
         with open(config_file) as f:
-            model_type = json.load(f).get("model_type")
+            text = f.read()
+        try:
+            fields = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"{config_file} is not valid JSON ({err}); expected a transformers config "
+                             "(a JSON object with model_type, hidden_size, ...)") from err
+        if not isinstance(fields, dict):
+            raise ValueError(f"{config_file} holds a JSON {type(fields).__name__}, but a config must be a JSON "
+                             "object (model_type, hidden_size, ...)")
+        model_type = fields.get("model_type")
         # Checked before AutoConfig so an unknown type gets hfrl's message, not transformers'.
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(

@@ -28,7 +28,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import nn
 
 from hfrl.distributed.tensor_parallel import (
@@ -38,7 +37,8 @@ from hfrl.distributed.tensor_parallel import (
 from hfrl.models.config import ModelConfig
 from hfrl.models.llama import Attention, CausalLM, Decoder, ValueModel
 from hfrl.models.weights import (
-    merge_shards, model_param_plan, pad_rows, save_pretrained, shard_slices, shard_tensor, tensor_files,
+    check_checkpoint, check_finite, merge_shards, model_param_plan, open_safetensors, pad_rows, save_pretrained,
+    shard_slices, shard_tensor,
 )
 
 TP_PLAN: dict[str, str] = {
@@ -134,7 +134,7 @@ def load_tp_weights(model: Decoder, path: str | os.PathLike, tp_group: dist.Proc
     No rank reads more than its own shard (plus the replicated tensors).
     """
     tp, rank = tp_world_size(tp_group), tp_rank(tp_group)
-    files = tensor_files(path)
+    files = check_checkpoint(path, model.config, isinstance(model, ValueModel))  # headers: same on every rank
     params = dict(model.named_parameters(remove_duplicate=False))  # tied: both names
     specs = model_param_plan(model)
     if isinstance(model, ValueModel) and model.score is not None and "score.weight" not in files:
@@ -155,13 +155,13 @@ def load_tp_weights(model: Decoder, path: str | os.PathLike, tp_group: dist.Proc
                 if name not in files:
                     raise ValueError(f"checkpoint {path} has no tensor {name} (needed for {spec.name})")
                 if files[name] not in handles:
-                    handles[files[name]] = stack.enter_context(safe_open(files[name], framework="pt"))
+                    handles[files[name]] = stack.enter_context(open_safetensors(files[name]))
                 tensor_slice = handles[files[name]].get_slice(name)
                 expected = spec.hf_shapes[spec.hf_names.index(name)]
                 if tuple(tensor_slice.get_shape()) != expected:
                     raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor_slice.get_shape())} but "
                                      f"the config expects {expected}; does config.json belong to these weights?")
-                pieces.append(tensor_slice[index])
+                pieces.append(check_finite(tensor_slice[index], name, files[name]))  # this rank's slice
             local = torch.cat(pieces, dim=0)
             param = params[spec.name]
             if spec.shard == "vocab":

@@ -32,6 +32,7 @@ Value heads load from ``...ForSequenceClassification`` checkpoints (num_labels=1
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,10 +40,12 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hfrl.models.config import ModelConfig
@@ -225,8 +228,14 @@ def _checkpoint_files(path: str | os.PathLike) -> dict[str, list[str] | None]:
     if not os.path.isfile(index):
         raise FileNotFoundError(f"{path}: no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} "
                                 "(hfrl reads safetensors checkpoints only)")
-    with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a JSON {type(weight_map).__name__}")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{index} is not a safetensors index (a JSON object with a \"weight_map\" object of "
+                         f"tensor name -> file): {type(err).__name__}: {err}") from err
     files: dict[str, list[str] | None] = {}
     for name, file in weight_map.items():
         files.setdefault(os.path.join(path, file), []).append(name)
@@ -236,27 +245,112 @@ def _checkpoint_files(path: str | os.PathLike) -> dict[str, list[str] | None]:
     return files
 
 
-def tensor_files(path: str | os.PathLike) -> dict[str, str]:
-    """{HF tensor name: safetensors file holding it} of a checkpoint folder (reads headers only)."""
+@contextlib.contextmanager
+def open_safetensors(file: str) -> Iterator[Any]:
+    """``safe_open(file)``, with a ValueError naming ``file`` if it is empty, truncated or not safetensors.
+
+    (safetensors checks at open that the header parses and that its tensors cover the file exactly.)
+    """
+    try:
+        handle = safe_open(file, framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({err}): it is empty, truncated or "
+                         "not safetensors at all; copy or save it again") from err
+    with handle as f:
+        yield f
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where a checkpoint tensor lives and what its header says (read without loading any data)."""
+
+    file: str
+    dtype: str
+    """safetensors dtype name: "F32", "BF16", "I64", ..."""
+    shape: tuple[int, ...]
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """{HF tensor name: TensorEntry} of a checkpoint folder, from the headers of all its files.
+
+    Every file is opened (headers only), so an unreadable one is named here, before any load.
+    """
     out = {}
-    for file, file_names in _checkpoint_files(path).items():
-        if file_names is None:
-            with safe_open(file, framework="pt") as f:
-                file_names = list(f.keys())
-        out.update(dict.fromkeys(file_names, file))
+    for file, listed in _checkpoint_files(path).items():
+        with open_safetensors(file) as f:
+            keys = set(f.keys())
+            absent = sorted(set(listed or ()) - keys)
+            if absent:
+                raise ValueError(f"{file} lacks tensors {absent[:5]} that {SAFE_INDEX_NAME} places in it; "
+                                 "the index and the shards do not belong together")
+            for name in sorted(keys if listed is None else listed):
+                tensor_slice = f.get_slice(name)
+                out[name] = TensorEntry(file, tensor_slice.get_dtype(), tuple(tensor_slice.get_shape()))
     return out
 
 
+def tensor_files(path: str | os.PathLike) -> dict[str, str]:
+    """{HF tensor name: safetensors file holding it} of a checkpoint folder (reads headers only)."""
+    return {name: entry.file for name, entry in inspect_checkpoint(path).items()}
+
+
+IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq|lm_head\.weight|score\.(weight|bias)")
+"""Tensors a HF checkpoint may hold beyond the model's: the RoPE buffer older transformers saved, a
+tied lm_head saved anyway (HF ignores it too), and the head of the other kind of model (a causal LM
+loaded from a reward checkpoint ignores ``score``, a value model started from an actor ``lm_head``)."""
+
+
+def check_checkpoint(path: str | os.PathLike, config: ModelConfig, value_head: bool = False) -> dict[str, str]:
+    """Refuse a checkpoint whose tensors do not fit the model ``config`` describes; {name: file} if they do.
+
+    Headers only: every file readable, no model tensor the config does not use (a checkpoint with
+    more layers than ``num_hidden_layers``, say, would otherwise load with the extra layers
+    silently dropped), every model weight floating point. Values are checked as they are loaded
+    (``check_finite``). Missing tensors and wrong shapes are reported by the loaders.
+    """
+    entries = inspect_checkpoint(path)
+    expected = {name for spec in param_plan(config, value_head) for name in spec.hf_names}
+    unexpected = [name for name in entries if name not in expected and not IGNORED_HF_TENSORS.fullmatch(name)]
+    if unexpected:
+        by_file: dict[str, list[str]] = {}
+        for name in unexpected:
+            by_file.setdefault(entries[name].file, []).append(name)
+        listing = "; ".join(f"{file}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                            for file, names in by_file.items())
+        raise ValueError(f"{listing}: {len(unexpected)} tensors that the model {os.path.join(path, 'config.json')} "
+                         f"describes (num_hidden_layers={config.num_layers}, "
+                         f"{'value head' if value_head else 'causal LM'}) does not use; the checkpoint holds more "
+                         "than its config says (more layers?). Fix config.json or remove those tensors")
+    for name in sorted(expected & entries.keys()):
+        entry = entries[name]
+        if not entry.dtype.startswith(("F", "BF")):
+            raise ValueError(f"{entry.file}: tensor {name} has dtype {entry.dtype}; model weights must be floating "
+                             "point (F32, BF16, F16, ...). The file is corrupt or not these model's weights")
+    return {name: entry.file for name, entry in entries.items()}
+
+
+def check_finite(tensor: torch.Tensor, name: str, file: str) -> torch.Tensor:
+    """``tensor`` (read from ``file`` as ``name``), or a ValueError if it holds NaN or inf."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        raise ValueError(f"{file}: tensor {name} holds {int((~finite).sum())} non-finite values (NaN or inf) "
+                         f"out of {tensor.numel()}; the checkpoint is corrupt or comes from a diverged run")
+    return tensor
+
+
 def load_hf_state_dict(path: str | os.PathLike, names: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a HF safetensors checkpoint folder (single file or sharded index); only ``names`` if given."""
+    """Tensors of a HF safetensors checkpoint folder (single file or sharded index); only ``names`` if given.
+
+    Each tensor is checked to be finite as it is read (ValueError naming file and tensor).
+    """
     out = {}
     for file, file_names in _checkpoint_files(path).items():
         if names is not None and file_names is not None and names.isdisjoint(file_names):
             continue  # a shard holding nothing this caller needs (e.g. another pipeline stage's layers)
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 if names is None or name in names:
-                    out[name] = f.get_tensor(name)
+                    out[name] = check_finite(f.get_tensor(name), name, file)
     return out
 
 
@@ -297,6 +391,7 @@ def hfrl_to_hf(sd: dict[str, torch.Tensor], config: ModelConfig, value_head: boo
 def load_hf_weights(model: Decoder, path: str | os.PathLike, init_missing_value_head: bool = False) -> None:
     """Load a HF checkpoint into ``model`` (a full model or one pipeline stage), reading only its tensors."""
     plan = model_param_plan(model)
+    check_checkpoint(path, model.config, isinstance(model, ValueModel))
     hf_sd = load_hf_state_dict(path, names={n for spec in plan for n in spec.hf_names})
     missing_head = isinstance(model, ValueModel) and model.score is not None and "score.weight" not in hf_sd
     if missing_head and init_missing_value_head:
