@@ -21,6 +21,8 @@ One step (``train_step``), as dataflow:
                        in fp32 accumulators under bf16: moved there after each backward)
     tied embedding: sum the two copies' grads (pp > 1)
     DP average -> global grad norm (TP, PP, ZeRO shards) -> clip -> skip if inf/NaN on any rank
+        (with overlap_grad_reduce the DP average of each bucket starts inside the last micro-batch's
+        backward, from gradient hooks; the tied copies' buckets wait for their sum and go last)
     AdamW step -> LR schedule step -> zero grads
 
 Loss weighting. ``loss_fn`` returns the mean over its micro-batch's loss tokens. The weights make
@@ -55,7 +57,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hfrl.distributed.data_parallel import group_size_rank
+from hfrl.distributed.data_parallel import ZeroOneOptimizer, group_size_rank
+from hfrl.distributed.grad_overlap import OverlappedGradReduce, overlapped_allreduce, overlapped_zero_one
 from hfrl.distributed.parallel_dims import ParallelDims, RoleGroups
 from hfrl.distributed.pipeline_parallel import SCHEDULES, PipelineSchedule, partition_layers
 from hfrl.distributed.tensor_parallel import DUPLICATE_ATTR, vocab_parallel_entropy, vocab_parallel_log_probs
@@ -69,6 +72,8 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 AXES = ("tp", "pp", "dp", "mp")
 LossFn = Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
+CPU_OVERLAP_GRAD_REDUCE = False
+"""EngineConfig.overlap_grad_reduce=None on CPU (gloo): chosen from benchmarks/train_step.py, see there."""
 
 
 @dataclass
@@ -98,6 +103,9 @@ class EngineConfig:
     """Pipeline schedule: '1f1b' (at most pp micro-batches' activations per stage) or 'gpipe'."""
     activation_checkpointing: bool = False
     """Recompute every decoder layer's activations in backward instead of keeping them."""
+    overlap_grad_reduce: bool | None = None
+    """Start each bucket's DP gradient reduction during the last micro-batch's backward (DDP-style
+    hooks). None: on for CUDA, CPU_OVERLAP_GRAD_REDUCE on CPU (benchmarks/train_step.py on gloo)."""
 
     def validate(self) -> None:
         """ValueError naming the bad field; run on every rank before the first collective."""
@@ -113,6 +121,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"engine.{name}={value!r} must be a positive integer or null")
+        if self.overlap_grad_reduce not in (None, True, False):
+            raise ValueError(f"engine.overlap_grad_reduce={self.overlap_grad_reduce!r}: expected true, false or "
+                             "null (null: on for CUDA, the measured default on CPU)")
         if self.pp_schedule not in SCHEDULES:
             raise ValueError(f"engine.pp_schedule={self.pp_schedule!r}: expected one of {SCHEDULES}")
         self.optim.validate()
@@ -176,6 +187,8 @@ class TrainEngine:
             self.schedule = PipelineSchedule(self.model, schedule=cfg.pp_schedule)
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, self.groups["dp"])
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.grad_reduce = self._overlapped_grad_reduce()
+        """Hooks that start the DP gradient reduction during the last backward; None without overlap."""
         self.step = 0
         """train_step calls so far, skipped steps included (restored by load_checkpoint)."""
 
@@ -212,6 +225,29 @@ class TrainEngine:
         """
         full = gather_full_state_dict(self.model, self.groups["tp"], state)
         return {self.global_name(name): tensor for name, tensor in full.items()}
+
+    def _overlapped_grad_reduce(self) -> OverlappedGradReduce | None:
+        """DP reduction overlapped with backward (``hfrl.distributed.grad_overlap``) if configured and dp > 1.
+
+        A tied embedding's copy (pp > 1) is reduced last, after its gradient is summed across stages.
+        """
+        enabled = self.cfg.overlap_grad_reduce
+        if enabled is None:
+            enabled = self.device.type == "cuda" or CPU_OVERLAP_GRAD_REDUCE
+        if not enabled or self.dims.dp == 1:
+            return None
+        opt, bucket_mb = self.optimizer, self.cfg.optim.bucket_mb
+        deferred = [p for p in self._tied_copies() if p.requires_grad]
+        if isinstance(opt, ZeroOneOptimizer):
+            return overlapped_zero_one(opt, bucket_mb, deferred, order=self.model.parameters())
+        return overlapped_allreduce(opt.model_params, opt.master_params, opt.dp_group, bucket_mb, deferred,
+                                    order=self.model.parameters())
+
+    def _tied_copies(self) -> list[torch.Tensor]:
+        """This stage's copy of a tied embedding matrix under pp > 1 (see sync_tied_embedding_grads)."""
+        if self.dims.pp == 1 or not self.model_config.tie_word_embeddings or not hasattr(self.model, "lm_head"):
+            return []
+        return [m.weight for m in (self.model.embed_tokens, self.model.lm_head) if m is not None]
 
     def _tag_tied_copy(self) -> None:
         """Under pp > 1 a tied lm_head is a second copy of the embedding: the grad norm must skip it."""
@@ -254,13 +290,11 @@ class TrainEngine:
         if global_tokens == 0:
             raise ValueError(f"no loss tokens: batch[{loss_mask_key!r}] is 0 on every DP rank")
         micro_batches = self._micro_batches(batch, loss_mask_key, global_tokens / self.dims.dp)
-        # Under bf16, each micro-batch's grads move into fp32 accumulators right after its
-        # backward, so the sum over micro-batches is fp32 (under fp32 .grad already is).
-        low_precision = self.dtype != torch.float32
+        if self.grad_reduce is not None:
+            self.grad_reduce.begin_step(len(micro_batches))
         result = self.schedule.train_step([mb.data for mb in micro_batches], loss_fn,
                                           [mb.loss_weight for mb in micro_batches],
-                                          after_backward=self.optimizer.accumulate_grads
-                                          if low_precision else None)
+                                          after_backward=self._after_backward())
         self.optimizer.accumulate_grads()
         self.schedule.sync_tied_embedding_grads(grad_of=self.optimizer.grad_of)
         metrics = self._dp_sum({**result.metrics, "loss": result.loss})
@@ -269,10 +303,27 @@ class TrainEngine:
         self.step += 1
         return {**metrics, "grad_norm": grad_norm, "lr": lr, "num_tokens": global_tokens, "skipped": float(skipped)}
 
+    def _after_backward(self) -> Callable[[], None] | None:
+        """What runs after each micro-batch's backward: under bf16 the grads move into fp32
+        accumulators (so the sum over micro-batches is fp32; under fp32 .grad already is), and the
+        overlapped reduction counts backwards to arm its hooks for the last one."""
+        low_precision = self.dtype != torch.float32
+        if self.grad_reduce is None:
+            return self.optimizer.accumulate_grads if low_precision else None
+
+        def after_backward() -> None:
+            if low_precision:
+                self.optimizer.accumulate_grads()
+            self.grad_reduce.after_backward()
+        return after_backward
+
     def _optimizer_step(self) -> tuple[float, bool, float]:
         opt, optim_cfg = self.optimizer, self.cfg.optim
         try:
-            opt.reduce_gradients()
+            if self.grad_reduce is not None:
+                self.grad_reduce.finish()  # launched during the last backward; the rest now
+            else:
+                opt.reduce_gradients()
             grad_norm = clip_optimizer_grads(opt, optim_cfg.grad_clip, self.groups["tp"], self.groups["pp"])
             skipped = should_skip_step(grad_norm, optim_cfg.skip_nonfinite, (self.groups["mp"], self.groups["dp"]))
             lr = float(opt.param_groups[0]["lr"])

@@ -30,16 +30,25 @@ VOCAB = 101
 B, T = 8, 12
 OPTIM = dict(lr=1e-2, eps=1e-4, weight_decay=0.1, grad_clip=0.5)
 # name -> (layout, engine overrides, value model?)
+NO_OVERLAP, OVERLAP = dict(overlap_grad_reduce=False), dict(overlap_grad_reduce=True)
 LAYOUTS = {
-    "tp2_dp2": (dict(tp=2), dict(num_micro_batches=2), False),
-    "tp2_dp2_zero1": (dict(tp=2), dict(num_micro_batches=2, zero_stage=1), False),
+    "tp2_dp2": (dict(tp=2), dict(num_micro_batches=2, **NO_OVERLAP), False),
+    "tp2_dp2_zero1": (dict(tp=2), dict(num_micro_batches=2, zero_stage=1, **NO_OVERLAP), False),
     "pp2_tp2_ckpt": (dict(pp=2, tp=2), dict(num_micro_batches=3, activation_checkpointing=True), False),
-    "pp2_dp2_count": (dict(pp=2), dict(num_micro_batches=2, pp_schedule="gpipe"), False),
+    "pp2_dp2_count": (dict(pp=2), dict(num_micro_batches=2, pp_schedule="gpipe", **NO_OVERLAP), False),
     "pp2_dp2_budget": (dict(pp=2), dict(max_tokens_per_micro_batch=16, pack_sequences=True), False),
-    "pp2_dp2_zero1": (dict(pp=2), dict(num_micro_batches=2, zero_stage=1), False),
-    "dp4_zero1": (dict(), dict(max_tokens_per_micro_batch=10, zero_stage=1), False),
+    "pp2_dp2_zero1": (dict(pp=2), dict(num_micro_batches=2, zero_stage=1, **NO_OVERLAP), False),
+    "dp4_zero1": (dict(), dict(max_tokens_per_micro_batch=10, zero_stage=1, **NO_OVERLAP), False),
     "value_pp2_tp2": (dict(pp=2, tp=2), dict(num_micro_batches=2), True),
+    # DP reduction overlapped with backward: each equals its NO_OVERLAP twin above bit for bit
+    # (dp=2 sums two terms) or to rounding (dp=4), and launches its buckets during backward.
+    "tp2_dp2_overlap": (dict(tp=2), dict(num_micro_batches=2, **OVERLAP), False),
+    "tp2_dp2_zero1_overlap": (dict(tp=2), dict(num_micro_batches=2, zero_stage=1, **OVERLAP), False),
+    "pp2_dp2_count_overlap": (dict(pp=2), dict(num_micro_batches=2, pp_schedule="gpipe", **OVERLAP), False),
+    "pp2_dp2_zero1_overlap": (dict(pp=2), dict(num_micro_batches=2, zero_stage=1, **OVERLAP), False),
+    "dp4_zero1_overlap": (dict(), dict(max_tokens_per_micro_batch=10, zero_stage=1, **OVERLAP), False),
 }
+OVERLAP_PAIRS = [(name.removesuffix("_overlap"), name) for name in LAYOUTS if name.endswith("_overlap")]
 
 
 # ---- data, losses, reference (module level: the spawned ranks import them) ---------------------------
@@ -140,7 +149,19 @@ def _check_layout(engine, ref, loss_fn, batch):
     metrics = engine.train_step(share, loss_fn)
     state = engine.stage_state_dict()
     return {"metrics": metrics, "names": sorted(state), "weights": _max_diff(state, ref["state"]),
-            "outputs": None if before is None else (before - ref_out).abs().max().item()}, state
+            "outputs": None if before is None else (before - ref_out).abs().max().item(),
+            "overlap": _overlap_counts(engine)}, state
+
+
+def _overlap_counts(engine):
+    """(buckets launched from hooks in the last backward, buckets without a tied copy, all buckets), or
+    None without overlap."""
+    reducer = engine.grad_reduce
+    if reducer is None:
+        return None
+    tied = {id(p) for p in engine._tied_copies()}
+    regular = sum(1 for b in reducer.buckets if not any(id(reducer.params[i]) in tied for i in b))
+    return reducer.launched_in_backward, regular, len(reducer.buckets)
 
 
 def engine_body(rank, world_size, paths, refs):
@@ -160,7 +181,7 @@ def engine_body(rank, world_size, paths, refs):
         loss_fn = value_loss if value_head else policy_loss(engine)
         results[name], states[name] = _check_layout(engine, refs[value_head], loss_fn, batch)
     for plain, zero in (("tp2_dp2", "tp2_dp2_zero1"), ("pp2_dp2_count", "pp2_dp2_zero1"),
-                        ("pp2_dp2_count", "pp2_dp2_budget")):
+                        ("pp2_dp2_count", "pp2_dp2_budget"), *OVERLAP_PAIRS):
         results[f"{plain}=={zero}"] = _max_diff(states[zero], states[plain])
 
     # a NaN loss on one DP rank skips the step on every rank and leaves no trace
@@ -178,15 +199,19 @@ def engine_body(rank, world_size, paths, refs):
                        "weights": _max_diff(engine.stage_state_dict(), refs[False]["state"]),
                        "scheduler_steps": engine.scheduler.last_epoch}
     # bf16 with fp32 masters at pp=2: grads move into fp32 accumulators after every micro-batch,
-    # and the tied embedding's two copies (stage 0, last stage) get the same summed gradient.
-    engine = build("bf16", dict(pp=2), dtype="bfloat16", num_micro_batches=4)
-    metrics = engine.train_step(dp_share(batch, 2, engine.dp_rank), policy_loss(engine))
-    state = {n: t.float() for n, t in engine.stage_state_dict().items()}
-    tied = engine.model.embed_tokens if engine.model.embed_tokens is not None else engine.model.lm_head
-    results["bf16"] = {"metrics": metrics, "weights": _max_diff(state, refs[False]["state"]),
-                       "tied": tied.weight.detach().float().clone(),
-                       "masters_fp32": all(m.dtype == torch.float32
-                                           for m in engine.optimizer.master_params)}
+    # and the tied embedding's two copies (stage 0, last stage) get the same summed gradient;
+    # with the DP reduction overlapped (hooks move the last micro-batch's grads), the same bits.
+    for name, overlap in (("bf16", NO_OVERLAP), ("bf16_overlap", OVERLAP)):
+        engine = build(name, dict(pp=2), dtype="bfloat16", num_micro_batches=4, **overlap)
+        metrics = engine.train_step(dp_share(batch, 2, engine.dp_rank), policy_loss(engine))
+        state = {n: t.float() for n, t in engine.stage_state_dict().items()}
+        tied = engine.model.embed_tokens if engine.model.embed_tokens is not None else engine.model.lm_head
+        results[name] = {"metrics": metrics, "weights": _max_diff(state, refs[False]["state"]),
+                         "tied": tied.weight.detach().float().clone(), "overlap": _overlap_counts(engine),
+                         "masters_fp32": all(m.dtype == torch.float32
+                                             for m in engine.optimizer.master_params)}
+        states[name] = state
+    results["bf16==bf16_overlap"] = _max_diff(states["bf16_overlap"], states["bf16"])
     results["log"] = capture.messages
     return results
 
@@ -213,6 +238,20 @@ def test_bf16_step_keeps_tied_copies_equal_and_tracks_fp32(run):
     assert torch.equal(first["tied"], last["tied"])             # embedding == tied lm_head copy
     assert abs(first["metrics"]["loss"] - refs[False]["loss"]) < 2e-2
     assert first["weights"] < 2e-2 and last["weights"] < 2e-2   # bf16 rounding of the weights
+
+
+@pytest.mark.parametrize("plain, overlapped", OVERLAP_PAIRS + [("bf16", "bf16_overlap")])
+def test_overlapped_grad_reduce_equals_reduce_after_backward(run, plain, overlapped):
+    results = run[0]
+    tol = TOL if overlapped.startswith("dp4") else 0.0  # dp=2: two-term sums, bit-equal; dp=4: rounding
+    for rank, per_rank in enumerate(results):
+        assert per_rank[f"{plain}=={overlapped}"] <= tol, (rank, per_rank[f"{plain}=={overlapped}"])
+        assert per_rank[plain]["overlap"] is None
+        launched, regular, total = per_rank[overlapped]["overlap"]
+        # every bucket but the tied copies' (pp=2: summed across stages first) went out during backward
+        assert launched == regular > 0, (rank, overlapped, launched, regular)
+        tied_deferred = overlapped.startswith(("pp2", "bf16"))  # both stages hold a copy
+        assert total > regular if tied_deferred else total == regular, (rank, overlapped, regular, total)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
