@@ -59,10 +59,9 @@ def _expected_view(plan: PlacementPlan, rank: int) -> dict[str, dict[str, list[i
         if rank not in p.pool:
             view[p.role] = {}
             continue
-        position = p.pool.ranks.index(rank)
-        view[p.role] = {axis: [p.pool.ranks[i] for i in g]
-                        for axis, groups in p.dims.all_groups().items()
-                        for g in groups if position in g}
+        position = p.pool.positions[rank]
+        view[p.role] = {axis: [p.pool.ranks[i] for i in p.dims.group_of(axis, position)]
+                        for axis in AXES}
     return view
 
 

@@ -167,8 +167,9 @@ class ParallelDims:
         return Coord(pp=pp_rank, dp=dp_rank, tp=tp_rank, gen_pp=gen_pp, gen_tp=gen_tp,
                      micro=micro_p * st + micro_t)
 
-    def groups(self, axis: str) -> list[list[int]]:
-        """All groups of `axis` as lists of pool positions, ordered by their first member.
+    def groups(self, axis: str, ranks: tuple[int, ...] | None = None) -> list[list[int]]:
+        """All groups of `axis` as lists of pool positions, ordered by their first member; with
+        `ranks` (the pool's global ranks), as lists of global ranks.
 
         A group is the positions whose coordinates agree on every other axis: a tp group shares
         (pp, dp); pp (dp, tp); dp (pp, tp); mp (dp); gen_tp (dp, micro, gen_pp); gen_pp (dp,
@@ -179,7 +180,19 @@ class ParallelDims:
         """
         if axis not in AXES:
             raise ValueError(f"unknown axis {axis!r}; expected one of {AXES}")
-        return [list(g) for g in _axis_groups(self, axis)]
+        if ranks is None:
+            return [list(g) for g in _axis_groups(self, axis)]
+        return [[ranks[i] for i in g] for g in _axis_groups(self, axis)]
+
+    def group_of(self, axis: str, index: int) -> list[int]:
+        """The pool positions of `axis`'s group holding position `index`, in group-rank order."""
+        if not 0 <= index < self.world_size:
+            raise ValueError(f"position {index} is outside the pool of {self.world_size}")
+        factors = self._factors()
+        base = index - sum((index // stride) % size * stride
+                           for name, (size, stride) in factors.items()
+                           if name in _AXIS_MEMBER_FACTORS[axis])
+        return [base + o for o in _axis_offsets(self, axis)]
 
     def _factors(self) -> dict[str, tuple[int, int]]:
         """The pool index as a mixed-radix number: factor -> (size, stride).
@@ -237,14 +250,20 @@ def _offsets(factors: list[tuple[int, int]]) -> list[int]:
 
 
 @functools.lru_cache(maxsize=64)
+def _axis_offsets(dims: ParallelDims, axis: str) -> tuple[int, ...]:
+    """Positions of one group of `axis` relative to its first member, in group-rank order."""
+    factors = dims._factors()
+    return tuple(_offsets([factors[f] for f in _AXIS_MEMBER_FACTORS[axis]]))
+
+
+@functools.lru_cache(maxsize=64)
 def _axis_groups(dims: ParallelDims, axis: str) -> tuple[tuple[int, ...], ...]:
     # A group is base + offsets: the offsets span the member factors, the bases the others. Every
     # factor's stride exceeds the largest value of the factors inside it, so ascending offsets are
     # the members' group-rank order and ascending bases order the groups by first member.
     factors = dims._factors()
-    members = _AXIS_MEMBER_FACTORS[axis]
-    offsets = _offsets([factors[f] for f in members])
-    bases = _offsets([v for f, v in factors.items() if f not in members])
+    offsets = _axis_offsets(dims, axis)
+    bases = _offsets([v for f, v in factors.items() if f not in _AXIS_MEMBER_FACTORS[axis]])
     if len(offsets) == 1:
         return tuple((b,) for b in bases)
     return tuple(tuple([b + o for o in offsets]) for b in bases)
@@ -287,6 +306,7 @@ class GroupCache:
         self.backend = backend
         self.timeout = timeout
         self._groups: dict[tuple[int, ...], Any] = {}
+        self._partitions: set[tuple] = set()
 
     def get(self, ranks: tuple[int, ...]):
         if ranks not in self._groups:
@@ -298,6 +318,20 @@ class GroupCache:
             self._groups[ranks] = dist.new_group(ranks=list(ranks), **kwargs)
         return self._groups[ranks]
 
+    def create_partition(self, pool_ranks: tuple[int, ...],
+                         groups: tuple[tuple[int, ...], ...]) -> None:
+        """`get` every group of a partition of the pool (groups of pool positions), in order.
+
+        A partition seen before is skipped whole, since all its groups exist: colocated roles
+        with one layout, and axes of size 1, then cost one hash instead of a pass over the pool.
+        """
+        key = (pool_ranks, groups)
+        if key in self._partitions:
+            return
+        self._partitions.add(key)
+        for positions in groups:
+            self.get(tuple([pool_ranks[p] for p in positions]))
+
     def __len__(self) -> int:
         return len(self._groups)
 
@@ -305,17 +339,17 @@ class GroupCache:
 def build_groups(role: str, dims: ParallelDims, pool_ranks: tuple[int, ...], rank: int,
                  cache: GroupCache) -> RoleGroups:
     """Create every process group of one role (on every rank of the world, in AXES order)."""
+    pool_ranks = tuple(pool_ranks)
     if len(pool_ranks) != dims.world_size:
         raise ValueError(f"{role}: layout {dims.describe()} needs {dims.world_size} ranks, "
                          f"the pool has {len(pool_ranks)}")
     position = pool_ranks.index(rank) if rank in pool_ranks else None
     groups, ranks = {}, {}
     for axis in AXES:
-        for positions in dims.groups(axis):
-            members = tuple(pool_ranks[p] for p in positions)
-            handle = cache.get(members)
-            if rank in members:
-                groups[axis], ranks[axis] = handle, members
+        cache.create_partition(pool_ranks, _axis_groups(dims, axis))
+        if position is not None:
+            members = tuple(pool_ranks[p] for p in dims.group_of(axis, position))
+            groups[axis], ranks[axis] = cache.get(members), members
     coord = dims.coord(position) if position is not None else None
-    return RoleGroups(role=role, dims=dims, pool_ranks=tuple(pool_ranks), coord=coord,
+    return RoleGroups(role=role, dims=dims, pool_ranks=pool_ranks, coord=coord,
                       groups=groups, ranks=ranks)

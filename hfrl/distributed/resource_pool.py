@@ -17,11 +17,12 @@ every error is raised on every rank before the first collective.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from hfrl.config import ROLE_NAMES, PlacementConfig, RoleConfig, RolesConfig
-from hfrl.distributed.parallel_dims import GroupCache, ParallelDims, RoleGroups, build_groups
+from hfrl.distributed.parallel_dims import AXES, GroupCache, ParallelDims, RoleGroups, build_groups
 
 PLACEMENT_MODES = ("colocate", "split", "standalone", "custom")
 SPLIT_POOLS = {"actor": ("actor", "ref"), "critic": ("critic", "reward", "cost")}
@@ -36,7 +37,12 @@ class ResourcePool:
         return len(self.ranks)
 
     def __contains__(self, rank: int) -> bool:
-        return rank in self.ranks
+        return rank in self.positions
+
+    @functools.cached_property
+    def positions(self) -> dict[int, int]:
+        """Global rank -> position in the pool (computed once: pools can hold 100k ranks)."""
+        return {rank: i for i, rank in enumerate(self.ranks)}
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,7 @@ class PlacementPlan:
                 p.role: {
                     "pool": p.pool.name,
                     "layout": p.dims.to_dict(),
-                    "groups": {axis: [[p.pool.ranks[i] for i in g] for g in groups]
-                               for axis, groups in p.dims.all_groups().items()},
+                    "groups": {axis: p.dims.groups(axis, p.pool.ranks) for axis in AXES},
                 }
                 for p in self.roles
             },

@@ -148,3 +148,13 @@ def test_groups_of_a_100000_rank_pool_are_fast():
     assert groups["gen_tp"][:3] == [[0, 4], [1, 5], [2, 6]] and len(groups["gen_tp"]) == 50000
     assert groups["pp"][0] == [0, 20000, 40000, 60000, 80000]
     assert elapsed < 5, elapsed    # generous for a loaded 2-core machine: 0.4 s here, 7 s before
+
+
+def test_group_of_is_the_group_holding_the_position():
+    for pp, tp, dp, pg, tg in LAYOUTS[::3]:
+        for grouping in ("hybridflow", "vanilla"):
+            dims = ParallelDims(pp=pp, tp=tp, dp=dp, pg=pg, tg=tg, grouping=grouping)
+            for axis in AXES:
+                for group in dims.groups(axis):
+                    for i in group:
+                        assert dims.group_of(axis, i) == group, (dims, axis, i)
