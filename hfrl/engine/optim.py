@@ -62,31 +62,36 @@ class OptimConfig:
     skip_nonfinite: bool = True
     """Skip the step (on every rank) when the gradient norm is inf/NaN; if False such a step raises."""
 
-    def validate(self) -> None:
-        """Raise ValueError naming the bad field; run on every rank before the first collective."""
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr={self.lr!r} must be positive")
+    def validate(self, where: str = "optim") -> None:
+        """Raise ValueError naming the bad field; run on every rank before the first collective.
+
+        `where` is the section's key in the config (hfrl.config: "engine.optim", ...). NaN and inf
+        are refused wherever a finite number is meant (NaN passes every `<` check).
+        """
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"{where}.lr={self.lr!r} must be a positive finite number")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"optim.betas={self.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
-        if not self.eps > 0 or self.weight_decay < 0:
-            raise ValueError(f"optim.eps={self.eps!r} must be positive and optim.weight_decay="
-                             f"{self.weight_decay!r} non-negative")
+            raise ValueError(f"{where}.betas={self.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        if not 0 < self.eps < math.inf:
+            raise ValueError(f"{where}.eps={self.eps!r} must be a positive finite number")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"{where}.weight_decay={self.weight_decay!r} must be a finite number >= 0")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule={self.schedule!r}: expected one of {SCHEDULES}")
+            raise ValueError(f"{where}.schedule={self.schedule!r}: expected one of {SCHEDULES}")
         if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps!r} must be >= 0")
+            raise ValueError(f"{where}.warmup_steps={self.warmup_steps!r} must be >= 0")
         if self.schedule != "constant" and self.total_steps <= self.warmup_steps:
-            raise ValueError(f"optim.schedule={self.schedule!r} decays from warmup_steps={self.warmup_steps} to "
+            raise ValueError(f"{where}.schedule={self.schedule!r} decays from warmup_steps={self.warmup_steps} to "
                              f"total_steps={self.total_steps}: set total_steps to the run's number of optimizer "
                              "steps (> warmup_steps), or use schedule='constant'")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if self.grad_clip < 0:
-            raise ValueError(f"optim.grad_clip={self.grad_clip!r} must be >= 0 (0 disables clipping)")
+            raise ValueError(f"{where}.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if not 0 <= self.grad_clip < math.inf:
+            raise ValueError(f"{where}.grad_clip={self.grad_clip!r} must be a finite number >= 0 (0 disables clipping)")
         if self.zero_stage not in (0, 1):
-            raise ValueError(f"optim.zero_stage={self.zero_stage!r}: hfrl implements 0 (plain DP) and 1 (ZeRO-1)")
-        if not self.bucket_mb > 0:
-            raise ValueError(f"optim.bucket_mb={self.bucket_mb!r} must be positive")
+            raise ValueError(f"{where}.zero_stage={self.zero_stage!r}: hfrl implements 0 (plain DP) and 1 (ZeRO-1)")
+        if not 0 < self.bucket_mb < math.inf:
+            raise ValueError(f"{where}.bucket_mb={self.bucket_mb!r} must be a positive finite number")
 
 
 # ---- optimizers ---------------------------------------------------------------------------------

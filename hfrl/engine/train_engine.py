@@ -107,26 +107,29 @@ class EngineConfig:
     """Start each bucket's DP gradient reduction during the last micro-batch's backward (DDP-style
     hooks). None: on for CUDA, CPU_OVERLAP_GRAD_REDUCE on CPU (benchmarks/train_step.py on gloo)."""
 
-    def validate(self) -> None:
-        """ValueError naming the bad field; run on every rank before the first collective."""
-        if not self.model_path:
-            raise ValueError("engine.model_path is empty: set it to a local HF checkpoint folder")
+    def validate(self, where: str = "engine", require_model_path: bool = True) -> None:
+        """ValueError naming the bad field; run on every rank before the first collective.
+
+        `where` is the section's key in the config (hfrl.config: "engine" or "roles.<role>.engine").
+        """
+        if require_model_path and not self.model_path:
+            raise ValueError(f"{where}.model_path is empty: set it to a local HF checkpoint folder")
         if self.dtype not in DTYPES:
-            raise ValueError(f"engine.dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
+            raise ValueError(f"{where}.dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
         if self.num_micro_batches is not None and self.max_tokens_per_micro_batch is not None:
-            raise ValueError(f"engine.num_micro_batches={self.num_micro_batches} and engine.max_tokens_per_micro_"
+            raise ValueError(f"{where}.num_micro_batches={self.num_micro_batches} and {where}.max_tokens_per_micro_"
                              f"batch={self.max_tokens_per_micro_batch} are both set: micro-batch by count or by "
                              "token budget, set the other to null")
         for name in ("num_micro_batches", "max_tokens_per_micro_batch"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"engine.{name}={value!r} must be a positive integer or null")
+                raise ValueError(f"{where}.{name}={value!r} must be a positive integer or null")
         if self.overlap_grad_reduce not in (None, True, False):
-            raise ValueError(f"engine.overlap_grad_reduce={self.overlap_grad_reduce!r}: expected true, false or "
+            raise ValueError(f"{where}.overlap_grad_reduce={self.overlap_grad_reduce!r}: expected true, false or "
                              "null (null: on for CUDA, the measured default on CPU)")
         if self.pp_schedule not in SCHEDULES:
-            raise ValueError(f"engine.pp_schedule={self.pp_schedule!r}: expected one of {SCHEDULES}")
-        self.optim.validate()
+            raise ValueError(f"{where}.pp_schedule={self.pp_schedule!r}: expected one of {SCHEDULES}")
+        self.optim.validate(f"{where}.optim")
 
 
 def token_log_probs(logits_shard: torch.Tensor, input_ids: torch.Tensor, tp_group: Any = None, *,
