@@ -136,7 +136,11 @@ class Watchdog:
             if kind == BYE:
                 return
             if kind == ABORT:
-                _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed")
+                if self.current_call is not None:    # maybe in a collective: it cannot listen
+                    _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed")
+                # Idle: the abort command follows on the command channel and the main thread
+                # ends the ordinary way; if it has not after the grace period, end it here.
+                self._later(self._abort_if_alive)
             if kind == INTERRUPT:
                 self._later(self._still_inside, value)
 
@@ -183,6 +187,9 @@ class Watchdog:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         self.abort_all()
         _exit_now(1, f"hfrl: aborted: rank {peer} was lost")
+
+    def _abort_if_alive(self) -> None:
+        _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed")
 
     def _still_inside(self, cid: int) -> None:
         current = self.current_call

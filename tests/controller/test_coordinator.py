@@ -282,3 +282,197 @@ def test_remote_errors_reach_rank_0_and_bad_input_is_rejected():
     assert "must be a list with one entry per rank (4)" in bad[1]
     assert "has no method 'nothing'" in bad[2]
     assert "cannot dispatch an empty Batch" in bad[3]
+
+
+# ---- hardening: reordering producers, dropped futures, unsendable results, failed calls ------
+
+
+class Producer(Worker):
+    """k output rows per input row (ids i*k+s) with the input's mask; under any protocol."""
+
+    def _grow(self, batch, k):
+        ids = (batch["id"][:, None] * k + torch.arange(k)).reshape(-1)
+        return Batch({"id": ids, "attention_mask": batch["attention_mask"].repeat_interleave(k, 0),
+                      "rank": torch.full((len(ids),), self.ctx.rank)})
+
+    @register(protocol=DP_COMPUTE_BALANCED)
+    def balanced(self, batch, k=1):
+        return self._grow(batch, k)
+
+    @register(protocol=DP_COMPUTE)
+    def plain(self, batch, k=1):
+        return self._grow(batch, k)
+
+    @register(protocol=MICRO_DP_COMPUTE)
+    def micro(self, batch, k=1):
+        return self._grow(batch, k)
+
+    @register(protocol=DP_COMPUTE)
+    def uneven(self, batch):
+        # One extra row on the first replica: not a whole number of rows per input row.
+        extra = 1 if self.ctx.coord.dp == 0 else 0
+        return Batch({"id": torch.arange(len(batch) + extra)})
+
+    @register(protocol=DP_COMPUTE)
+    def unsendable_rows_on(self, batch, rank=-1):
+        # Succeeds everywhere, but on `rank` the rows hold objects that cannot be pickled:
+        # that producer cannot send them on to a consumer.
+        import numpy as np
+
+        payload = [(lambda: 0) if self.ctx.rank == rank else 0 for _ in range(len(batch))]
+        return Batch({"id": batch["id"]}, {"obj": np.array(payload, dtype=object)})
+
+    @register(protocol=DP_COMPUTE)
+    def take(self, batch):
+        return Batch({"id": batch["id"], "rank": torch.full((len(batch),), self.ctx.rank)})
+
+    @register(protocol=DP_COMPUTE_BALANCED)
+    def take_balanced(self, batch):
+        return Batch({"id": batch["id"], "rank": torch.full((len(batch),), self.ctx.rank)})
+
+    @register(protocol=ONE_TO_ALL)
+    def unsendable(self, kind):
+        if self.ctx.rank == 0:
+            return None
+        if kind == "lambda":
+            return lambda: 1
+        return Batch({"a": torch.zeros(2), "b": torch.zeros(2, device="meta")})
+
+    @register(protocol=ONE_TO_ALL)
+    def ping(self):
+        return self.ctx.rank
+
+    @register(protocol=DP_COMPUTE)
+    def boom(self, batch):
+        if self.ctx.rank == 2:
+            raise ValueError(f"bad rows {batch['id'].tolist()}")
+        return batch
+
+
+def ragged(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9, (n,), generator=g)
+    return Batch({"id": torch.arange(n),
+                  "attention_mask": (torch.arange(8)[None] < lengths[:, None]).long()})
+
+
+def chained_reorder_main(cases):
+    results = []
+    for p_ranks, p_dims, method, k, c_ranks, c_dims, consumer_method, n, seed in cases:
+        producer = WorkerGroup(Producer, ResourcePool("p", p_ranks), p_dims)
+        consumer = WorkerGroup(Producer, ResourcePool("c", c_ranks), c_dims)
+        batch = ragged(n, seed)
+        direct = getattr(consumer, consumer_method)(getattr(producer, method)(batch, k=k))
+        chained = getattr(consumer, consumer_method)(
+            getattr(producer, method)(batch, k=k, blocking=False))
+        results.append((direct["id"].tolist(), chained["id"].tolist(),
+                        direct["rank"].tolist(), chained["rank"].tolist()))
+    producer = WorkerGroup(Producer, ResourcePool("p", (1, 2)), ParallelDims(dp=2))
+    consumer = WorkerGroup(Producer, ResourcePool("c", (3,)))
+    try:
+        consumer.take(producer.uneven(ragged(3, 0), blocking=False))
+        mismatch = None
+    except ValueError as err:
+        mismatch = str(err)
+    return results, mismatch
+
+
+def test_chained_future_of_a_reordering_call_equals_the_direct_call():
+    import random
+
+    rng = random.Random(7)
+    shapes = [((1, 2), ParallelDims(dp=2)), ((1, 2, 3), ParallelDims(dp=3)),
+              ((0, 1, 2, 3), ParallelDims(tp=2, dp=2)), ((0, 1, 2, 3), ParallelDims(tp=4, tg=2)),
+              ((2, 3), ParallelDims(dp=2)), ((3,), ParallelDims(dp=1)),
+              ((0, 1, 2, 3), ParallelDims(pp=2, dp=2))]
+    cases = []
+    for _ in range(12):
+        p_ranks, p_dims = rng.choice(shapes)
+        c_ranks, c_dims = rng.choice(shapes)
+        cases.append((p_ranks, p_dims, rng.choice(["balanced", "plain", "micro"]),
+                      rng.randint(1, 3), c_ranks, c_dims, rng.choice(["take", "take_balanced"]),
+                      rng.randint(1, 11), rng.randint(0, 99)))
+    # Always the issue's case: a balanced producer that pads, chained to another pool.
+    cases.append(((1, 2), ParallelDims(dp=2), "balanced", 2, (3,), ParallelDims(dp=1), "take",
+                  7, 3))
+    results, mismatch = run_ranks(4, run_main, chained_reorder_main, cases)[0]
+    for case, (direct, chained, direct_ranks, chained_ranks) in zip(cases, results):
+        assert chained == direct, case
+        if case[6] == "take":                 # the same consumer rank got each row
+            assert chained_ranks == direct_ranks, case
+    assert "not a whole number of rows per input row" in mismatch
+
+
+def dropped_main():
+    g = WorkerGroup(Producer, ResourcePool("w", (1, 2, 3)), ParallelDims(dp=3), name="scorer")
+    g.boom(ids(6), blocking=False)          # the Future is dropped at once; rank 2 fails
+    try:
+        g.ping()                            # its reply comes after the dropped call's
+        return "no error"
+    except RemoteError as err:
+        first = (err.rank, err.method, err.remote_message)
+    g.ping()                                # raised once, then the job goes on
+    lonely = WorkerGroup(Producer, ResourcePool("lonely", (3,)))
+    g.boom(ids(6), blocking=False)          # dropped; nothing waits on ranks 1-2 again
+    lonely.ping()
+    assert first == (2, "boom", "bad rows [2, 3]"), first
+    return first
+
+
+def run_catching(rank, world, main):
+    """hfrl.run(main) on every rank; rank 0 returns ('returned', value) or the RemoteError it
+    raised, the others their exit code."""
+    try:
+        return ("returned", hfrl.run(main))
+    except RemoteError as err:
+        return ("raised", err.rank, err.method, err.remote_message)
+    except SystemExit as exit_:
+        return ("exit", exit_.code)
+
+
+def test_errors_of_dropped_futures_are_raised_at_the_next_wait_and_at_shutdown():
+    # dropped_main returns the first error (raised by the next call after the dropped one);
+    # the second dropped call's error is only seen at shutdown, so hfrl.run raises it.
+    out = run_ranks(4, run_catching, dropped_main)
+    assert out[0] == ("raised", 2, "boom", "bad rows [2, 3]")
+    assert out[1:] == [("exit", 1)] * 3
+
+
+def unsendable_main():
+    g = WorkerGroup(Producer, ResourcePool("all", (0, 1, 2, 3)), name="actor")
+    errors = []
+    for kind in ("lambda", "devices"):
+        try:
+            g.unsendable(kind)
+        except RemoteError as err:
+            errors.append((err.rank, err.method, err.exc_type, err.remote_message))
+    return errors, g.ping()
+
+
+def test_a_result_that_cannot_be_sent_is_a_remote_error_and_the_worker_lives():
+    errors, after = run_ranks(4, run_main, unsendable_main)[0]
+    assert after == [0, 1, 2, 3]
+    (r1, m1, t1, msg1), (r2, m2, t2, msg2) = errors
+    assert (r1, m1, t1) == (1, "unsendable", "UnsendableResult")
+    assert "the result of actor.unsendable cannot be sent to rank 0" in msg1
+    assert "several devices" in msg2
+
+
+def failed_chain_main():
+    producer = WorkerGroup(Producer, ResourcePool("p", (1, 2)), ParallelDims(dp=2))
+    consumer = WorkerGroup(Producer, ResourcePool("c", (3,)))
+    batch = ragged(6, 1)
+    try:       # rank 1 (rows 0-2) cannot send: rank 3 reads its error piece, then rank 2's rows
+        consumer.take(producer.unsendable_rows_on(batch, rank=1, blocking=False))
+        failed = None
+    except RemoteError as err:
+        failed = err.remote_message
+    batch2 = Batch({"id": torch.arange(100, 106), "attention_mask": batch["attention_mask"]})
+    after = consumer.take(producer.unsendable_rows_on(batch2, blocking=False))
+    return failed, after["id"].tolist()
+
+
+def test_after_a_failed_chained_call_the_next_call_gets_exactly_its_rows():
+    failed, after = run_ranks(4, run_main, failed_chain_main)[0]
+    assert "rank 1 could not send rows 0:3" in failed
+    assert after == list(range(100, 106))

@@ -29,6 +29,17 @@ SCRIPT = textwrap.dedent('''
                 raise KeyError("missing reward column")
             if MODE == "kill" and self.ctx.rank == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if MODE == "rank0_share":        # rank 0 fails before a collective the rest entered
+                import torch.distributed as dist
+                if self.ctx.rank == 0:
+                    raise ValueError("rank 0's own share failed")
+                dist.all_reduce(torch.ones(1), group=self.ctx.groups.groups["dp"])
+            if MODE == "kill_in_collective":   # rank 3 dies; 0-2 wait for it in an all-reduce
+                import torch.distributed as dist
+                if self.ctx.rank == 3:
+                    time.sleep(0.5)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                dist.all_reduce(torch.ones(1), group=self.ctx.groups.groups["dp"])
             if MODE == "collective":
                 import torch.distributed as dist
                 if self.ctx.rank != 3:          # rank 3 never joins: the others wait for it
@@ -110,6 +121,30 @@ def test_rank_0_dying_leaves_no_rank_behind(tmp_path):
     assert results[0][0] == 3
     for code, text in results[1:]:
         assert code != 0 and "lost contact with rank 0" in text, (code, text)
+
+
+def test_rank_0_failing_in_its_own_share_ends_the_job_within_seconds(tmp_path):
+    # Ranks 1-3 are inside an all-reduce that rank 0 never joins; the collective timeout is
+    # 600 s. They must learn of rank 0's failure at once, and rank 0 must show its traceback.
+    start = time.time()
+    results = launch_plain(tmp_path, "rank0_share", timeout_env="600")
+    assert time.time() - start < HANG_BOUND_S
+    assert all(code != 0 for code, _ in results), results
+    assert "ValueError: rank 0's own share failed" in results[0][1]
+    assert 'raise ValueError("rank 0' in results[0][1]           # the traceback
+    for code, text in results[1:]:
+        assert "rank 0 failed" in text, text
+
+
+def test_a_worker_killed_while_others_wait_in_a_collective_ends_the_job(tmp_path):
+    # No launcher agent (as under srun/mpirun): rank 3 is SIGKILLed while ranks 0-2 wait for
+    # it in an all-reduce whose timeout is 600 s. The job must end within seconds, naming it.
+    start = time.time()
+    results = launch_plain(tmp_path, "kill_in_collective", timeout_env="600")
+    assert time.time() - start < HANG_BOUND_S
+    assert results[3][0] == -9
+    assert all(code != 0 for code, _ in results), results
+    assert "rank 3" in results[0][1] and ("lost" in results[0][1]), results[0][1]
 
 
 def test_peers_stuck_in_a_collective_end_at_the_timeout(tmp_path):
