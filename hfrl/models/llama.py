@@ -30,11 +30,17 @@ the head's output, so log-probs can be computed chunk-wise from ``lm_head`` with
 Sequences come either padded, with ``attention_mask`` (B, T) (1 = real token, left or right
 padding), or packed, as ``input_ids`` (1, total) with ``cu_seqlens`` (num_seqs + 1,) cumulative
 lengths (flash-attn style; tokens after ``cu_seqlens[-1]`` form one more sequence): each sequence
-attends only within itself and, by default, its positions restart at 0. Attention is
-``scaled_dot_product_attention`` with a boolean (B, 1, T, T) mask, so memory grows as T^2 per row;
-a varlen flash kernel can replace it on GPU without changing this interface.
+attends only within itself and, by default, its positions restart at 0. Padded rows attend with
+``scaled_dot_product_attention`` and a boolean (B, 1, T, T) mask. A packed row never builds a mask
+over the whole pack: attention runs per sequence (block-diagonal), one causal SDPA call on each
+sequence's own (L_i, L_i) block, so memory is linear in the pack length (a sliding window longer
+than a sequence adds an (L_i, L_i) mask for that sequence only). The sequence boundaries are read
+on the host once per forward; a varlen flash kernel can replace the loop on GPU without changing
+this interface.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +131,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.o_proj_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
+                attn_mask: "torch.Tensor | PackedAttention | None") -> torch.Tensor:
         B, T, _ = x.shape
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -135,8 +141,11 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           enable_gqa=nh != nkv)  # (B, nh, T, hd)
+        if isinstance(attn_mask, PackedAttention):
+            y = attn_mask.attend(q, k, v, enable_gqa=nh != nkv)  # (1, nh, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                               enable_gqa=nh != nkv)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.o_proj(y)  # (B, T, H); row-parallel under TP: partial sums before the all-reduce
 
@@ -163,19 +172,18 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
+                attn_mask: "torch.Tensor | PackedAttention | None") -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
 def build_attention_mask(seq_len: int, device: torch.device, *, attention_mask: torch.Tensor | None = None,
-                         seq_ids: torch.Tensor | None = None, sliding_window: int | None = None
-                         ) -> torch.Tensor | None:
-    """Boolean (B|1, 1, T, T) mask, True = may attend; None when plain causal attention suffices.
+                         sliding_window: int | None = None) -> torch.Tensor | None:
+    """Boolean (B|1, 1, T, T) mask of a padded batch, True = may attend; None when plain causal suffices.
 
-    attention_mask: (B, T) 1 for real tokens. seq_ids: (1, T) packed-sequence index of each token.
+    attention_mask: (B, T) 1 for real tokens. (Packed rows use ``PackedAttention`` instead.)
     """
-    if attention_mask is None and seq_ids is None and sliding_window is None:
+    if attention_mask is None and sliding_window is None:
         return None
     idx = torch.arange(seq_len, device=device)
     q_idx, k_idx = idx[:, None], idx[None, :]
@@ -183,13 +191,58 @@ def build_attention_mask(seq_len: int, device: torch.device, *, attention_mask: 
     if sliding_window is not None:
         allowed = allowed & (q_idx - k_idx < sliding_window)
     allowed = allowed[None, None]  # (1, 1, T, T)
-    if seq_ids is not None:
-        allowed = allowed & (seq_ids[:, None, :, None] == seq_ids[:, None, None, :])
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
         # A padding query may have no key left; letting it see itself keeps SDPA finite (no NaN grads).
         allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=device)
     return allowed
+
+
+def packed_spans(cu_seqlens: torch.Tensor, total: int) -> list[tuple[int, int]]:
+    """[start, end) of each sequence of a packed row of ``total`` tokens; empty sequences dropped.
+
+    Tokens after ``cu_seqlens[-1]`` form one more sequence (flash-attn style).
+    """
+    bounds = [int(b) for b in cu_seqlens.tolist()]  # one host read per forward
+    if any(b > a for a, b in zip(bounds[1:], bounds)) or (bounds and not 0 <= bounds[-1] <= total):
+        raise ValueError(f"cu_seqlens {bounds} must be non-decreasing cumulative lengths within the packed "
+                         f"row of {total} tokens")
+    edges = [0, *bounds[1:], total]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+@dataclass(frozen=True)
+class PackedAttention:
+    """Block-diagonal causal attention over a packed row (B = 1): each span attends only within itself.
+
+    ``masks[i]`` is None (plain causal) or, when a sliding window is shorter than span i, its
+    (L_i, L_i) boolean window mask. Built once per forward and sliding window, used by every layer.
+    """
+
+    spans: tuple[tuple[int, int], ...]
+    masks: tuple[torch.Tensor | None, ...]
+
+    @classmethod
+    def build(cls, spans: list[tuple[int, int]], device: torch.device,
+              sliding_window: int | None = None) -> "PackedAttention":
+        masks = []
+        for start, end in spans:
+            length = end - start
+            if sliding_window is None or length <= sliding_window:
+                masks.append(None)
+                continue
+            idx = torch.arange(length, device=device)
+            masks.append((idx[None, :] <= idx[:, None]) & (idx[:, None] - idx[None, :] < sliding_window))
+        return cls(tuple(spans), tuple(masks))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+        """q (1, nh, T, hd), k and v (1, nkv, T, hd) -> (1, nh, T, hd): one SDPA call per span."""
+        out = [q[:, :, :0]]  # an empty row stays empty
+        for (start, end), mask in zip(self.spans, self.masks):
+            out.append(F.scaled_dot_product_attention(
+                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn_mask=mask,
+                is_causal=mask is None, enable_gqa=enable_gqa))  # (1, nh, L_i, hd)
+        return torch.cat(out, dim=2)
 
 
 class Decoder(nn.Module):
@@ -227,27 +280,30 @@ class Decoder(nn.Module):
         B, T, _ = x.shape
         if attention_mask is not None and cu_seqlens is not None:
             raise ValueError("pass either attention_mask (padded batch) or cu_seqlens (packed), not both")
-        seq_ids = None
+        spans = None
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got input of shape {(B, T)}")
-            idx = torch.arange(T, device=x.device)
-            cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.long)
-            seq_ids = torch.bucketize(idx, cu_seqlens[1:], right=True)[None]  # (1, T)
-            if position_ids is None:
-                position_ids = idx[None] - cu_seqlens[seq_ids]  # (1, T), restarting at 0 per sequence
+            spans = packed_spans(cu_seqlens, T)
+            if position_ids is None:  # (1, T), restarting at 0 per sequence
+                position_ids = torch.cat([torch.arange(0, device=x.device),
+                                          *(torch.arange(b - a, device=x.device) for a, b in spans)])[None]
         if position_ids is None:
             if attention_mask is not None:  # real tokens count from 0 under left padding too
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
             else:
                 position_ids = torch.arange(T, device=x.device)[None].expand(B, T)
         cos, sin = self.rotary_emb(position_ids, x.dtype)  # (B, T, hd) each
-        masks = {}  # one mask per distinct sliding window among this stage's layers
+        masks = {}  # one mask (or PackedAttention) per distinct sliding window among this stage's layers
         for layer in self.layers:
             window = layer.attn.sliding_window
-            if window not in masks:
+            if window in masks:
+                continue
+            if spans is not None:
+                masks[window] = PackedAttention.build(spans, x.device, window)
+            else:
                 masks[window] = build_attention_mask(T, x.device, attention_mask=attention_mask,
-                                                     seq_ids=seq_ids, sliding_window=window)
+                                                     sliding_window=window)
         for layer in self.layers:
             mask = masks[layer.attn.sliding_window]
             if layer.activation_checkpointing_enabled and torch.is_grad_enabled():

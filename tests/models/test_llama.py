@@ -1,6 +1,8 @@
 """hfrl's decoder against transformers' LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import LlamaForSequenceClassification
 
 from hfrl.models import weights
@@ -62,6 +64,61 @@ def test_packed_sequences_match_each_sequence_alone(pair):
     for seq, start in zip(seqs, cu_seqlens[:-1].tolist()):
         expected = ref(seq).logits
         assert (got[:, start:start + seq.shape[1]] - expected).abs().max() < TOL
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in elements) any op returns while active: forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.numel = max(self.numel, leaf.numel())
+        return out
+
+
+def _pack(lengths: list[int], seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 128, (1, n), generator=g) for n in lengths]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return seqs, cu_seqlens
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_tied", "mistral_window"])
+def test_packed_attention_memory_is_linear_in_pack_length(case):
+    """Twice the sequences in a pack: no intermediate of forward + backward may grow more than twice.
+
+    A (total x total) mask, or attention weights over the whole pack, grow four times.
+    """
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.from_hf(build_hf(case).config))
+    largest = {}
+    for num_seqs in (8, 16):
+        seqs, cu_seqlens = _pack([64] * num_seqs)
+        with _LargestTensor() as mode:
+            model(torch.cat(seqs, dim=1), cu_seqlens=cu_seqlens).logsumexp(-1).sum().backward()
+        largest[num_seqs] = mode.numel
+    assert largest[16] <= 2 * largest[8], largest
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_tied", "mistral_window", "qwen2_sliding_layers"])
+@torch.no_grad()
+def test_many_packed_sequences_match_transformers(case, tmp_path):
+    """Ragged lengths (1 up to past the sliding window), and trailing tokens after cu_seqlens[-1]."""
+    ref = build_hf(case)
+    ref.save_pretrained(tmp_path)
+    model = weights.from_pretrained(tmp_path).eval()
+    lengths = [1, 7, 3, 12, 2, 4, 5, 9, 1, 6]
+    seqs, cu_seqlens = _pack(lengths)
+    trailing = torch.randint(0, 128, (1, 3))  # one more sequence, not listed in cu_seqlens
+    got = model(torch.cat([*seqs, trailing], dim=1), cu_seqlens=cu_seqlens)  # (1, 53, V)
+    starts = cu_seqlens.tolist()
+    for seq, start in zip([*seqs, trailing], starts):
+        assert (got[:, start:start + seq.shape[1]] - ref(seq).logits).abs().max() < TOL
 
 
 @pytest.mark.parametrize("case", list(ROPE_CASES))
