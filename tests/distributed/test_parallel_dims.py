@@ -74,12 +74,37 @@ def test_hybridflow_grouping_has_zero_redundancy():
                 assert _training_shard(dims, i) in _generation_shard(dims, i)
 
 
+def _redundant_blocks(dims, index):
+    """Training blocks rank ``index`` holds while generating beyond its generation shard.
+
+    A rank keeps its own training shard through generation (it resumes training with it); the
+    shard costs extra memory exactly when it is not part of the generation shard it gathers.
+    """
+    return {_training_shard(dims, index)} - _generation_shard(dims, index)
+
+
 def test_vanilla_grouping_is_redundant_when_resharding():
+    # Figure 8, HybridFlow-V: rank 1 trains shard 1 but generates with {2, 3}, rank 2 trains 2 and
+    # generates with {0, 1}: each stores one training shard twice; ranks 0 and 3 need no copy.
     dims = ParallelDims(tp=4, tg=2, grouping="vanilla")
-    # Rank 1 trains shard 1 but generates with shard {2, 3} of gen-TP slice 1: its own shard is
-    # not part of what it generates with, so it is stored twice (HybridFlow-V's redundancy).
-    assert dims.coord(1).gen_tp == 1
-    assert dims.coord(1).tp == 1
+    assert [_redundant_blocks(dims, i) for i in range(4)] == [set(), {(0, 1)}, {(0, 2)}, set()]
+    assert _generation_shard(dims, 1) == {(0, 2), (0, 3)} and _generation_shard(dims, 2) == {(0, 0), (0, 1)}
+    for pp, tp, dp, pg, tg in LAYOUTS:
+        vanilla = ParallelDims(pp=pp, tp=tp, dp=dp, pg=pg, tg=tg, grouping="vanilla")
+        hybrid = ParallelDims(pp=pp, tp=tp, dp=dp, pg=pg, tg=tg)
+        st, sp = tp // tg, pp // pg
+        redundant = [i for i in range(vanilla.world_size) if _redundant_blocks(vanilla, i)]
+        # Vanilla gives training TP rank t the generation TP rank t % tg, whose blocks are
+        # [t % tg * st, (t % tg + 1) * st); likewise stage p generates with stages of p % pg.
+        expected = [i for i in range(vanilla.world_size)
+                    if vanilla.coord(i).tp // st != vanilla.coord(i).tp % tg
+                    or vanilla.coord(i).pp // sp != vanilla.coord(i).pp % pg]
+        assert redundant == expected, (vanilla, redundant)
+        # Redundancy exactly when some axis reshards to a degree other than 1 (all in one shard)
+        # or the training degree (nothing moves); each such rank holds 1/(pp*tp) of M extra.
+        assert bool(redundant) == (1 < tg < tp or 1 < pg < pp), vanilla
+        assert all(len(_redundant_blocks(vanilla, i)) == 1 for i in redundant)
+        assert not any(_redundant_blocks(hybrid, i) for i in range(hybrid.world_size)), hybrid
 
 
 def test_coordinates_and_generation_replicas():
