@@ -4,7 +4,10 @@
     hfrl config [CONFIG.yaml] [section.key=value ...] [--describe]
 
 Under torchrun/srun/mpirun every rank runs the same command; only rank 0 prints. A configuration
-error is reported by every rank (each would hit it before any collective) and exits with code 2.
+error is reported by every rank (each would hit it before any collective) as one line,
+`hfrl COMMAND: error: ...` naming the file (line:column), key or value, and exits with code 2.
+The dry run (`--world-size N`) loads and validates exactly as the launched run does, so both
+refuse the same configs with the same line.
 """
 from __future__ import annotations
 
@@ -72,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "process group")
     _add_config_args(layout)
     layout.add_argument("--world-size", type=int, default=None,
-                        help="dry run for N ranks without a launcher (fake backend)")
+                        help="dry run for N ranks without a launcher (fake backend); 1 to "
+                             "2^20 ranks")
     layout.add_argument("--json", action="store_true", help="print the report as JSON")
     layout.add_argument("--compact", action="store_true", help="one-line JSON")
     layout.add_argument("--all-groups", action="store_true",
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         rank, world = _rank_for_messages()
         where = f" (rank {rank}/{world})" if world > 1 else ""
-        print(f"hfrl {ns.command}: error{where}: {err}", file=sys.stderr)
+        message = " ".join(str(err).split("\n"))   # one line per rank, even for a foreign message
+        print(f"hfrl {ns.command}: error{where}: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,9 +1,16 @@
 """The one configuration schema: typed dataclasses, a YAML file, `section.key=value` overrides.
 
 Each field is documented by the string literal under it (shown by `hfrl config --describe`).
-Loading checks every key and type before anything else happens, so a bad config fails the same way
-on every rank before the first collective. Derived values are computed where they are used and
-never written back into the config.
+Loading checks every key, type and value (`Config.validate`) before anything else happens, so a
+bad config fails the same way on every rank, in a dry run and in the launched run, before the
+first collective; errors are one line naming the file (with line:column), key or value. Derived
+values are computed where they are used and never written back into the config.
+
+Sections are each component's own dataclass, defined once: `engine` is the training engine's
+`EngineConfig` (model folder, dtype, micro-batching, and `engine.optim`, the `OptimConfig`).
+A role's engine is `engine`, then value_head=true for the value models (critic, reward, cost),
+then the role's own `roles.<role>.engine` overrides, key by key (`Config.engine_for`).
+`hfrl.run` takes its config through `resolve_for_run`.
 """
 from __future__ import annotations
 
@@ -12,16 +19,42 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ROLE_NAMES = ("actor", "critic", "ref", "reward", "cost")
+from hfrl.distributed.parallel_dims import GROUPINGS
+from hfrl.distributed.resource_pool import MAX_WORLD_SIZE, PLACEMENT_MODES, ROLE_NAMES
+from hfrl.engine.train_engine import EngineConfig
+
+# What hfrl.distributed.env.pick_backend accepts (tests/test_config.py checks they agree).
+BACKENDS = ("auto", "gloo", "nccl")
+MAX_TIMEOUT_S = 365 * 24 * 3600.0
+VALUE_ROLES = ("critic", "reward", "cost")
+ALGORITHMS = ("ppo", "grpo", "remax", "safe_rlhf")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+TRUNCATIONS = ("error", "left", "right")
+
+__all__ = ["ALGORITHMS", "BACKENDS", "MAX_TIMEOUT_S", "MAX_WORLD_SIZE", "ROLE_NAMES", "Config",
+           "EngineConfig", "describe", "dump_yaml", "load_config", "parse_override",
+           "resolve_for_run"]
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} {expected}")
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}: expected one of {choices}")
 
 
 @dataclass
@@ -29,9 +62,20 @@ class DistributedConfig:
     backend: str = "auto"
     """Process-group backend: 'auto' (NCCL on CUDA, else gloo), 'gloo' or 'nccl'."""
     timeout_s: float = 600.0
-    """Timeout of every collective; a dead peer surfaces as an error after this long."""
+    """Timeout of every collective, in seconds (0 < timeout_s <= 365 days); a dead peer surfaces
+    as an error after this long."""
     world_size: int | None = None
-    """Expected number of ranks; the launcher's world size must match. None accepts any."""
+    """Expected number of ranks (1 to MAX_WORLD_SIZE = 2^20); the launcher's world size must
+    match. None accepts any."""
+
+    def validate(self) -> None:
+        _choice("distributed.backend", self.backend, BACKENDS)
+        _check(0 < self.timeout_s <= MAX_TIMEOUT_S, "distributed.timeout_s", self.timeout_s,
+               f"must be a positive, finite number of seconds, at most {MAX_TIMEOUT_S:.0f} "
+               "(365 days)")
+        _check(self.world_size is None or 1 <= self.world_size <= MAX_WORLD_SIZE,
+               "distributed.world_size", self.world_size,
+               f"must be between 1 and {MAX_WORLD_SIZE} ranks, or null to accept any")
 
 
 @dataclass
@@ -52,6 +96,19 @@ class RoleConfig:
     """Generation tensor-parallel degree (actor only); None means tp. Must divide tp."""
     grouping: str = "hybridflow"
     """Generation grouping: 'hybridflow' (zero redundancy) or 'vanilla' (HybridFlow-V)."""
+    engine: dict[str, Any] = field(default_factory=dict, metadata={"overrides": EngineConfig})
+    """This role's overrides of the `engine` section, same keys, e.g. {model_path: /ckpt/critic,
+    optim: {lr: 5.0e-6}}; keys not given come from `engine` (see Config.engine_for)."""
+
+    def validate(self, where: str) -> None:
+        for name in ("pp", "tp", "pg", "tg"):
+            value = getattr(self, name)
+            _check(value is None and name in ("pg", "tg") or value is not None and value >= 1,
+                   f"{where}.{name}", value, "must be a positive integer"
+                   + (" or null (same as training)" if name in ("pg", "tg") else ""))
+        _check(self.dp == -1 or self.dp >= 1, f"{where}.dp", self.dp,
+               "must be -1 (infer from the pool size) or a positive integer")
+        _choice(f"{where}.grouping", self.grouping, GROUPINGS)
 
 
 def _role(enabled: bool = True) -> Any:
@@ -83,13 +140,237 @@ class PlacementConfig:
 
 
 @dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Prompt files (JSONL or Parquet, one prompt per row); leave empty to use `task`."""
+    val_files: list[str] = field(default_factory=list)
+    """Validation prompt files, evaluated every trainer.eval_every steps."""
+    task: str | None = None
+    """A built-in verifiable task (hfrl.data) that generates prompts and rule rewards, instead
+    of train_files."""
+    prompt_key: str = "prompt"
+    """Column of the prompt text in the files."""
+    tokenizer_path: str | None = None
+    """Local tokenizer folder; None means the actor's engine.model_path."""
+    trust_remote_code: bool = False
+    """Let transformers run Python code shipped in the tokenizer folder; only for trusted folders."""
+    max_prompt_length: int = 512
+    """Prompt tokens kept per prompt (see truncation)."""
+    truncation: str = "error"
+    """A longer prompt: 'error', or cut on the 'left' or 'right'."""
+    train_batch_size: int = 64
+    """Prompts per training step (each gets rollout.n responses)."""
+    shuffle: bool = True
+    """Shuffle the prompts every epoch (seeded by trainer.seed)."""
+
+    def validate(self) -> None:
+        if self.train_files and self.task is not None:
+            raise ValueError(f"data.train_files={self.train_files!r} and data.task="
+                             f"{self.task!r} are both set: give prompt files or a built-in task")
+        _check(bool(self.prompt_key), "data.prompt_key", self.prompt_key, "must not be empty")
+        _check(self.max_prompt_length >= 1, "data.max_prompt_length", self.max_prompt_length,
+               "must be a positive number of tokens")
+        _choice("data.truncation", self.truncation, TRUNCATIONS)
+        _check(self.train_batch_size >= 1, "data.train_batch_size", self.train_batch_size,
+               "must be a positive number of prompts")
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 256
+    """Most tokens generated per response."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability, in (0, 1]."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 disables."""
+    n: int = 1
+    """Responses sampled per prompt (GRPO needs more than one)."""
+    max_num_seqs: int = 256
+    """Sequences decoded at once per generation replica (continuous batching slots)."""
+
+    def validate(self) -> None:
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens,
+               "must be a positive number of tokens")
+        _check(0 <= self.temperature < math.inf, "rollout.temperature", self.temperature,
+               "must be a finite number >= 0 (0: greedy)")
+        _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
+        _check(self.top_k == -1 or self.top_k >= 1, "rollout.top_k", self.top_k,
+               "must be -1 (disabled) or a positive integer")
+        _check(self.n >= 1, "rollout.n", self.n, "must be a positive number of responses")
+        _check(self.max_num_seqs >= 1, "rollout.max_num_seqs", self.max_num_seqs,
+               "must be a positive integer")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "ppo"
+    """The trainer: 'ppo', 'grpo', 'remax' or 'safe_rlhf'."""
+    gamma: float = 1.0
+    """Discount factor of the advantage estimate, in [0, 1]."""
+    lam: float = 1.0
+    """GAE lambda, in [0, 1]."""
+    kl_coef: float = 0.001
+    """Weight of the KL divergence to the reference policy; 0 disables it."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimate: 'k1' (log ratio), 'k2' (squared log ratio / 2), 'k3' (low variance)."""
+    kl_in_reward: bool = True
+    """Subtract the KL from the reward (PPO, ReMax); false adds it to the loss (GRPO's way)."""
+    clip_ratio_low: float = 0.2
+    """Policy ratio clipped below at 1 - clip_ratio_low, in (0, 1)."""
+    clip_ratio_high: float = 0.2
+    """Policy ratio clipped above at 1 + clip_ratio_high (> 0)."""
+    value_clip: float = 0.5
+    """Critic predictions clipped to old value +- value_clip; 0 disables clipping."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus in the actor loss."""
+    ppo_epochs: int = 1
+    """Passes over each step's rollouts."""
+    mini_batch_size: int = 16
+    """Prompts (each with its rollout.n responses) per optimizer step; divides data.train_batch_size."""
+    group_norm_by_std: bool = True
+    """GRPO: divide each group's advantages by their standard deviation (false: only subtract the mean)."""
+    cost_limit: float = 0.0
+    """Safe-RLHF: the expected cost the policy must stay below."""
+    lagrangian_lr: float = 0.1
+    """Safe-RLHF: learning rate of the Lagrange multiplier."""
+    lagrangian_init: float = 1.0
+    """Safe-RLHF: starting Lagrange multiplier (>= 0)."""
+
+    def validate(self) -> None:
+        _choice("algorithm.name", self.name, ALGORITHMS)
+        _choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        for key, lo, hi, closed in (("gamma", 0, 1, True), ("lam", 0, 1, True),
+                                    ("clip_ratio_low", 0, 1, False)):
+            value = getattr(self, key)
+            ok = lo <= value <= hi if closed else lo < value < hi
+            _check(ok, f"algorithm.{key}", value, f"must be in {'[' if closed else '('}{lo}, {hi}"
+                                                  f"{']' if closed else ')'}")
+        for key in ("kl_coef", "value_clip", "entropy_coef", "lagrangian_init"):
+            value = getattr(self, key)
+            _check(0 <= value < math.inf, f"algorithm.{key}", value, "must be a finite number >= 0")
+        for key in ("clip_ratio_high", "lagrangian_lr"):
+            value = getattr(self, key)
+            _check(0 < value < math.inf, f"algorithm.{key}", value, "must be a positive finite number")
+        _check(math.isfinite(self.cost_limit), "algorithm.cost_limit", self.cost_limit,
+               "must be a finite number")
+        for key in ("ppo_epochs", "mini_batch_size"):
+            _check(getattr(self, key) >= 1, f"algorithm.{key}", getattr(self, key),
+                   "must be a positive integer")
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 100
+    """Training steps (one rollout batch each). engine.optim.total_steps counts optimizer steps:
+    total_steps * ppo_epochs * mini-batches per step."""
+    save_every: int = 0
+    """Save a checkpoint every this many steps (and at the end); 0: only at the end."""
+    eval_every: int = 0
+    """Evaluate on data.val_files every this many steps; 0 disables."""
+    log_every: int = 1
+    """Append metrics to metrics.jsonl every this many steps."""
+    run_dir: str = "runs/hfrl"
+    """Run directory: resolved config, metrics.jsonl, checkpoints, figures."""
+    seed: int = 0
+    """Seed of data order, sampling and any random init, in [0, 2^63)."""
+    resume: bool = True
+    """Continue from the newest checkpoint in run_dir if there is one."""
+
+    def validate(self) -> None:
+        _check(self.total_steps >= 1, "trainer.total_steps", self.total_steps,
+               "must be a positive number of steps")
+        for key in ("save_every", "eval_every"):
+            _check(getattr(self, key) >= 0, f"trainer.{key}", getattr(self, key),
+                   "must be >= 0 (0: off)")
+        _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
+        _check(bool(self.run_dir), "trainer.run_dir", self.run_dir, "must not be empty")
+        _check(0 <= self.seed < 2 ** 63, "trainer.seed", self.seed, "must be in [0, 2^63)")
+
+
+@dataclass
 class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """How processes find each other."""
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     """Which ranks each role runs on."""
     roles: RolesConfig = field(default_factory=RolesConfig)
-    """Each role's parallel layout."""
+    """Each role's parallel layout (and engine overrides)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Every role's model folder, dtype, micro-batching and optimizer (hfrl.engine's EngineConfig);
+    roles.<role>.engine overrides it per role."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts and tokenizer."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation: lengths, sampling, samples per prompt."""
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    """The RL algorithm and its coefficients."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Length of the run, checkpoints, evaluation, run directory, seed."""
+
+    def engine_for(self, role: str) -> EngineConfig:
+        """The role's engine: `engine`, then value_head=true for critic/reward/cost, then
+        `roles.<role>.engine`. A new object; the config is not changed."""
+        if role not in ROLE_NAMES:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLE_NAMES}")
+        base = self.engine
+        if role in VALUE_ROLES:
+            base = dataclasses.replace(base, value_head=True)
+        return from_dict(EngineConfig, getattr(self.roles, role).engine, f"roles.{role}.engine",
+                         base=base)
+
+    def validate(self, training: bool = False) -> None:
+        """ValueError/TypeError naming the key and value. Pure: run it on every rank before the
+        first collective. `training` also checks what a training run reads: every enabled role's
+        model folder, a prompt source, and the roles the algorithm needs."""
+        self.distributed.validate()
+        _choice("placement.mode", self.placement.mode, PLACEMENT_MODES)
+        self.engine.validate("engine", require_model_path=False)
+        for role in ROLE_NAMES:
+            getattr(self.roles, role).validate(f"roles.{role}")
+            if getattr(self.roles, role).engine:
+                self.engine_for(role).validate(f"roles.{role}.engine", require_model_path=False)
+        for section in (self.data, self.rollout, self.algorithm, self.trainer):
+            section.validate()
+        if self.data.train_batch_size % self.algorithm.mini_batch_size:
+            raise ValueError(f"algorithm.mini_batch_size={self.algorithm.mini_batch_size} must "
+                             f"divide data.train_batch_size={self.data.train_batch_size} (each "
+                             "step's prompts are cut into mini-batches)")
+        if training:
+            self._validate_training()
+
+    def _validate_training(self) -> None:
+        enabled = [r for r in ROLE_NAMES if getattr(self.roles, r).enabled]
+        name = self.algorithm.name
+        needs = {"ppo": ("critic",), "safe_rlhf": ("critic", "cost")}.get(name, ())
+        for role in needs:
+            if role not in enabled:
+                raise ValueError(f"algorithm.name={name!r} needs a {role}: set "
+                                 f"roles.{role}.enabled=true")
+        if name in ("grpo", "remax") and "critic" in enabled:
+            raise ValueError(f"algorithm.name={name!r} trains without a critic: set "
+                             "roles.critic.enabled=false")
+        if name == "grpo" and self.rollout.n < 2:
+            raise ValueError(f"rollout.n={self.rollout.n}: algorithm.name='grpo' compares the "
+                             "responses to each prompt, it needs rollout.n >= 2")
+        missing = [r for r in enabled if not self.engine_for(r).model_path]
+        if missing:
+            raise ValueError(f"engine.model_path is empty but roles {', '.join(missing)} need a "
+                             "model: set engine.model_path (and roles.<role>.engine.model_path "
+                             "for a role with its own model)")
+        for role in enabled:
+            path = self.engine_for(role).model_path
+            key = (f"roles.{role}.engine.model_path" if "model_path" in
+                   getattr(self.roles, role).engine else "engine.model_path")
+            _check((Path(path) / "config.json").is_file(), key, path,
+                   "is not a model folder (no config.json)")
+        if not self.data.train_files and self.data.task is None:
+            raise ValueError("data.train_files and data.task are both empty: give prompt files "
+                             "or a built-in task")
+        for key in ("train_files", "val_files"):
+            for i, path in enumerate(getattr(self.data, key)):
+                _check(Path(path).is_file(), f"data.{key}[{i}]", path, "is not a file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +419,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:   # 10**400: as 1e400 reads, so validation names it inf
+            return math.copysign(math.inf, value)
     if tp is float and isinstance(value, str):
         # YAML 1.1 reads "1e-6" (no dot) as a string; users write learning rates that way.
         try:
@@ -158,7 +442,8 @@ def from_dict(cls: type, data: dict, path: str = "", base: Any = None) -> Any:
     """
     obj = copy.deepcopy(base) if base is not None else cls()
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in names:
@@ -172,9 +457,22 @@ def from_dict(cls: type, data: dict, path: str = "", base: Any = None) -> Any:
                 raise TypeError(f"{where}: expected a mapping for section "
                                 f"{type(current).__name__}, got {type(value).__name__} {value!r}")
             setattr(obj, key, from_dict(type(current), value, where, base=current))
+        elif "overrides" in fields[key].metadata:
+            setattr(obj, key, _typed_overrides(fields[key].metadata["overrides"], value, where))
         else:
             setattr(obj, key, _coerce(value, hints[key], where))
     return obj
+
+
+def _typed_overrides(cls: type, data: Any, path: str) -> dict[str, Any]:
+    """A partial `cls` section: only the keys given, each checked and converted to its type."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{path}: expected a mapping of {cls.__name__} keys, got "
+                        f"{type(data).__name__} {data!r}")
+    full = from_dict(cls, data, path)        # unknown keys and wrong types fail here
+    return {key: (_typed_overrides(type(getattr(full, key)), value, f"{path}.{key}")
+                  if dataclasses.is_dataclass(getattr(full, key)) else getattr(full, key))
+            for key, value in data.items()}
 
 
 def to_dict(obj: Any) -> Any:
@@ -194,10 +492,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ValueError(f"override {text!r}: empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as err:
-        raise ValueError(f"override {text!r}: value is not valid YAML ({err})") from None
+    value = _load_yaml(raw, f"override {text!r}", in_file=False) if raw != "" else ""
     return key.split("."), value
 
 
@@ -211,21 +506,136 @@ def _set_path(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = Config):
-    """Defaults <- YAML file <- `section.key=value` overrides, validated against the schema."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise TypeError(f"{path}: expected a mapping at the top level, got "
-                            f"{type(data).__name__}")
+def _load_yaml(text: str, source: str, in_file: bool = True) -> Any:
+    """yaml.safe_load, but a duplicate key is an error and every error is one ValueError line:
+    'FILE:LINE:COL: problem' (in_file) or 'SOURCE: problem at column COL'."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, source, in_file)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        problem = err.problem or err.context or "invalid YAML"
+        if "'\\t'" in problem:
+            problem += " (YAML indents with spaces; replace the tabs)"
+        if err.context and err.problem and err.context_mark:
+            problem += f" ({err.context} on line {err.context_mark.line + 1})"
+        raise ValueError(_at(source, mark, in_file) + f"invalid YAML: {problem}") from None
+    except yaml.YAMLError as err:   # the reader's errors (control characters) carry no mark
+        raise ValueError(f"{source}: invalid YAML: {' '.join(str(err).split())}") from None
+    finally:
+        loader.dispose()
+
+
+def _at(source: str, mark: Any, in_file: bool) -> str:
+    if mark is None:
+        return f"{source}: "
+    if in_file:
+        return f"{source}:{mark.line + 1}:{mark.column + 1}: "
+    return f"{source}: at column {mark.column + 1}: "
+
+
+def _refuse_duplicate_keys(root: yaml.Node, source: str, in_file: bool) -> None:
+    """PyYAML keeps the last of two equal keys silently (a second `roles:` block drops the
+    first); walk the node tree, in document order, and refuse them naming the dotted key."""
+    stack, seen = [(root, "")], set()
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:        # aliases share nodes
+            continue
+        seen.add(id(node))
+        children = []
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or \
+                        not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = f"{path}.{key_node.value}" if path else key_node.value
+                if key_node.value in first:
+                    raise ValueError(
+                        _at(source, key_node.start_mark, in_file) + f"duplicate key '{key}' "
+                        f"(first on line {first[key_node.value] + 1}); give each key once")
+                first[key_node.value] = key_node.start_mark.line
+                children.append((value_node, key))
+        elif isinstance(node, yaml.SequenceNode):
+            children = [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        stack.extend(reversed(children))
+
+
+def _read_config_file(path: str | Path) -> dict:
+    if str(path) == "":
+        raise ValueError("config file path is empty (''): give a YAML file, or no argument for "
+                         "the defaults")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a directory, not a YAML file")
+    if not path.exists():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"config file {str(path)!r} cannot be read: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - raw.rfind(b"\n", 0, err.start)
+        raise ValueError(f"{path}:{line}:{column}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                         "save the file as UTF-8") from None
+    data = _load_yaml(text, str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TypeError(f"{path}: expected a mapping at the top level, got "
+                        f"{type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                cls: type = Config, base: Any = None, training: bool = False):
+    """Defaults (or `base`) <- YAML file <- `section.key=value` overrides, then validated.
+
+    Raises ValueError/TypeError with one line naming the file (line:column), key or value.
+    """
+    data = _read_config_file(path) if path is not None else {}
     for text in overrides:
         keys, value = parse_override(text)
         _set_path(data, keys, value)
-    return from_dict(cls, data)
+    config = from_dict(cls, data, base=base)
+    if isinstance(config, Config):
+        config.validate(training=training)
+    return config
+
+
+def resolve_for_run(config: Config | str | Path | None = None, overrides: Sequence[str] = (), *,
+                    world_size: int | None = None, training: bool = False) -> Config:
+    """The config a launched run uses, checked on every rank before its first collective.
+
+    `config` is a Config (overrides apply over it; it is not changed), a YAML path, or None for
+    the defaults. The result is validated (`Config.validate(training)`) and its placement plan
+    is built against `world_size` (default: the launcher's, from the environment; no collective
+    is made). Errors are ValueError/TypeError, the same on every rank. The run then initialises
+    with `distributed.backend` and `distributed.timeout_s`.
+    """
+    from hfrl.distributed.resource_pool import plan_for_config
+
+    if isinstance(config, Config):
+        resolved = load_config(None, overrides, base=config, training=training)
+    elif config is None or isinstance(config, (str, Path)):
+        resolved = load_config(config, overrides, training=training)
+    else:
+        raise TypeError(f"config: expected a Config, a YAML path or None, got "
+                        f"{type(config).__name__}")
+    if world_size is None:
+        from hfrl.distributed.env import detect_env
+
+        world_size = detect_env().world_size
+    plan_for_config(resolved, world_size)
+    return resolved
 
 
 def dump_yaml(config: Any) -> str:

@@ -87,3 +87,101 @@ def test_config_command(tmp_path):
     assert data["roles"]["actor"]["tp"] == 2 and data["placement"]["mode"] == "split"
     bad = hfrl("config", str(path), "oops")
     assert bad.returncode == 2 and "only the first argument may be a config file" in bad.stderr
+
+
+# ---- item 10: the dry run and the launched run reject the same inputs with the same line ------
+
+def _error_line(out, command="layout"):
+    """The single stderr line of a configuration error, without the rank prefix."""
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hfrl {command}: error: "), out.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("distributed.timeout_s=-1", "distributed.timeout_s=-1.0 "),
+    ("distributed.timeout_s=1e400", "distributed.timeout_s=inf "),
+    ("distributed.timeout_s=nan", "distributed.timeout_s=nan "),
+    pytest.param("distributed.backend=mpi", "distributed.backend='mpi'", id="backend-mpi-run"),
+])
+def test_dry_run_and_launched_run_reject_the_same_values(override, match):
+    dry = _error_line(hfrl("layout", "--world-size", "2", override))
+    launched = _error_line(hfrl("layout", override))          # a world of one, no launcher
+    assert dry == launched and match in dry, (dry, launched)
+
+
+def test_bad_files_and_arguments_name_the_input(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("roles:\n\tactor: {tp: 2}\n")
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("roles: {actor: {tp: 2}}\nroles: {critic: {tp: 2}}\n")
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("roles: !!python/object/apply:os.system ['true']\n")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"roles: {actor: {pool: caf\xe9}}\n")
+    cases = [(str(bad_yaml), f"{bad_yaml}:2:1:"), (str(dup), f"{dup}:2:1: duplicate key 'roles'"),
+             (str(unsafe), f"{unsafe}:1:8:"), (str(latin), f"{latin}:1:26: not UTF-8"),
+             (str(tmp_path), f"config file '{tmp_path}' is a directory"),
+             ("", "config file path is empty")]
+    for arg, match in cases:
+        line = _error_line(hfrl("layout", "--world-size", "2", arg))
+        assert match in line, (arg, line)
+    assert "is a directory" in _error_line(hfrl("config", str(tmp_path)), "config")
+
+
+@pytest.mark.timeout(60)   # only a hang-catcher; the assertions are on the content
+def test_dry_run_of_100000_ranks_plans_in_seconds():
+    out = hfrl("layout", "--world-size", "100000", "placement.mode=split", "roles.actor.tp=8",
+               "roles.actor.pp=5", "roles.actor.tg=2", "roles.actor.pg=1")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("world size 100000 | launcher none | backend fake (dry run) | "
+                               "placement split | ")
+    assert "  actor    50000 ranks [0..49999]     roles: actor, ref" in lines
+    assert "  critic   50000 ranks [50000..99999] roles: critic, reward" in lines
+    assert ("actor on 'actor': train pp=5 tp=8 dp=1250 | generate pg=1 tg=2 dg=20 (hybridflow)"
+            in lines)
+    assert any(line.startswith("  gen_tp    25000 x 2    [0,4] [1,5] [2,6] [3,7] [8,12]")
+               for line in lines), out.stdout
+    assert any(line.startswith("  dp          40 x 1250 [0,8,..,9992] [1,9,..,9993]")
+               for line in lines), out.stdout
+    assert any(line.startswith("  dp           1 x 50000 [50000,50001,..,99999]")
+               for line in lines), out.stdout
+    assert len(lines) < 60 and max(map(len, lines)) < 1000    # output stays readable
+
+
+@pytest.mark.timeout(60)   # hang-catcher: before the fix this took 210 s
+def test_dry_run_of_100000_colocated_ranks():
+    # The default placement: four roles on one pool, 100000 distinct size-1 groups per axis.
+    out = hfrl("layout", "--world-size", "100000", "--json", "--compact")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["num_process_groups"] == 100001          # 100000 singletons + one DP group
+    roles = report["plan"]["roles"]
+    assert list(roles) == ["actor", "critic", "ref", "reward"]
+    for info in roles.values():
+        assert info["groups"]["dp"] == [list(range(100000))]
+        assert info["groups"]["tp"][99999] == [99999] and len(info["groups"]["gen_mp"]) == 100000
+
+
+def test_absurd_world_sizes_are_refused_with_a_message():
+    line = _error_line(hfrl("layout", "--world-size", "1000000000"))
+    assert "--world-size 1000000000" in line and "at most 1048576" in line, line
+    line = _error_line(hfrl("layout", "--world-size", "0"))
+    assert "--world-size 0 must be >= 1" in line, line
+
+
+def test_describe_lists_every_trainer_setting():
+    out = hfrl("config", "--describe")
+    assert out.returncode == 0, out.stderr
+    for line in ("  engine.model_path (str, default ''): Local HF checkpoint folder",
+                 "  engine.optim.lr (float, default 1e-06): Peak learning rate",
+                 "  rollout.top_p (float, default 1.0):", "  algorithm.kl_coef (float, default",
+                 "  trainer.total_steps (int, default 100):",
+                 "  roles.critic.engine (dict[str, Any], default {}): This role's overrides"):
+        assert line in out.stdout, line
+    resolved = hfrl("config", "roles.critic.engine.optim.lr=5e-6", "engine.model_path=/m")
+    data = yaml.safe_load(resolved.stdout)
+    assert data["engine"]["model_path"] == "/m" and data["engine"]["optim"]["lr"] == 1e-6
+    assert data["roles"]["critic"]["engine"] == {"optim": {"lr": 5e-6}}

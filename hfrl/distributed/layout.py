@@ -16,16 +16,8 @@ import torch
 from hfrl.config import Config
 from hfrl.distributed.env import DistContext, detect_env, init_distributed
 from hfrl.distributed.parallel_dims import AXES, AXIS_DOCS, GroupCache, RoleGroups
-from hfrl.distributed.resource_pool import PlacementPlan, build_plan, build_process_groups
-
-
-def plan_for_config(config: Config, world_size: int) -> PlacementPlan:
-    """Validate the world size and build the plan; raises the same ValueError on every rank."""
-    expected = config.distributed.world_size
-    if expected is not None and expected != world_size:
-        raise ValueError(f"distributed.world_size={expected} but {world_size} ranks were "
-                         f"launched; launch {expected} ranks or change distributed.world_size")
-    return build_plan(config.placement, config.roles, world_size)
+from hfrl.distributed.resource_pool import (MAX_WORLD_SIZE, PlacementPlan, build_process_groups,
+                                            plan_for_config)
 
 
 def check_groups(groups: dict[str, RoleGroups], rank: int) -> dict[str, Any]:
@@ -101,6 +93,9 @@ def _dry_run(config: Config, world_size: int) -> dict[str, Any]:
 
     if world_size < 1:
         raise ValueError(f"--world-size {world_size} must be >= 1")
+    if world_size > MAX_WORLD_SIZE:
+        raise ValueError(f"--world-size {world_size}: hfrl plans for at most {MAX_WORLD_SIZE} "
+                         "ranks (MAX_WORLD_SIZE in hfrl/distributed/resource_pool.py)")
     denv = detect_env()
     if denv.world_size > 1:
         raise ValueError(f"--world-size is a dry run without a launcher, but this process was "

@@ -21,11 +21,20 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from hfrl.config import ROLE_NAMES, PlacementConfig, RoleConfig, RolesConfig
+from typing import TYPE_CHECKING
+
 from hfrl.distributed.parallel_dims import AXES, GroupCache, ParallelDims, RoleGroups, build_groups
 
+if TYPE_CHECKING:   # the schema lives above this module; plans only read its fields
+    from hfrl.config import Config, PlacementConfig, RoleConfig, RolesConfig
+
+ROLE_NAMES = ("actor", "critic", "ref", "reward", "cost")
 PLACEMENT_MODES = ("colocate", "split", "standalone", "custom")
 SPLIT_POOLS = {"actor": ("actor", "ref"), "critic": ("critic", "reward", "cost")}
+# The largest world hfrl plans for: 8x today's largest GPU clusters. A plan and its groups take
+# about 2 KiB and 80 us per rank, so this bound keeps a dry run within a few GiB and a minute
+# instead of ending in a MemoryError.
+MAX_WORLD_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -164,8 +173,24 @@ def _role_pool_names(mode: str, enabled: dict[str, RoleConfig],
     return role_pool, list(placement.pools)
 
 
+def plan_for_config(config: Config, world_size: int) -> PlacementPlan:
+    """Check the launched world size against the config and build the plan.
+
+    Pure (no collective): every rank raises the same ValueError. Used by `hfrl layout` (launched
+    and dry run alike) and by hfrl.config.resolve_for_run.
+    """
+    expected = config.distributed.world_size
+    if expected is not None and expected != world_size:
+        raise ValueError(f"distributed.world_size={expected} but {world_size} ranks were "
+                         f"launched; launch {expected} ranks or change distributed.world_size")
+    return build_plan(config.placement, config.roles, world_size)
+
+
 def build_plan(placement: PlacementConfig, roles: RolesConfig, world_size: int) -> PlacementPlan:
     """Validate the placement and every role's layout against `world_size`; pure, no collective."""
+    if not 1 <= world_size <= MAX_WORLD_SIZE:
+        raise ValueError(f"a world of {world_size} ranks: hfrl plans for 1 to {MAX_WORLD_SIZE} "
+                         "ranks (MAX_WORLD_SIZE)")
     if placement.mode not in PLACEMENT_MODES:
         raise ValueError(f"placement.mode={placement.mode!r}: expected one of {PLACEMENT_MODES}")
     enabled = {name: getattr(roles, name) for name in ROLE_NAMES if getattr(roles, name).enabled}
