@@ -12,10 +12,12 @@ each bucket starts inside the step's *last* backward, as soon as the bucket's gr
         reducer.after_backward()
     reducer.finish()                       # launch what is left, wait: grads are DP-averaged
 
-The arithmetic is that of the non-overlapped path (same buckets, same sums, same division), so
-the results are equal; only the time at which each collective starts differs. Whether that helps
-depends on the backend: NCCL runs collectives beside the compute; gloo on a CPU runs them on
-threads that compete with backward for the same cores (see ``EngineConfig.overlap_grad_reduce``).
+The arithmetic is that of the non-overlapped path: the same gradients summed over DP and divided
+by dp. Buckets follow the model's parameter order rather than the optimizer's, so at dp > 2 the
+order of the fp32 additions, and so their rounding, may differ; at dp = 2 the results are equal bit
+for bit. Whether overlap pays depends on the backend: NCCL runs collectives beside the compute;
+gloo on a CPU runs them on threads that compete with backward for the same cores (see
+``EngineConfig.overlap_grad_reduce`` for the measurement behind the CPU default).
 """
 from __future__ import annotations
 
