@@ -9,6 +9,9 @@ Rank 0 prints one JSON line per case (and one "env" line first):
   rank (rank 0 runs its share inline); ``noop_one_to_all_pool_remote``: the same on ranks 1..W-1;
   ``noop_dp_compute_1row``: a DP_COMPUTE identity call on ranks 1..W-1 with a 1-row batch (padded
   to one row per rank). ``per_rank_ms`` is the per-call time divided by the remote ranks.
+- ``replicated_one_to_all_16MB`` / ``replicated_dp_compute_tp2_16MB``: a 16 MB Batch every rank
+  (ONE_TO_ALL, pool of every rank) or both ranks of each tp2 replica (DP_COMPUTE) need;
+  ``rank0_sent_copies`` is rank 0's payload bytes over the batch's.
 - ``through_rank0_<N>MB``: rank 0 splits a batch of one float32 column over ranks 1..W-1
   (DP_COMPUTE), each returns its rows, rank 0 concatenates them (a blocking call).
 - ``chained_future_<N>MB``: a producer pool (ranks 1..) makes the batch itself from a size
@@ -44,8 +47,8 @@ import torch
 import torch.distributed as dist
 
 import hfrl
-from hfrl.controller import (DP_COMPUTE, ONE_TO_ALL, Batch, ResourcePool, Worker, WorkerGroup,
-                             get_runtime, register)
+from hfrl.controller import (DP_COMPUTE, ONE_TO_ALL, Batch, ParallelDims, ResourcePool, Worker,
+                             WorkerGroup, get_runtime, register)
 
 MB = 2**20
 ROW_FLOATS = 1024   # one 4 KiB row of float32
@@ -76,6 +79,14 @@ class BenchWorker(Worker):
             self._made[shape] = torch.full(shape, float(self.ctx.rank))
         return Batch({"x": self._made[shape]})
 
+    @register(protocol=ONE_TO_ALL)
+    def consume_all(self, batch: Batch) -> int:
+        return batch.nbytes
+
+    @register(protocol=DP_COMPUTE)
+    def consume(self, batch: Batch) -> int:
+        return batch.nbytes
+
     @register(protocol=DP_COMPUTE)
     def summarize(self, batch: Batch) -> dict:
         """A few Python numbers (a plain dict travels in the header, no tensor payload)."""
@@ -89,8 +100,8 @@ class BenchWorker(Worker):
     def probe(self) -> dict:
         """Resident memory and the transport's count of sends it still holds (private state,
         read here to show whether sent buffers are ever released)."""
-        pending = getattr(self.ctx.runtime.transport, "_pending", ())
-        return {"rss_mb": round(_rss_bytes() / MB), "pending_sends": len(pending)}
+        pending = self.ctx.runtime.transport.num_pending_sends
+        return {"rss_mb": round(_rss_bytes() / MB), "pending_sends": pending}
 
 
 def _rss_bytes() -> int:
@@ -180,7 +191,7 @@ class ByteCounters:
             return sum(count(a) - count(b) for b, a in zip(w_before, w_after))
 
         seen = workers(lambda s: _payload(s, "recv", "cmd") + _payload(s, "sent", "reply"))
-        direct = workers(lambda s: _payload(s, "sent", "data"))
+        direct = workers(lambda s: _payload(s, "sent", "data") + _payload(s, "sent", "relay"))
         return {"bytes_through_rank0": round((sent + recv) / calls),
                 "rank0_payload_sent": round(sent / calls),
                 "rank0_payload_recv": round(recv / calls),
@@ -269,6 +280,23 @@ def throughput_cases(groups: dict, cfg: dict, counters: ByteCounters, profiler: 
         del batch
 
 
+def replicated_cases(groups: dict, cfg: dict, counters: ByteCounters, profiler: Profiler) -> None:
+    """A 16 MB Batch that several ranks need whole: ONE_TO_ALL on every rank, and DP_COMPUTE at
+    tp2 (both ranks of a replica get its half). ``rank0_payload_sent`` shows whether rank 0 sends
+    it once or once per rank."""
+    size_mb = 16
+    rows = batch_rows(size_mb, 2)
+    batch = Batch({"x": torch.randn(rows, ROW_FLOATS)})
+    cases = [("replicated_one_to_all_16MB", groups["all"], lambda: groups["all"].consume_all(batch)),
+             ("replicated_dp_compute_tp2_16MB", groups["tp2"], lambda: groups["tp2"].consume(batch))]
+    for case, group, fn in cases:
+        fields, times = measure(fn, cfg["batch_iters"][16], 2, counters, profiler)
+        emit(case, size_mb=size_mb, batch_bytes=batch.nbytes, pool=list(group.pool.ranks),
+             layout=group.layout.describe(), **fields,
+             rank0_sent_copies=round(fields["rank0_payload_sent"] / batch.nbytes, 2))
+        profiler.report(case)
+
+
 def main(quick: bool, profile: bool) -> None:
     world = dist.get_world_size()
     if world < 3:
@@ -288,9 +316,14 @@ def main(quick: bool, profile: bool) -> None:
                   "producer", remote_ranks[:-num_consumers])),
               "consumer": WorkerGroup(BenchWorker, ResourcePool(
                   "consumer", remote_ranks[-num_consumers:]))}
+    if world % 2 == 0:
+        groups["tp2"] = WorkerGroup(BenchWorker, ResourcePool("tp2", tuple(range(world))),
+                                    ParallelDims(tp=2, dp=world // 2))
     counters = ByteCounters(groups["all"])
     profiler = Profiler(profile)
     noop_cases(groups, cfg, counters, profiler)
+    if "tp2" in groups:
+        replicated_cases(groups, cfg, counters, profiler)
     throughput_cases(groups, cfg, counters, profiler)
 
 

@@ -174,10 +174,11 @@ class Driver(Runtime):
 
     def _encode_call(self, call: Call, per_rank: list, plans: list[ChainPlan],
                      relays: list) -> list[tuple[int, int, Message]]:
-        """Every message of the call, encoded; only then are reply counts and releases noted."""
+        """Every message of the call, encoded; only then are reply counts and releases noted.
+        Ranks whose commands are equal (same piece, nothing rank-specific) share one encoding:
+        rank 0 pickles a ONE_TO_ALL command once, a DP_COMPUTE command once per replica."""
         ranks = call.group.pool.ranks
-        outputs = set(call.output_ranks)
-        messages, called = [], []
+        messages, called, encoded = [], [], {}
         try:
             for plan in plans:
                 messages += self._send_orders(plan, call)
@@ -187,11 +188,17 @@ class Driver(Runtime):
                 if rank == 0:
                     continue
                 cmd_args, cmd_kwargs, assemble, relay = per_rank[position]
-                cmd = {"op": "call", "cid": call.cid, "gid": call.group.gid,
-                       "method": call.method, "args": cmd_args, "kwargs": cmd_kwargs,
-                       "assemble": assemble, "relay": relay, "eager": call.eager,
-                       "want_output": rank in outputs, "release": self._release.get(rank, ())}
-                messages.append((rank, CMD, self.transport.encode_message(cmd)))
+                release = tuple(self._release.get(rank, ()))
+                piece = position if call.proto.per_rank_args else \
+                    call.proto.chunk_of(call.group.dims, position)
+                signature = (piece, repr(assemble), repr(relay), release)
+                if signature not in encoded:
+                    encoded[signature] = self.transport.encode_message(
+                        {"op": "call", "cid": call.cid, "gid": call.group.gid,
+                         "method": call.method, "args": cmd_args, "kwargs": cmd_kwargs,
+                         "assemble": assemble, "relay": relay, "eager": call.eager,
+                         "release": release})
+                messages.append((rank, CMD, encoded[signature]))
                 called.append(rank)
         except Exception as err:
             raise TypeError(f"{call.what}: its arguments cannot be sent to the workers: "

@@ -38,6 +38,7 @@ class Server(Runtime):
         self.watchdog = watchdog
         self.inbox: dict[tuple[int, str], list] = defaultdict(list)
         """Pieces this rank sent itself (producer and consumer on one rank), per (call, key)."""
+        self._outputs: dict[tuple[int, str], bool] = {}
 
     def serve(self) -> int:
         """Run rank 0's commands until shutdown (returns 0) or abort (returns 1)."""
@@ -87,7 +88,7 @@ class Server(Runtime):
             if self.watchdog is not None:
                 self.watchdog.current_call = None
         reply: dict[str, Any] = {"rows": len(value) if isinstance(value, Batch) else None}
-        if cmd["want_output"]:
+        if self._is_output_rank(cmd["gid"], cmd["method"]):
             if cmd["eager"]:
                 reply["value"] = value
             else:
@@ -96,6 +97,16 @@ class Server(Runtime):
                     reply["lengths"] = {k: row_lengths(t) for k, t in value.tensors.items()
                                         if k.endswith("mask") and t.dim() >= 2}
         return reply
+
+    def _is_output_rank(self, gid: int, method: str) -> bool:
+        """Whether the protocol collects this rank's output (the same rule rank 0 applies)."""
+        key = (gid, method)
+        if key not in self._outputs:
+            state = self.groups[gid]
+            proto = getattr(type(state.worker), method)._hfrl_protocol
+            positions = proto.output_positions(state.dims)
+            self._outputs[key] = state.pool.ranks.index(self.rank) in positions
+        return self._outputs[key]
 
     def _receive_arguments(self, cmd: dict) -> tuple[tuple, dict]:
         """Relayed and chained arguments; every piece sent for this call is read, even after

@@ -146,13 +146,18 @@ class _Reaper:
     def __init__(self):
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition()
+        self._flushing = 0    # threads in wait_all
         self._thread = threading.Thread(target=self._loop, name="hfrl-send-reaper", daemon=True)
         self._thread.start()
 
     def add(self, work, tensor: torch.Tensor) -> None:
+        # Wake the thread only when it sleeps on an empty queue: while it waits on an older
+        # send, it finds this one when that returns (a futex wake-up per message was the
+        # largest system-call cost of a no-op call).
         with self._cond:
             self._queue.append((work, tensor))
-            self._cond.notify_all()
+            if len(self._queue) == 1:
+                self._cond.notify()
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -173,11 +178,16 @@ class _Reaper:
                 pass
             with self._cond:
                 self._queue.popleft()
-                self._cond.notify_all()
+                if self._flushing and not self._queue:
+                    self._cond.notify_all()
 
     def wait_all(self, timeout: float | None = None) -> bool:
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue, timeout=timeout)
+            self._flushing += 1
+            try:
+                return self._cond.wait_for(lambda: not self._queue, timeout=timeout)
+            finally:
+                self._flushing -= 1
 
 
 @dataclass

@@ -476,3 +476,53 @@ def test_after_a_failed_chained_call_the_next_call_gets_exactly_its_rows():
     failed, after = run_ranks(4, run_main, failed_chain_main)[0]
     assert "rank 1 could not send rows 0:3" in failed
     assert after == list(range(100, 106))
+
+
+class Sink(Worker):
+    @register(protocol=ONE_TO_ALL)
+    def whole(self, batch, scale=1.0):
+        return (self.ctx.rank, batch["x"].sum().item() * scale, len(batch))
+
+    @register(protocol=DP_COMPUTE)
+    def share(self, batch):
+        return Batch({"x": batch["x"], "rank": torch.full((len(batch),), self.ctx.rank)})
+
+    @register(protocol=ONE_TO_ALL)
+    def stats(self):
+        return self.ctx.runtime.transport.stats.snapshot()
+
+
+def relay_main():
+    pool = ResourcePool("all", (0, 1, 2, 3))
+    batch = Batch({"x": torch.arange(1024 * 64, dtype=torch.float32).reshape(1024, 64)})  # 256 KiB
+    out = {}
+    for name, dims in (("dp4", ParallelDims(dp=4)), ("tp2", ParallelDims(tp=2, dp=2)),
+                       ("pp2tp2", ParallelDims(pp=2, tp=2))):
+        g = WorkerGroup(Sink, pool, dims)
+        t = hfrl.controller.get_runtime().transport.stats
+        before = t.total_payload()[0]
+        whole = g.whole(batch, scale=2.0)
+        mid = t.total_payload()[0]
+        share = g.share(batch)
+        after = t.total_payload()[0]
+        relayed = sum(s["payload_sent"].get("relay", 0) for s in g.stats())
+        out[name] = (whole, mid - before, after - mid, share["x"].equal(batch["x"]),
+                     share["rank"].tolist(), relayed)
+    return out, batch.nbytes
+
+
+def test_rank_0_sends_each_distinct_piece_once_and_the_replica_relays_it():
+    out, nbytes = run_ranks(4, run_main, relay_main)[0]
+    total = float(torch.arange(1024 * 64, dtype=torch.float32).sum()) * 2
+    for name, (whole, one_to_all, dp_compute, equal, ranks, relayed) in out.items():
+        # ONE_TO_ALL: every rank got the whole batch, rank 0 sent it once (not 3 times).
+        assert [w[0] for w in whole] == [0, 1, 2, 3] and all(w[1] == total for w in whole), name
+        assert one_to_all == nbytes, (name, one_to_all)
+        # DP_COMPUTE: each replica's share left rank 0 once, whatever tp and pp are.
+        assert equal, name
+        # dp4: rank 0 keeps its quarter and sends three; tp2: each half once (rank 1 needs
+        # replica 0's half, rank 2 replica 1's, which it relays to rank 3); pp2tp2: one copy
+        # to rank 1, relayed on to ranks 2 and 3. (Before: 3/4, 3/2 and 3 copies.)
+        assert dp_compute == {"dp4": nbytes * 3 // 4, "tp2": nbytes, "pp2tp2": nbytes}[name], \
+            (name, dp_compute)
+        assert relayed > 0, name
