@@ -301,10 +301,13 @@ class Transport:
         self.stats.header_recv[name] += _PREFIX + n_header
         self.stats.payload_recv[name] += nbytes
         self.stats.messages_recv[name] += 1
-        obj = decode(header_and_inline[:n_header].numpy().tobytes(), inline)
         if raw:
+            # The buffers are forwarded as they are while the caller uses the object: decode
+            # from a copy, so a worker changing its tensors in place cannot change what its
+            # relay children receive.
+            obj = decode(header_and_inline[:n_header].numpy().tobytes(), inline.clone())
             return obj, Message(first, body, payload, where, n_header, nbytes)
-        return obj
+        return decode(header_and_inline[:n_header].numpy().tobytes(), inline)
 
     @property
     def num_pending_sends(self) -> int:

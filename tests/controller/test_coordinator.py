@@ -481,7 +481,9 @@ def test_after_a_failed_chained_call_the_next_call_gets_exactly_its_rows():
 class Sink(Worker):
     @register(protocol=ONE_TO_ALL)
     def whole(self, batch, scale=1.0):
-        return (self.ctx.rank, batch["x"].sum().item() * scale, len(batch))
+        total = batch["x"].sum().item() * scale
+        batch["x"].zero_()    # in place: must not reach the ranks this one relays to
+        return (self.ctx.rank, total, len(batch))
 
     @register(protocol=DP_COMPUTE)
     def share(self, batch):
@@ -501,7 +503,7 @@ def relay_main():
         g = WorkerGroup(Sink, pool, dims)
         t = hfrl.controller.get_runtime().transport.stats
         before = t.total_payload()[0]
-        whole = g.whole(batch, scale=2.0)
+        whole = g.whole(batch.clone(), scale=2.0)   # rank 0 runs its share on this object
         mid = t.total_payload()[0]
         share = g.share(batch)
         after = t.total_payload()[0]
