@@ -509,7 +509,14 @@ def _set_path(data: dict, keys: list[str], value: Any) -> None:
 def _load_yaml(text: str, source: str, in_file: bool = True) -> Any:
     """yaml.safe_load, but a duplicate key is an error and every error is one ValueError line:
     'FILE:LINE:COL: problem' (in_file) or 'SOURCE: problem at column COL'."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as err:   # a control character: found before any parsing
+        column = err.position - text.rfind("\n", 0, err.position) - 1
+        mark = yaml.Mark(source, err.position, text.count("\n", 0, err.position), column, None,
+                         None)
+        raise ValueError(_at(source, mark, in_file) + f"invalid YAML: character "
+                         f"{chr(err.character)!r} is not allowed ({err.reason})") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -524,7 +531,7 @@ def _load_yaml(text: str, source: str, in_file: bool = True) -> Any:
         if err.context and err.problem and err.context_mark:
             problem += f" ({err.context} on line {err.context_mark.line + 1})"
         raise ValueError(_at(source, mark, in_file) + f"invalid YAML: {problem}") from None
-    except yaml.YAMLError as err:   # the reader's errors (control characters) carry no mark
+    except yaml.YAMLError as err:   # any other error, without a mark
         raise ValueError(f"{source}: invalid YAML: {' '.join(str(err).split())}") from None
     finally:
         loader.dispose()

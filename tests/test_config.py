@@ -89,6 +89,8 @@ def _one_line_error(exc_info) -> str:
     ("roles:\n  actor: {tp: 2\n", r"job\.yaml:3:1: invalid YAML: .* on line 2"),     # syntax error
     ("roles:\n\tactor: {tp: 2}\n", r"job\.yaml:2:1: .*tab"),                       # tab indent
     ("x: !!python/object:os.system {}\n", r"job\.yaml:1:4: .*python/object"),      # unsafe tag
+    ("roles: {}\nx: \"a\x01\"\n", r"job\.yaml:2:6: invalid YAML: character '\\x01'"),  # control
+    ("a: 1\n---\nb: 2\n", r"job\.yaml:2:1: invalid YAML: .*single document"),          # two docs
 ])
 def test_malformed_yaml_names_file_line_and_column(tmp_path, text, match):
     path = tmp_path / "job.yaml"
