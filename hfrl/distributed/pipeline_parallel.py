@@ -166,8 +166,8 @@ class PipelineSchedule:
         ``after_backward()`` runs after each micro-batch's backward (the engine moves bf16 grads
         into fp32 accumulators there).
         """
+        self._check_micro_batches(micro_batches)  # first: collective, the same outcome on every stage
         scales = self._loss_scales(loss_scales, len(micro_batches))
-        self._check_micro_batches(micro_batches)
         state = _StepState(training=True, loss_fn=loss_fn, scales=scales, model_kwargs=model_kwargs or {},
                            after_backward=after_backward)
         self._run(pipeline_ops(self.schedule, self.num_stages, self.stage, len(micro_batches)), micro_batches, state)
@@ -321,20 +321,18 @@ class PipelineSchedule:
         shapes) runs identically on every stage; only when they disagree do the stages exchange
         their shape lists, again all of them, so every stage raises the same message.
         """
+        if self.num_stages > 1:  # first, so that a stage given none does not leave the others waiting
+            shapes = [_micro_batch_shapes(mb) for mb in micro_batches]
+            digest = int.from_bytes(hashlib.sha256(repr(shapes).encode()).digest()[:7], "big")  # < 2**56
+            local = torch.tensor([len(shapes), digest], dtype=torch.int64, device=self.device)
+            both = torch.cat([local, -local])
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+            if both[:2].tolist() != (-both[2:]).tolist():
+                per_stage: list[Any] = [None] * self.num_stages
+                dist.all_gather_object(per_stage, shapes, group=self.group)
+                raise ValueError(_disagreement(per_stage))
         if len(micro_batches) == 0:
             raise ValueError("no micro-batches given: a pipeline step needs at least one")
-        if self.num_stages == 1:
-            return
-        shapes = [_micro_batch_shapes(mb) for mb in micro_batches]
-        digest = int.from_bytes(hashlib.sha256(repr(shapes).encode()).digest()[:7], "big")  # < 2**56: int64
-        local = torch.tensor([len(shapes), digest], dtype=torch.int64, device=self.device)
-        both = torch.cat([local, -local])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
-        if both[:2].tolist() == (-both[2:]).tolist():
-            return
-        per_stage: list[Any] = [None] * self.num_stages
-        dist.all_gather_object(per_stage, shapes, group=self.group)
-        raise ValueError(_disagreement(per_stage))
 
     @staticmethod
     def _loss_scales(loss_scales, num_micro_batches: int) -> list[float]:
