@@ -3,7 +3,8 @@
 Under a launcher every rank builds its groups, runs one all-reduce on each of them and checks the
 result, and rank 0 compares every rank's view of the plan before printing it. With `--world-size N`
 and no launcher it is a dry run: rank 0 of a fake N-rank world builds every group through the same
-code (`torch.distributed`'s fake backend), so a 1024-rank plan can be checked on a laptop.
+code (`torch.distributed`'s fake backend), so a 100k-rank plan can be checked on a laptop in
+seconds. Both paths load and validate the config the same way, so they refuse the same configs.
 """
 from __future__ import annotations
 
