@@ -42,11 +42,6 @@ ALGORITHMS = ("ppo", "grpo", "remax", "safe_rlhf")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 TRUNCATIONS = ("error", "left", "right")
 
-__all__ = ["ALGORITHMS", "BACKENDS", "MAX_TIMEOUT_S", "MAX_WORLD_SIZE", "ROLE_NAMES", "Config",
-           "EngineConfig", "describe", "dump_yaml", "load_config", "parse_override",
-           "resolve_for_run"]
-
-
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ValueError(f"{key}={value!r} {expected}")
@@ -98,7 +93,8 @@ class RoleConfig:
     """Generation grouping: 'hybridflow' (zero redundancy) or 'vanilla' (HybridFlow-V)."""
     engine: dict[str, Any] = field(default_factory=dict, metadata={"overrides": EngineConfig})
     """This role's overrides of the `engine` section, same keys, e.g. {model_path: /ckpt/critic,
-    optim: {lr: 5.0e-6}}; keys not given come from `engine` (see Config.engine_for)."""
+    optim: {lr: 5.0e-6}}. Keys not given come from `engine`, except that critic, reward and cost
+    start from value_head: true (see Config.engine_for)."""
 
     def validate(self, where: str) -> None:
         for name in ("pp", "tp", "pg", "tg"):
