@@ -54,6 +54,10 @@ class ResourcePool:
         """Global rank -> position in the pool (computed once: pools can hold 100k ranks)."""
         return {rank: i for i, rank in enumerate(self.ranks)}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pools travel in commands: send the ranks, not the cached index of them.
+        return {k: v for k, v in self.__dict__.items() if k != "positions"}
+
 
 @dataclass(frozen=True)
 class RolePlacement:

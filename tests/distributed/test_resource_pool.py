@@ -72,3 +72,15 @@ def test_plan_is_plain_data_and_deterministic():
     assert a["roles"]["actor"]["groups"]["micro_dp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert a["roles"]["actor"]["layout"] == {"pp": 1, "tp": 4, "dp": 2, "pg": 1, "tg": 2,
                                              "dg": 2, "grouping": "hybridflow"}
+
+
+def test_pool_membership_is_indexed_and_pickles_small():
+    import pickle
+
+    from hfrl.distributed.resource_pool import ResourcePool
+
+    pool = ResourcePool("all", tuple(range(0, 200000, 2)))
+    size = len(pickle.dumps(pool))
+    assert 199998 in pool and 3 not in pool and pool.positions[10] == 5
+    copy = pickle.loads(pickle.dumps(pool))
+    assert len(pickle.dumps(pool)) == size and copy == pool and 10 in copy   # no cached index sent
