@@ -453,11 +453,19 @@ def from_dict(cls: type, data: dict, path: str = "", base: Any = None) -> Any:
                 raise TypeError(f"{where}: expected a mapping for section "
                                 f"{type(current).__name__}, got {type(value).__name__} {value!r}")
             setattr(obj, key, from_dict(type(current), value, where, base=current))
-        elif "overrides" in fields[key].metadata:
-            setattr(obj, key, _typed_overrides(fields[key].metadata["overrides"], value, where))
+        elif "overrides" in fields[key].metadata:   # merged key by key into the base's
+            setattr(obj, key, _typed_overrides(fields[key].metadata["overrides"],
+                                               _merged(current, value), where))
         else:
             setattr(obj, key, _coerce(value, hints[key], where))
     return obj
+
+
+def _merged(base: Any, update: Any) -> Any:
+    """`update` over `base`, recursively where both are mappings."""
+    if not isinstance(base, dict) or not isinstance(update, dict):
+        return update
+    return {**base, **{k: _merged(base.get(k), v) for k, v in update.items()}}
 
 
 def _typed_overrides(cls: type, data: Any, path: str) -> dict[str, Any]:

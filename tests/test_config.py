@@ -281,6 +281,9 @@ def test_resolve_for_run(tmp_path):
     again = resolve_for_run(base, ["roles.actor.tp=2"], world_size=2)
     assert again.distributed.timeout_s == 5.0 and again.roles.actor.tp == 2
     assert base.roles.actor.tp == 1                                  # the argument is not changed
+    critic = load_config(None, ["roles.critic.engine={model_path: /c, optim: {lr: 2e-6}}"])
+    merged = resolve_for_run(critic, ["roles.critic.engine.optim.eps=1e-6"], world_size=1)
+    assert merged.roles.critic.engine == {"model_path": "/c", "optim": {"lr": 2e-6, "eps": 1e-6}}
     with pytest.raises(ValueError, match=r"^distributed.timeout_s=-1.0 "):
         resolve_for_run(Config(distributed=DistributedConfig(timeout_s=-1.0)), world_size=1)
     with pytest.raises(ValueError, match=r"pp=1 x tp=2 = 2 does not divide the pool of 3 ranks"):
