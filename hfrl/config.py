@@ -149,7 +149,7 @@ class DataConfig:
     tokenizer_path: str | None = None
     """Local tokenizer folder; None means the actor's engine.model_path."""
     trust_remote_code: bool = False
-    """Let transformers run Python code shipped in the tokenizer folder; only for trusted folders."""
+    """Let transformers run Python code shipped in the tokenizer folder (trusted folders only)."""
     max_prompt_length: int = 512
     """Prompt tokens kept per prompt (see truncation)."""
     truncation: str = "error"
@@ -210,7 +210,8 @@ class AlgorithmConfig:
     kl_coef: float = 0.001
     """Weight of the KL divergence to the reference policy; 0 disables it."""
     kl_estimator: str = "k1"
-    """Per-token KL estimate: 'k1' (log ratio), 'k2' (squared log ratio / 2), 'k3' (low variance)."""
+    """Per-token KL estimate: 'k1' (log ratio), 'k2' (squared log ratio / 2) or 'k3' (low
+    variance)."""
     kl_in_reward: bool = True
     """Subtract the KL from the reward (PPO, ReMax); false adds it to the loss (GRPO's way)."""
     clip_ratio_low: float = 0.2
@@ -224,9 +225,11 @@ class AlgorithmConfig:
     ppo_epochs: int = 1
     """Passes over each step's rollouts."""
     mini_batch_size: int = 16
-    """Prompts (each with its rollout.n responses) per optimizer step; divides data.train_batch_size."""
+    """Prompts (each with its rollout.n responses) per optimizer step; must divide
+    data.train_batch_size."""
     group_norm_by_std: bool = True
-    """GRPO: divide each group's advantages by their standard deviation (false: only subtract the mean)."""
+    """GRPO: divide each group's advantages by their standard deviation (false: only subtract
+    the mean)."""
     cost_limit: float = 0.0
     """Safe-RLHF: the expected cost the policy must stay below."""
     lagrangian_lr: float = 0.1
@@ -248,7 +251,8 @@ class AlgorithmConfig:
             _check(0 <= value < math.inf, f"algorithm.{key}", value, "must be a finite number >= 0")
         for key in ("clip_ratio_high", "lagrangian_lr"):
             value = getattr(self, key)
-            _check(0 < value < math.inf, f"algorithm.{key}", value, "must be a positive finite number")
+            _check(0 < value < math.inf, f"algorithm.{key}", value,
+                   "must be a positive finite number")
         _check(math.isfinite(self.cost_limit), "algorithm.cost_limit", self.cost_limit,
                "must be a finite number")
         for key in ("ppo_epochs", "mini_batch_size"):
