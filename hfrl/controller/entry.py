@@ -46,9 +46,12 @@ def run(main: Callable[..., Any], *args, config: Any = None, backend: str | None
         timeout_s: float | None = None, **kwargs) -> Any:
     """Run `main(*args, **kwargs)` on rank 0 as the single controller; serve on other ranks.
 
-    `config`: an `hfrl.config.Config` (or a YAML path), validated on every rank before the
-    first collective; its `distributed.backend` and `distributed.timeout_s` set up the process
-    groups, and workers see it as `self.ctx.config`. `backend`/`timeout_s` override it.
+    `config`: an `hfrl.config.Config` or a YAML path, validated on every rank before the first
+    collective, with its placement plan checked against the launched world
+    (`hfrl.config.resolve_for_run`): a bad config fails every rank the same way, with no rank
+    waiting for another. Its `distributed.backend` and `distributed.timeout_s` set up the process
+    groups; workers see it as `self.ctx.config`, the program as `get_runtime().config`.
+    `backend`/`timeout_s` given here win over the config's.
 
     Returns main's result on rank 0 and None on the others. If main raises, every rank exits
     non-zero: rank 0 re-raises, the others raise SystemExit(1).
@@ -95,8 +98,6 @@ def run(main: Callable[..., Any], *args, config: Any = None, backend: str | None
 def _resolve_config(config: Any) -> Any:
     if config is None:
         return None
-    from hfrl import config as config_module
+    from hfrl.config import resolve_for_run
 
-    if isinstance(config, config_module.Config):
-        return config
-    return config_module.load_config(config)
+    return resolve_for_run(config)

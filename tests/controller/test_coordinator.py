@@ -528,3 +528,36 @@ def test_rank_0_sends_each_distinct_piece_once_and_the_replica_relays_it():
         assert dp_compute == {"dp4": nbytes * 3 // 4, "tp2": nbytes, "pp2tp2": nbytes}[name], \
             (name, dp_compute)
         assert relayed > 0, name
+
+
+class ConfigReader(Worker):
+    @register(protocol=ONE_TO_ALL)
+    def read(self):
+        cfg = self.ctx.config
+        return (cfg.engine.optim.lr, cfg.roles.critic.tp, self.ctx.runtime.ctx.timeout_s)
+
+
+def config_main():
+    g = WorkerGroup(ConfigReader, ResourcePool("all", (0, 1)))
+    return g.read(), hfrl.controller.get_runtime().config.trainer.total_steps
+
+
+def run_with_config(rank, world, config):
+    try:
+        return hfrl.run(config_main, config=config)
+    except (ValueError, TypeError) as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def test_run_receives_the_validated_config_and_refuses_a_bad_one_on_every_rank(tmp_path):
+    from hfrl.config import load_config
+
+    good = load_config(None, ["engine.optim.lr=0.25", "distributed.timeout_s=42",
+                              "trainer.total_steps=7"])
+    out = run_ranks(2, run_with_config, good)
+    assert out[0] == ([(0.25, 1, 42.0), (0.25, 1, 42.0)], 7) and out[1] is None
+    # Rejected before any collective, identically on both ranks (a hang would time out).
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("roles:\n  actor:\n    tp: 3\n")
+    out = run_ranks(2, run_with_config, str(bad), timeout=60)
+    assert out[0] == out[1] and out[0].startswith("ValueError") and "tp" in out[0], out
