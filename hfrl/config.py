@@ -65,9 +65,9 @@ class DistributedConfig:
 
     def validate(self) -> None:
         _choice("distributed.backend", self.backend, BACKENDS)
-        _check(0 < self.timeout_s <= MAX_TIMEOUT_S, "distributed.timeout_s", self.timeout_s,
-               f"must be a positive, finite number of seconds, at most {MAX_TIMEOUT_S:.0f} "
-               "(365 days)")
+        _check(1 <= self.timeout_s <= MAX_TIMEOUT_S, "distributed.timeout_s", self.timeout_s,
+               f"must be a finite number of seconds from 1 to {MAX_TIMEOUT_S:.0f} (365 days); "
+               "below a millisecond torch.distributed rounds it to no time at all")
         _check(self.world_size is None or 1 <= self.world_size <= MAX_WORLD_SIZE,
                "distributed.world_size", self.world_size,
                f"must be between 1 and {MAX_WORLD_SIZE} ranks, or null to accept any")

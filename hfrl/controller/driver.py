@@ -117,6 +117,8 @@ class Driver(Runtime):
         """Replies nobody will wait for; the name is kept while an error would be news."""
         self._expected: dict[int, int] = defaultdict(int)   # replies still to come, per rank
         self._orphans: list[RemoteError] = []
+        self._errors_seen: set[int] = set()   # calls whose RemoteError the program was given
+        self._names: dict[int, str] = {}      # call id -> 'role.method', for late errors
 
     # ---- issuing -------------------------------------------------------------------------
     def _post_cmd(self, rank: int, cmd: dict | Message) -> None:
@@ -165,6 +167,7 @@ class Driver(Runtime):
         per_rank, plans, relays = self._distribute(call, args, kwargs)
         messages = self._encode_call(call, per_rank, plans, relays)
         self._next_cid += 1
+        self._names[call.cid] = call.what
         for rank, channel, msg in messages:   # nothing is sent before everything encoded
             self.transport.post(msg, rank, channel)
         if include_self:
@@ -224,6 +227,7 @@ class Driver(Runtime):
         because another rank failed first): report another rank's non-timeout failure of the
         same call if there is one, else the local error."""
         call.error_seen = True
+        self._errors_seen.add(call.cid)
         if self.watchdog is not None:
             self.watchdog.interrupt(call.cid, call.group.pool.ranks)
         root, lost = None, None
@@ -306,7 +310,8 @@ class Driver(Runtime):
                 piece = value[chunk] if isinstance(value, list) else value
                 if not isinstance(value, ChainPlan) and _relayable(piece):
                     shared[key] = piece
-            if sum(_nbytes(v) for v in shared.values()) > self.transport.INLINE_MAX:
+            if len(receivers) > 1 and \
+                    sum(_nbytes(v) for v in shared.values()) > self.transport.INLINE_MAX:
                 tree.update(_tree(receivers, RELAY_FANOUT))
                 relayed[chunk] = set(shared)
                 relays.append((receivers[0], shared))
@@ -441,8 +446,8 @@ class Driver(Runtime):
             self._orphans.clear()
             if rest:
                 first.add_note(f"({rest} more dropped call(s) failed too)")
-            first.add_note("this call's Future was dropped without being waited for; its "
-                           "error is raised at the next call or wait")
+            first.add_note("nobody waited for this call's Future; its error is raised at the "
+                           "next call or wait, or when the program ends")
             raise first
 
     def wait_status(self, call: Call) -> None:
@@ -451,6 +456,7 @@ class Driver(Runtime):
                 call.statuses[rank] = self._reply(rank, call.cid, "status")
             if rank != 0 and not call.statuses[rank]["ok"]:
                 call.error_seen = True    # the other ranks' errors of this call are not news
+                self._errors_seen.add(call.cid)
                 self._check(call.statuses[rank], call.group.name, call.method)
 
     def resolve(self, call: Call) -> Any:
@@ -496,13 +502,21 @@ class Driver(Runtime):
 
     # ---- ending ----------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Collect every reply still in flight (so each worker's sends complete, and so a
-        dropped call's error is seen), then stop every rank."""
+        """Collect every reply still in flight (so each worker's sends complete), then stop
+        every rank. Any error among them, or among replies kept for futures nobody resolved,
+        that the program was never given is raised here: no error is silent."""
         for rank in range(1, self.world_size):
             while self._expected[rank] > 0:
                 msg = self._recv_reply(rank, "shutdown")
                 if (rank, msg["cid"]) in self._discard:
                     self._discarded(rank, msg)
+                else:
+                    self._stash[(rank, msg["cid"], msg["kind"])] = msg
+        for (rank, cid, _), msg in sorted(self._stash.items()):
+            if not msg["ok"] and cid not in self._errors_seen:
+                self._errors_seen.add(cid)
+                self._orphans.append(_remote_error(msg, self._names.get(cid, "?.?")))
+        self._stash.clear()
         self.check_orphans()
         for rank in range(1, self.world_size):
             self._post_cmd(rank, {"op": "shutdown"})

@@ -9,8 +9,10 @@ So every rank runs two small threads over a gloo group of their own:
            BYE first; any other end of that connection (SIGKILL, OOM kill, a crash) fails the
            receive at once: rank r reports "rank r+1 is lost" to rank 0 (NOTE channel).
     ctl:   every rank but 0 waits on a receive from rank 0: ABORT (rank 0 failed: exit now),
-           INTERRUPT (rank 0's own share of call c failed: if this rank is still inside call c
-           after the grace period, it is waiting for rank 0 in a collective: exit), or BYE. A
+           INTERRUPT (rank 0's own share of call c failed: a rank that has not started call c
+           skips it; one still inside it after the grace period may be waiting for rank 0 in
+           a collective, and exits: rank 0's failure inside its own share is fatal unless the
+           other ranks of that call finish it within the grace period), or BYE. A
            failed receive means rank 0 is gone.
     note:  (rank 0) receives LOST reports and, at shutdown, DONE from every rank.
 
@@ -50,11 +52,15 @@ class Watchdog:
 
     def __init__(self, rank: int, world_size: int, grace_s: float = 3.0):
         self.rank, self.world_size, self.grace_s = rank, world_size, grace_s
-        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+        # A receive here waits for the whole job: any error on it means the peer is gone, so
+        # it must never time out (gloo's timeout would also close the connection).
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365 * 100))
         self.ending = threading.Event()
         """Set by the main thread once it handles a failure itself (or shuts down cleanly)."""
         self.current_call: tuple[int, str] | None = None
         """(call id, 'role.method') the main thread is executing (workers)."""
+        self.interrupted: set[int] = set()
+        """Calls whose rank-0 share failed: a worker that has not started one yet skips it."""
         self._threads: dict[str, threading.Thread] = {}
         self._lost: set[int] = set()
         self._lock = threading.Lock()
@@ -142,6 +148,7 @@ class Watchdog:
                 # ends the ordinary way; if it has not after the grace period, end it here.
                 self._later(self._abort_if_alive)
             if kind == INTERRUPT:
+                self.interrupted.add(value)
                 self._later(self._still_inside, value)
 
     def _note_loop(self) -> None:

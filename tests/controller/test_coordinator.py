@@ -419,15 +419,26 @@ def dropped_main():
     return first
 
 
-def run_catching(rank, world, main):
+def run_catching(rank, world, main, *args):
     """hfrl.run(main) on every rank; rank 0 returns ('returned', value) or the RemoteError it
     raised, the others their exit code."""
     try:
-        return ("returned", hfrl.run(main))
+        return ("returned", hfrl.run(main, *args))
     except RemoteError as err:
         return ("raised", err.rank, err.method, err.remote_message)
     except SystemExit as exit_:
         return ("exit", exit_.code)
+
+
+def held_main(kept):
+    g = WorkerGroup(Producer, ResourcePool("w", (1, 2, 3)), ParallelDims(dp=3), name="scorer")
+    kept.append(g.boom(ids(6), blocking=False))   # alive, never waited for, fails on rank 2
+    return "returned"
+
+
+def test_an_error_of_a_future_nobody_waited_for_is_raised_when_the_program_ends():
+    out = run_ranks(4, run_catching, held_main, [])
+    assert out[0] == ("raised", 2, "boom", "bad rows [2, 3]")
 
 
 def test_errors_of_dropped_futures_are_raised_at_the_next_wait_and_at_shutdown():

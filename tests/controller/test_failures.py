@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent('''
                 raise KeyError("missing reward column")
             if MODE == "kill" and self.ctx.rank == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
-            if MODE == "rank0_share":        # rank 0 fails before a collective the rest entered
+            if MODE.startswith("rank0_share"):   # rank 0 fails before a collective the rest entered
                 import torch.distributed as dist
                 if self.ctx.rank == 0:
                     raise ValueError("rank 0's own share failed")
@@ -48,8 +48,14 @@ SCRIPT = textwrap.dedent('''
                     raise RuntimeError("rank 3 failed before the all-reduce")
             return self.ctx.rank
 
+        @register(protocol=ONE_TO_ALL)
+        def nap(self, seconds):
+            time.sleep(seconds)
+
     def main():
         group = WorkerGroup(Victim, ResourcePool("all", (0, 1, 2, 3)))
+        if MODE == "rank0_share_late":        # rank 1 is still busy with an earlier call
+            WorkerGroup(Victim, ResourcePool("one", (1,))).nap(6, blocking=False)
         if MODE == "rank0_dies":
             far = WorkerGroup(Victim, ResourcePool("far", (2, 3)))
             os._exit(3)
@@ -134,6 +140,16 @@ def test_rank_0_failing_in_its_own_share_ends_the_job_within_seconds(tmp_path):
     assert 'raise ValueError("rank 0' in results[0][1]           # the traceback
     for code, text in results[1:]:
         assert "rank 0 failed" in text, text
+
+
+def test_rank_0_failing_ends_the_job_even_for_a_rank_still_in_an_earlier_call(tmp_path):
+    # Rank 1 is still in a 6 s call when rank 0's share of the next call fails; when rank 1
+    # reaches that call it must not enter it (it would wait for rank 0 for 600 s).
+    start = time.time()
+    results = launch_plain(tmp_path, "rank0_share_late", timeout_env="600")
+    assert time.time() - start < HANG_BOUND_S
+    assert all(code != 0 for code, _ in results), results
+    assert "ValueError: rank 0's own share failed" in results[0][1]
 
 
 def test_a_worker_killed_while_others_wait_in_a_collective_ends_the_job(tmp_path):

@@ -93,10 +93,15 @@ def test_dispatch_benchmark_quick_under_torchrun():
     assert env["launcher"] == "torchrun" and env["backend"] == "gloo" and env["quick"] is True
     assert set(cases) == {"noop_one_to_all_pool_all", "noop_one_to_all_pool_remote",
                           "noop_dp_compute_1row", "through_rank0_1MB", "chained_future_1MB",
-                          "through_rank0_16MB", "chained_future_16MB"}
+                          "through_rank0_16MB", "chained_future_16MB",
+                          "replicated_one_to_all_16MB", "replicated_dp_compute_tp2_16MB"}
     for name, case in cases.items():
         assert 0 < case["min_ms"] <= case["median_ms"] <= case["p90_ms"], name
-        assert case["bytes_through_rank0"] == case["bytes_through_rank0_seen_by_workers"], name
+        if not name.startswith("replicated"):   # relayed bytes: workers cannot tell the source
+            assert case["bytes_through_rank0"] == case["bytes_through_rank0_seen_by_workers"], name
+    # Rank 0 sends a batch that every rank (or each tp2 replica) needs exactly once.
+    assert cases["replicated_one_to_all_16MB"]["rank0_sent_copies"] == 1.0
+    assert cases["replicated_dp_compute_tp2_16MB"]["rank0_sent_copies"] == 1.0
     for name in ("noop_one_to_all_pool_all", "noop_one_to_all_pool_remote"):
         assert cases[name]["bytes_through_rank0"] == 0 and cases[name]["remote_ranks"] == 3
     # A 1-row batch padded to 3 rows of one float32, each row 16-byte aligned, out and back.
