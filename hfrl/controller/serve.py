@@ -117,9 +117,12 @@ class Server(Runtime):
         relayed: dict[str, Any] = {}
         if cmd.get("relay"):
             relay = cmd["relay"]
-            relayed, msg = self.transport.recv(relay["parent"], RELAY, raw=True)
-            for child in relay["children"]:
-                self.transport.post(msg, child, RELAY)
+            if relay["children"]:
+                relayed, msg = self.transport.recv(relay["parent"], RELAY, raw=True)
+                for child in relay["children"]:
+                    self.transport.post(msg, child, RELAY)
+            else:    # a leaf: nothing to forward, so no copy to decode from
+                relayed = self.transport.recv(relay["parent"], RELAY)
         chained, errors = {}, []
         for key, pieces in cmd["assemble"].items():
             chained[key] = []
