@@ -55,7 +55,8 @@ def test_missing_file_and_non_mapping(tmp_path):
 def test_override_values_are_yaml():
     assert parse_override("a.b=null") == (["a", "b"], None)
     # YAML 1.1 reads 1e-3 as a string; float fields accept it, in files and overrides alike.
-    assert load_config(None, ["distributed.timeout_s=1e-3"]).distributed.timeout_s == 1e-3
+    assert load_config(None, ["distributed.timeout_s=1e3"]).distributed.timeout_s == 1e3
+    assert load_config(None, ["engine.optim.lr=1e-3"]).engine.optim.lr == 1e-3
     assert parse_override("a.b=x=y") == (["a", "b"], "x=y")
 
 
@@ -123,7 +124,7 @@ def test_duplicate_keys_in_an_override_value():
 
 @pytest.mark.parametrize("value,shown", [
     ("-1", "-1.0"), ("0", "0.0"), ("1e400", "inf"), ("nan", "nan"), (".inf", "inf"),
-    ("-.inf", "-inf"), ("1e30", "1e+30"),
+    ("-.inf", "-inf"), ("1e30", "1e+30"), ("1e-7", "1e-07"), ("0.5", "0.5"),
 ])
 def test_bad_timeouts_name_key_and_value(value, shown):
     with pytest.raises(ValueError) as err:

@@ -166,8 +166,11 @@ class PipelineSchedule:
         ``after_backward()`` runs after each micro-batch's backward (the engine moves bf16 grads
         into fp32 accumulators there).
         """
-        self._check_micro_batches(micro_batches)  # first: collective, the same outcome on every stage
-        scales = self._loss_scales(loss_scales, len(micro_batches))
+        try:
+            scales, scales_error = self._loss_scales(loss_scales, len(micro_batches)), None
+        except ValueError as err:   # raised on every stage by the check below, not here alone
+            scales, scales_error = None, err
+        self._check_micro_batches(micro_batches, scales_error)  # collective: same outcome everywhere
         state = _StepState(training=True, loss_fn=loss_fn, scales=scales, model_kwargs=model_kwargs or {},
                            after_backward=after_backward)
         self._run(pipeline_ops(self.schedule, self.num_stages, self.stage, len(micro_batches)), micro_batches, state)
@@ -313,24 +316,32 @@ class PipelineSchedule:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
 
-    def _check_micro_batches(self, micro_batches: Sequence[MicroBatch]) -> None:
+    def _check_micro_batches(self, micro_batches: Sequence[MicroBatch],
+                             local_error: ValueError | None = None) -> None:
         """ValueError on every stage unless all stages were given micro-batches of the same shapes.
 
         The receives are sized from each micro-batch's input_ids, so a stage given other shapes
         would wait forever (or read garbage). One all-reduce of (count, digest of the per-micro-batch
         shapes) runs identically on every stage; only when they disagree do the stages exchange
         their shape lists, again all of them, so every stage raises the same message.
+        `local_error` (e.g. bad loss scales on this stage) is raised on every stage the same way.
         """
         if self.num_stages > 1:  # first, so that a stage given none does not leave the others waiting
             shapes = [_micro_batch_shapes(mb) for mb in micro_batches]
             digest = int.from_bytes(hashlib.sha256(repr(shapes).encode()).digest()[:7], "big")  # < 2**56
             local = torch.tensor([len(shapes), digest], dtype=torch.int64, device=self.device)
-            both = torch.cat([local, -local])
+            failed = torch.tensor([int(local_error is not None)], dtype=torch.int64, device=self.device)
+            both = torch.cat([local, -local, failed])
             dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
-            if both[:2].tolist() != (-both[2:]).tolist():
+            if both[:2].tolist() != (-both[2:4]).tolist():
                 per_stage: list[Any] = [None] * self.num_stages
                 dist.all_gather_object(per_stage, shapes, group=self.group)
                 raise ValueError(_disagreement(per_stage))
+            if both[4].item() and local_error is None:
+                raise ValueError("another stage of this pipeline was given invalid loss scales (it "
+                                 "raised the reason); every stage must be given the same loss_scales")
+        if local_error is not None:
+            raise local_error
         if len(micro_batches) == 0:
             raise ValueError("no micro-batches given: a pipeline step needs at least one")
 

@@ -197,6 +197,15 @@ def mismatch_body(rank, world_size, path: str) -> dict:
                 out[case, call] = "no error"
             except ValueError as err:
                 out[case, call] = f"ValueError: {err}"
+    # Equal micro-batches, but the last stage is given 3 loss scales for 4 micro-batches: every
+    # stage must raise (that one with the reason), none may wait for a transfer.
+    mbs = [{"input_ids": mb["input_ids"]} for mb in micro_batches(0, 4)]
+    try:
+        sched.train_step(mbs, lambda logits, mb: (logits.float().mean(), {}),
+                         loss_scales=[0.25] * (3 if last else 4))
+        out["scales"] = "no error"
+    except ValueError as err:
+        out["scales"] = f"ValueError: {err}"
     return out
 
 
@@ -285,6 +294,8 @@ def _check_mismatch_report(report):
             # every stage raises, and the same error: no stage is left waiting for a transfer
             assert all(m.startswith("ValueError: ") and "stages disagree" in m for m in messages), (case, messages)
             assert len(set(messages)) == 1, (case, call, messages)
+    assert all(r["scales"].startswith("ValueError: ") for r in report), [r["scales"] for r in report]
+    assert "3 loss scales for 4 micro-batches" in report[-1]["scales"]
     assert "micro-batch 0" in report[0]["shape", "forward_only"], report[0]["shape", "forward_only"]
     assert "(9, 3)" in report[0]["shape", "forward_only"] and "(3, 9)" in report[0]["shape", "forward_only"]
     assert "4 micro-batches" in report[0]["count", "forward_only"] and "3 micro-batches" in report[0]["count", "forward_only"]
