@@ -74,6 +74,8 @@ class ChainPlan:
     producer: Call
     runs: dict[int, list[tuple[int, int, int]]]
     """Consumer rank -> [(producer rank, start row, end row)] in order."""
+    meta: dict = field(default_factory=dict)
+    """The meta of the producer's first output, which the joined value carries."""
 
 
 class Future:
@@ -287,7 +289,10 @@ class Driver(Runtime):
                     mine[key] = Remote(key, "relayed")
                 else:
                     mine[key] = value[chunk] if isinstance(value, list) else value
-            assemble = {k: v.runs[rank] for k, v in pieces.items() if isinstance(v, ChainPlan)}
+            # Each chained argument: its runs, and the meta the joined value would carry (the
+            # first output's), whichever producer rank this rank's first rows come from.
+            assemble = {k: {"runs": v.runs[rank], "meta": v.meta}
+                        for k, v in pieces.items() if isinstance(v, ChainPlan)}
             pos_args = tuple(mine[f"#{i}"] for i in range(len(args)))
             per_rank.append((pos_args, {k: mine[k] for k in kwargs}, assemble,
                              relay_tree.get(rank)))
@@ -394,7 +399,8 @@ class Driver(Runtime):
                 by_chunk[chunk] = [(producer.output_ranks[i], lo, hi)
                                    for i, lo, hi in planning.runs(rows, logical)]
             plan_runs[rank] = by_chunk[chunk]
-        return ChainPlan(key=key, producer=producer, runs=plan_runs)
+        meta = producer.statuses[producer.output_ranks[0]].get("meta") or {}
+        return ChainPlan(key=key, producer=producer, runs=plan_runs, meta=meta)
 
     def _send_orders(self, plan: ChainPlan, consumer: Call) -> list[tuple[int, int, Message]]:
         """One command per producer rank: the runs to send, to which consumer, in order."""

@@ -99,6 +99,7 @@ class Server(Runtime):
                 if isinstance(value, Batch):   # lets a balanced consumer regroup by tokens
                     reply["lengths"] = {k: row_lengths(t) for k, t in value.tensors.items()
                                         if k.endswith("mask") and t.dim() >= 2}
+                    reply["meta"] = value.meta   # small; a chained consumer's pieces carry it
         return reply
 
     def _is_output_rank(self, gid: int, method: str) -> bool:
@@ -124,9 +125,9 @@ class Server(Runtime):
             else:    # a leaf: nothing to forward, so no copy to decode from
                 relayed = self.transport.recv(relay["parent"], RELAY)
         chained, errors = {}, []
-        for key, pieces in cmd["assemble"].items():
+        for key, spec in cmd["assemble"].items():
             chained[key] = []
-            for src, lo, hi in pieces:
+            for src, lo, hi in spec["runs"]:
                 if src == self.rank:
                     piece = self.inbox[(cmd["cid"], key)].pop(0)
                 else:
@@ -145,7 +146,9 @@ class Server(Runtime):
             if v.kind == "relayed":
                 return relayed[key]
             pieces = chained[key]
-            return Batch.concat(pieces, check_meta=False) if len(pieces) > 1 else pieces[0]
+            batch = Batch.concat(pieces, check_meta=False) if len(pieces) > 1 else pieces[0]
+            batch.meta = dict(cmd["assemble"][key]["meta"])   # as in the joined value
+            return batch
 
         args = tuple(value(f"#{i}", a) for i, a in enumerate(cmd["args"]))
         return args, {k: value(k, v) for k, v in cmd["kwargs"].items()}

@@ -293,7 +293,8 @@ class Producer(Worker):
     def _grow(self, batch, k):
         ids = (batch["id"][:, None] * k + torch.arange(k)).reshape(-1)
         return Batch({"id": ids, "attention_mask": batch["attention_mask"].repeat_interleave(k, 0),
-                      "rank": torch.full((len(ids),), self.ctx.rank)})
+                      "rank": torch.full((len(ids),), self.ctx.rank)},
+                     meta={"producer_rank": self.ctx.rank})
 
     @register(protocol=DP_COMPUTE_BALANCED)
     def balanced(self, batch, k=1):
@@ -324,7 +325,8 @@ class Producer(Worker):
 
     @register(protocol=DP_COMPUTE)
     def take(self, batch):
-        return Batch({"id": batch["id"], "rank": torch.full((len(batch),), self.ctx.rank)})
+        return Batch({"id": batch["id"], "rank": torch.full((len(batch),), self.ctx.rank),
+                      "meta_rank": torch.full((len(batch),), batch.meta.get("producer_rank", -1))})
 
     @register(protocol=DP_COMPUTE_BALANCED)
     def take_balanced(self, batch):
@@ -365,8 +367,10 @@ def chained_reorder_main(cases):
         direct = getattr(consumer, consumer_method)(getattr(producer, method)(batch, k=k))
         chained = getattr(consumer, consumer_method)(
             getattr(producer, method)(batch, k=k, blocking=False))
+        meta = ((direct["meta_rank"].tolist(), chained["meta_rank"].tolist())
+                if consumer_method == "take" else None)
         results.append((direct["id"].tolist(), chained["id"].tolist(),
-                        direct["rank"].tolist(), chained["rank"].tolist()))
+                        direct["rank"].tolist(), chained["rank"].tolist(), meta))
     producer = WorkerGroup(Producer, ResourcePool("p", (1, 2)), ParallelDims(dp=2))
     consumer = WorkerGroup(Producer, ResourcePool("c", (3,)))
     try:
@@ -396,10 +400,11 @@ def test_chained_future_of_a_reordering_call_equals_the_direct_call():
     cases.append(((1, 2), ParallelDims(dp=2), "balanced", 2, (3,), ParallelDims(dp=1), "take",
                   7, 3))
     results, mismatch = run_ranks(4, run_main, chained_reorder_main, cases)[0]
-    for case, (direct, chained, direct_ranks, chained_ranks) in zip(cases, results):
+    for case, (direct, chained, direct_ranks, chained_ranks, meta) in zip(cases, results):
         assert chained == direct, case
         if case[6] == "take":                 # the same consumer rank got each row
             assert chained_ranks == direct_ranks, case
+            assert meta[0] == meta[1], case   # and the same Batch meta (the first output's)
     assert "not a whole number of rows per input row" in mismatch
 
 
