@@ -123,9 +123,8 @@ class Driver(Runtime):
         self._names: dict[int, str] = {}      # call id -> 'role.method', for late errors
 
     # ---- issuing -------------------------------------------------------------------------
-    def _post_cmd(self, rank: int, cmd: dict | Message) -> None:
-        msg = cmd if isinstance(cmd, Message) else self._encode_cmd(rank, cmd)
-        self.transport.post(msg, rank, CMD)
+    def _post_cmd(self, rank: int, cmd: dict) -> None:
+        self.transport.post(self._encode_cmd(rank, cmd), rank, CMD)
 
     def _encode_cmd(self, rank: int, cmd: dict) -> Message:
         if self._release.get(rank):
@@ -274,7 +273,7 @@ class Driver(Runtime):
                     raise TypeError(f"{call.what} uses {proto.name}: argument {key!r} holds a "
                                     "Future; pass future.result() instead")
             pieces = {key: list(value) for key, value in named.items()}
-            relay_tree, relayed = {}, {}
+            relay_tree, relayed, relays = {}, {}, []
         else:
             pieces = self._split_batches(call, named)
             relay_tree, relayed, relays = self._relay_plan(call, pieces)
@@ -297,7 +296,7 @@ class Driver(Runtime):
             per_rank.append((pos_args, {k: mine[k] for k in kwargs}, assemble,
                              relay_tree.get(rank)))
         plans = [v for v in pieces.values() if isinstance(v, ChainPlan)]
-        return per_rank, plans, relays if not proto.per_rank_args else []
+        return per_rank, plans, relays
 
     def _relay_plan(self, call: Call, pieces: dict):
         """Large pieces shared by several ranks go from rank 0 to one of them and down a tree

@@ -129,13 +129,20 @@ def test_rank_0_dying_leaves_no_rank_behind(tmp_path):
         assert code != 0 and "lost contact with rank 0" in text, (code, text)
 
 
+def launch_failing_fast(tmp_path, mode):
+    """launch_plain with the default 600 s collective timeout: every rank must end non-zero
+    long before it (within HANG_BOUND_S)."""
+    start = time.time()
+    results = launch_plain(tmp_path, mode, timeout_env="600")
+    assert time.time() - start < HANG_BOUND_S
+    assert all(code != 0 for code, _ in results), results
+    return results
+
+
 def test_rank_0_failing_in_its_own_share_ends_the_job_within_seconds(tmp_path):
     # Ranks 1-3 are inside an all-reduce that rank 0 never joins; the collective timeout is
     # 600 s. They must learn of rank 0's failure at once, and rank 0 must show its traceback.
-    start = time.time()
-    results = launch_plain(tmp_path, "rank0_share", timeout_env="600")
-    assert time.time() - start < HANG_BOUND_S
-    assert all(code != 0 for code, _ in results), results
+    results = launch_failing_fast(tmp_path, "rank0_share")
     assert "ValueError: rank 0's own share failed" in results[0][1]
     assert 'raise ValueError("rank 0' in results[0][1]           # the traceback
     for code, text in results[1:]:
@@ -145,21 +152,15 @@ def test_rank_0_failing_in_its_own_share_ends_the_job_within_seconds(tmp_path):
 def test_rank_0_failing_ends_the_job_even_for_a_rank_still_in_an_earlier_call(tmp_path):
     # Rank 1 is still in a 6 s call when rank 0's share of the next call fails; when rank 1
     # reaches that call it must not enter it (it would wait for rank 0 for 600 s).
-    start = time.time()
-    results = launch_plain(tmp_path, "rank0_share_late", timeout_env="600")
-    assert time.time() - start < HANG_BOUND_S
-    assert all(code != 0 for code, _ in results), results
+    results = launch_failing_fast(tmp_path, "rank0_share_late")
     assert "ValueError: rank 0's own share failed" in results[0][1]
 
 
 def test_a_worker_killed_while_others_wait_in_a_collective_ends_the_job(tmp_path):
     # No launcher agent (as under srun/mpirun): rank 3 is SIGKILLed while ranks 0-2 wait for
     # it in an all-reduce whose timeout is 600 s. The job must end within seconds, naming it.
-    start = time.time()
-    results = launch_plain(tmp_path, "kill_in_collective", timeout_env="600")
-    assert time.time() - start < HANG_BOUND_S
+    results = launch_failing_fast(tmp_path, "kill_in_collective")
     assert results[3][0] == -9
-    assert all(code != 0 for code, _ in results), results
     assert "rank 3" in results[0][1] and ("lost" in results[0][1]), results[0][1]
 
 
