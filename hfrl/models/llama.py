@@ -37,9 +37,15 @@ sequence's own (L_i, L_i) block, so memory is linear in the pack length (a slidi
 than a sequence adds an (L_i, L_i) mask for that sequence only). The sequence boundaries are read
 on the host once per forward; a varlen flash kernel can replace the loop on GPU without changing
 this interface.
+
+With ``attention=<AttentionBackend>`` the forward reads and writes a KV cache instead (generation,
+``hfrl.rollout``): the batch is one packed row of new tokens with explicit ``position_ids``, and the
+backend, which knows which sequence each token belongs to, stores each layer's keys and values and
+computes the attention over the cache.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -118,9 +124,25 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class AttentionBackend(abc.ABC):
+    """Attention that reads keys and values from somewhere other than this forward's tokens (a KV cache).
+
+    ``Decoder.forward(..., attention=backend)`` hands every layer's rotated q (1, nh, T, hd) and new k, v
+    (1, nkv, T, hd) of a packed row to ``backend.attend``, which stores k and v (e.g. into a paged cache)
+    and returns the attention output (1, nh, T, hd). The rollout engine implements it; the model itself
+    knows nothing of caches or devices beyond this call.
+    """
+
+    @abc.abstractmethod
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               sliding_window: int | None) -> torch.Tensor:
+        """Store k, v of this forward's tokens for layer ``layer_idx`` and return their attention output."""
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx  # global: the KV cache's layer under pipeline parallelism too
         # Local head counts: a TP wrapper divides these by tp and keeps [q_i; k_i; v_i] rows.
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -131,7 +153,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.o_proj_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: "torch.Tensor | PackedAttention | None") -> torch.Tensor:
+                attn_mask: "torch.Tensor | PackedAttention | AttentionBackend | None") -> torch.Tensor:
         B, T, _ = x.shape
         nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -141,7 +163,9 @@ class Attention(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if isinstance(attn_mask, PackedAttention):
+        if isinstance(attn_mask, AttentionBackend):
+            y = attn_mask.attend(self.layer_idx, q, k, v, self.sliding_window)  # (1, nh, T, hd)
+        elif isinstance(attn_mask, PackedAttention):
             y = attn_mask.attend(q, k, v, enable_gqa=nh != nkv)  # (1, nh, T, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
@@ -275,9 +299,19 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, hidden_states: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, return_hidden: bool = False,
+                attention: AttentionBackend | None = None) -> torch.Tensor:
         x = self._embed(input_ids, hidden_states)  # (B, T, H)
         B, T, _ = x.shape
+        if attention is not None:  # a KV cache: the backend knows the sequences, positions come given
+            if position_ids is None or attention_mask is not None or cu_seqlens is not None:
+                raise ValueError("attention=<backend> takes position_ids and no attention_mask/cu_seqlens")
+            cos, sin = self.rotary_emb(position_ids, x.dtype)
+            for layer in self.layers:
+                x = layer(x, cos, sin, attention)
+            if self.norm is not None:
+                x = self.norm(x)
+            return x if return_hidden or not self.has_head else self.head(x)
         if attention_mask is not None and cu_seqlens is not None:
             raise ValueError("pass either attention_mask (padded batch) or cu_seqlens (packed), not both")
         spans = None

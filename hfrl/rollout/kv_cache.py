@@ -1,0 +1,173 @@
+"""The paged KV cache: fixed-size blocks, a reference-counted block allocator, and the attention
+backends through which the model reads and writes it.
+
+Layout. Keys and values of all layers live in two tensors of shape
+(num_layers, num_blocks, block_size, num_kv_heads, head_dim), allocated once per engine and
+reused across calls (no per-step allocation). A sequence's tokens are addressed through its row
+of a block table: token ``p`` lives in block ``table[p // block_size]`` at offset
+``p % block_size``; its flat slot is ``block * block_size + offset``.
+
+Sharing. Blocks carry reference counts: the ``n`` samples of one prompt point at the same prompt
+blocks (count ``n``), and only the last, partially filled prompt block is copied for each sample
+(copy-on-write at fork time, the one write every sample is about to make). A block returns to the
+free list when its count drops to zero. Allocation and freeing work on tensors of block ids, one
+call per step for all sequences.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from hfrl.models.llama import AttentionBackend, PackedAttention
+
+
+def _available_host_bytes() -> int:
+    """MemAvailable of /proc/meminfo (what the kernel could hand out without swapping)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: the CUDA allocator's view on GPUs, MemAvailable on the host."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return _available_host_bytes()
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    num_layers: int
+    num_kv_heads: int  # local to this rank under tensor parallelism
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Keys and values of one block across all layers."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+
+class PagedKVCache:
+    """Block storage plus a reference-counted free list; every method is batched over sequences."""
+
+    def __init__(self, shape: CacheShape, num_blocks: int, device: torch.device):
+        if num_blocks < 1:
+            raise ValueError(f"a KV cache needs at least one block, got num_blocks={num_blocks}")
+        self.shape, self.num_blocks, self.device = shape, num_blocks, device
+        dims = (shape.num_layers, num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
+        self.k = torch.empty(dims, dtype=shape.dtype, device=device)
+        self.v = torch.empty(dims, dtype=shape.dtype, device=device)
+        self.refcount = torch.zeros(num_blocks, dtype=torch.int32)
+        # Free list as a stack; popped from the top. Host tensors: the scheduler runs on the CPU.
+        self._free = torch.arange(num_blocks - 1, -1, -1, dtype=torch.int64)
+        self._top = num_blocks
+        self.peak_used = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.shape.block_size
+
+    @property
+    def num_free(self) -> int:
+        return self._top
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self._top
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.shape.bytes_per_block
+
+    def reset(self) -> None:
+        """Forget every allocation (after a failed call); the storage stays."""
+        self.refcount.zero_()
+        self.peak_used = 0
+        self._free = torch.arange(self.num_blocks - 1, -1, -1, dtype=torch.int64)
+        self._top = self.num_blocks
+
+    def allocate(self, count: int) -> torch.Tensor:
+        """``count`` fresh blocks (refcount 1), int64 (count,)."""
+        if count > self._top:
+            raise RuntimeError(f"KV cache allocator: {count} blocks asked, {self._top} free "
+                               "(the scheduler must check num_free first)")
+        blocks = self._free[self._top - count:self._top].clone()
+        self._top -= count
+        self.refcount[blocks] = 1
+        self.peak_used = max(self.peak_used, self.num_used)
+        return blocks
+
+    def share(self, blocks: torch.Tensor, times: int) -> None:
+        """Add ``times`` references to each of ``blocks`` (n samples pointing at one prompt block)."""
+        self.refcount.index_add_(0, blocks, torch.full_like(blocks, times, dtype=torch.int32))
+
+    def release(self, blocks: torch.Tensor) -> None:
+        """Drop one reference per entry of ``blocks`` (repeats allowed); blocks reaching 0 are freed."""
+        if blocks.numel() == 0:
+            return
+        self.refcount.index_add_(0, blocks, torch.full_like(blocks, -1, dtype=torch.int32))
+        touched = blocks.unique()
+        freed = touched[self.refcount[touched] == 0]
+        if bool((self.refcount[touched] < 0).any()):
+            raise RuntimeError("KV cache allocator: a block was released more often than referenced")
+        self._free[self._top:self._top + freed.numel()] = freed
+        self._top += freed.numel()
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the contents of blocks ``src`` into ``dst`` in every layer (copy-on-write)."""
+        if src.numel():
+            index = dst.to(self.device)
+            self.k.index_copy_(1, index, self.k.index_select(1, src.to(self.device)))
+            self.v.index_copy_(1, index, self.v.index_select(1, src.to(self.device)))
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (T, nkv, hd) of one layer at flat ``slots`` (T,)."""
+        shape = (-1, self.shape.num_kv_heads, self.shape.head_dim)
+        self.k[layer].view(shape).index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer].view(shape).index_copy_(0, slots, v.to(self.v.dtype))
+
+
+class PrefillAttention(AttentionBackend):
+    """Prefill of a packed row of whole sequences: store every token's K/V, attend within each span.
+
+    A sequence prefilled here has no cached prefix (a new prompt, or a preempted sequence
+    recomputed from its tokens), so attention is the packed causal attention of the training path.
+    """
+
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, spans: list[tuple[int, int]]):
+        self.cache, self.slots, self.spans = cache, slots, spans
+        self._packed: dict[int | None, PackedAttention] = {}
+
+    def attend(self, layer_idx, q, k, v, sliding_window):
+        self.cache.write(layer_idx, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        packed = self._packed.get(sliding_window)
+        if packed is None:
+            packed = self._packed[sliding_window] = PackedAttention.build(self.spans, q.device, sliding_window)
+        return packed.attend(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class DecodeAttention(AttentionBackend):
+    """One new token per sequence: store its K/V, attend over the sequence's cached blocks."""
+
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor):
+        self.cache, self.slots, self.block_tables, self.seq_lens = cache, slots, block_tables, seq_lens
+
+    def attend(self, layer_idx, q, k, v, sliding_window):
+        from hfrl_kernels.decode_attention import decode_attention
+
+        self.cache.write(layer_idx, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        out = decode_attention(q[0].transpose(0, 1), self.cache.k[layer_idx], self.cache.v[layer_idx],
+                               self.block_tables, self.seq_lens, sliding_window=sliding_window)  # (N, nh, hd)
+        return out.transpose(0, 1)[None]  # (1, nh, N, hd)

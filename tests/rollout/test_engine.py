@@ -1,0 +1,137 @@
+"""The rollout engine against transformers' generate, against itself under other schedules, and
+against the training engine's log-probs."""
+import re
+
+import pytest
+import torch
+
+from hfrl.engine.train_engine import EngineConfig, TrainEngine
+from hfrl.models import weights
+from hfrl.rollout import RolloutEngine, SamplingParams
+from tests.models._hf import build_hf
+
+# Larger weights than HF's default init: random tiny models then produce varied, not repeated, tokens.
+INIT = dict(initializer_range=0.3, max_position_embeddings=96)
+PROMPTS = [[1, 5, 9, 3, 4], [7, 8], list(range(10, 23)), [3] * 8, [100, 2, 50]]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """case -> (transformers model, checkpoint folder)."""
+    out = {}
+    for case in ("llama_gqa_tied", "qwen2_bias", "mistral_window"):
+        ref = build_hf(case, **INIT)
+        path = tmp_path_factory.mktemp(case)
+        ref.save_pretrained(path)
+        out[case] = (ref, path)
+    return out
+
+
+def engine_for(path, **kwargs):
+    return RolloutEngine(weights.from_pretrained(path).eval(), block_size=kwargs.pop("block_size", 4),
+                         kv_cache_bytes=kwargs.pop("kv_cache_bytes", 1 << 22), **kwargs)
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_tied", "qwen2_bias", "mistral_window"])
+def test_greedy_equals_transformers_generate(saved, case):
+    ref, path = saved[case]
+    eos = ref.generation_config.eos_token_id  # generate stops there; the engine stops on the same id
+    stops = [eos] if eos is not None else []
+    out = engine_for(path).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=stops))
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([prompt])
+        expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+        assert out.samples[i].token_ids == expected, (case, i)
+        assert out.samples[i].finish_reason == ("stop" if expected[-1] == eos else "length")
+    assert len({tuple(s.token_ids) for s in out.samples}) == len(PROMPTS)  # not a degenerate model
+
+
+SAMPLED = dict(temperature=0.9, top_k=40, top_p=0.9, max_new_tokens=20, stop_token_ids=[5, 17])
+
+
+def _assert_same(a, b, atol=1e-5):
+    assert [s.token_ids for s in a.samples] == [s.token_ids for s in b.samples]
+    assert [s.finish_reason for s in a.samples] == [s.finish_reason for s in b.samples]
+    for x, y in zip(a.samples, b.samples):
+        torch.testing.assert_close(x.log_probs, y.log_probs, atol=atol, rtol=0)
+
+
+def test_continuous_batching_equals_each_request_alone(saved):
+    _, path = saved["qwen2_bias"]
+    params = [SamplingParams(seed=10 + i, **SAMPLED) for i in range(len(PROMPTS))]
+    params[1] = SamplingParams(temperature=0, max_new_tokens=13)  # greedy and sampled rows mixed
+    engine = engine_for(path, max_num_seqs=2)  # 5 requests through 2 slots: admitted as others finish
+    together = engine.generate(PROMPTS, params)
+    alone = [engine.generate([p], q).samples[0] for p, q in zip(PROMPTS, params)]
+    _assert_same(together, type(together)(alone))
+    reasons = {s.finish_reason for s in together.samples}
+    assert reasons == {"stop", "length"}, reasons  # both ends exercised
+    assert together.stats["prefill_steps"] > 1  # later requests really joined a running batch
+
+
+@pytest.mark.parametrize("prompt_len", [8, 9])  # a whole number of blocks, and a partial last block
+def test_prefix_shared_samples_equal_independent_requests(saved, prompt_len):
+    _, path = saved["llama_gqa_tied"]
+    prompt = list(range(3, 3 + prompt_len))
+    engine = engine_for(path)
+    shared = engine.generate([prompt], SamplingParams(n=6, seed=100, **SAMPLED))
+    assert shared.stats["prefill_tokens"] == prompt_len  # the prompt was prefilled once
+    independent = engine.generate([prompt] * 6, [SamplingParams(seed=100 + i, **SAMPLED) for i in range(6)])
+    _assert_same(shared, independent)
+    assert len({tuple(s.token_ids) for s in shared.samples}) > 1  # the samples differ
+    assert shared.stats["kv_peak_blocks_used"] < independent.stats["kv_peak_blocks_used"]
+
+
+def test_preemption_under_a_small_budget_gives_the_same_tokens(saved):
+    _, path = saved["llama_gqa_tied"]
+    params = [SamplingParams(temperature=0, max_new_tokens=30), SamplingParams(n=3, seed=3, **SAMPLED)]
+    prompts = [PROMPTS[2], PROMPTS[0]]
+    large = engine_for(path).generate(prompts, params)
+    small_engine = engine_for(path, block_size=4)
+    per_block = small_engine.shape.bytes_per_block
+    small_engine.kv_cache_bytes = 12 * per_block  # one 13 + 30 token sequence needs 11 blocks
+    small = small_engine.generate(prompts, params)
+    assert small.stats["preemptions"] > 0 and small.stats["kv_blocks"] == 12
+    _assert_same(small, large, atol=1e-4)  # recomputed by prefill, not decode: last-bit differences
+
+
+def test_log_probs_equal_train_engine(saved):
+    _, path = saved["qwen2_bias"]
+    train = TrainEngine(EngineConfig(model_path=str(path)))
+    prompts = PROMPTS[:3]
+    out = RolloutEngine(train.model, block_size=4, kv_cache_bytes=1 << 22).generate(
+        prompts, SamplingParams(n=2, temperature=0.7, seed=0, max_new_tokens=16))
+    rows = [prompts[s.prompt_index] + s.token_ids for s in out.samples]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    expected = train.compute_log_probs({"input_ids": ids, "attention_mask": mask}, temperature=0.7)
+    for row, s in enumerate(out.samples):
+        start = len(prompts[s.prompt_index]) - 1  # column t predicts token t + 1
+        torch.testing.assert_close(s.log_probs, expected[row, start:start + len(s.token_ids)], atol=1e-4, rtol=0)
+
+
+def test_bad_input_is_refused_and_the_engine_stays_usable(saved):
+    _, path = saved["llama_gqa_tied"]
+    engine = engine_for(path)
+    ok = SamplingParams(temperature=0, max_new_tokens=4)
+    cases = [
+        (([list(range(96))], ok), "max_model_len=96"),
+        (([[]], ok), "prompts[0] is empty"),
+        (([[1, 2]], SamplingParams(n=0)), "params[0].n=0"),
+        (([[1, 2]], SamplingParams(top_p=0.0)), "top_p=0.0"),
+        (([[1, 2]], SamplingParams(top_p=1.5)), "top_p=1.5"),
+        (([[1, 128]], ok), "token id 128 outside the vocabulary [0, 128)"),
+        (([[1, 2]], SamplingParams(stop_token_ids=[-1])), "stop_token_ids"),
+        (([[1, 2], [3]], [ok]), "1 SamplingParams for 2 prompts"),
+    ]
+    for (prompts, params), message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            engine.generate(prompts, params)
+    tiny = engine_for(path, block_size=4)
+    tiny.kv_cache_bytes = 2 * tiny.shape.bytes_per_block
+    with pytest.raises(ValueError, match=r"needs 4 KV blocks .* holds 2 blocks"):
+        tiny.generate([[1, 2, 3]], SamplingParams(max_new_tokens=12))
+    assert engine.generate([[1, 2]], ok).samples[0].token_ids == engine.generate([[1, 2]], ok).samples[0].token_ids
+    assert tiny.generate([[1, 2, 3]], ok).samples[0].token_ids == engine.generate([[1, 2, 3]], ok).samples[0].token_ids
