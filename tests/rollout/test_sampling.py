@@ -1,0 +1,96 @@
+"""The batched sampler: its distribution, its filters, its independence from the batch; the block allocator."""
+import pytest
+import torch
+
+from hfrl.rollout.kv_cache import CacheShape, PagedKVCache
+from hfrl.rollout.sampling import _filter, sample, token_log_probs, uniform_from_counters
+
+
+def test_counter_uniforms_are_uniform_and_pure():
+    seeds = torch.arange(200).repeat_interleave(500)
+    steps = torch.arange(500).repeat(200)
+    u = uniform_from_counters(seeds, steps)
+    assert torch.equal(u, uniform_from_counters(seeds, steps))
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)  # 100000 draws, 10000 expected per bin
+    assert float((counts - 10000).abs().max()) < 400  # ~4 sigma
+    assert u.unique().numel() == u.numel()
+
+
+def _filter_loop(probs, top_k, top_p):
+    """One row at a time, as the definitions read."""
+    out = torch.zeros_like(probs)
+    for row, (p, k, tp) in enumerate(zip(probs, top_k.tolist(), top_p.tolist())):
+        values, order = p.sort(descending=True)
+        kept, mass = 0, 0.0
+        for value, index in zip(values.tolist(), order.tolist()):
+            if kept >= k or (kept > 0 and mass >= tp * float(p.sum())):
+                break
+            out[row, index] = value
+            kept, mass = kept + 1, mass + value
+    return out
+
+
+def test_top_k_top_p_filter_equals_the_definition():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(12, 50) * 2, dim=-1)
+    top_k = torch.tensor([50, 1, 3, 10, 50, 50, 7, 50, 2, 50, 20, 5])
+    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.9, 0.8, 0.05, 0.99, 0.3, 1.0, 0.7], dtype=torch.float64)
+    torch.testing.assert_close(_filter(probs, top_k, top_p, True), _filter_loop(probs, top_k, top_p))
+    k_only = _filter(probs, top_k, torch.ones(12, dtype=torch.float64), False)
+    torch.testing.assert_close(k_only, _filter_loop(probs, top_k, torch.ones(12)))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(-1, 1.0), (3, 1.0), (-1, 0.7)])
+def test_sampled_frequencies_match_the_filtered_distribution(top_k, top_p):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    n, temperature = 20000, 0.8
+    tokens, log_probs = sample(logits.expand(n, -1), torch.full((n,), temperature), torch.full((n,), top_k),
+                               torch.full((n,), top_p, dtype=torch.float64), torch.full((n,), 7), torch.arange(n))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    expected = _filter_loop(probs[None], torch.tensor([8 if top_k < 0 else top_k]), torch.tensor([top_p]))[0]
+    expected = expected / expected.sum()
+    freq = torch.bincount(tokens, minlength=8).float() / n
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert bool(((freq - expected).abs() <= 5 * sigma + 1e-9).all()), (freq, expected)
+    assert bool((freq[expected == 0] == 0).all())  # filtered tokens are never drawn
+    torch.testing.assert_close(log_probs, torch.log_softmax(logits / temperature, -1)[tokens])  # unfiltered
+
+
+def test_rows_do_not_depend_on_the_batch():
+    torch.manual_seed(1)
+    logits = torch.randn(16, 100)
+    temperature = torch.tensor([0.0, 1.0, 0.7, 1.3] * 4)
+    top_k = torch.tensor([-1, 5, -1, 20] * 4)
+    top_p = torch.tensor([1.0, 1.0, 0.9, 0.8] * 4, dtype=torch.float64)
+    seeds, steps = torch.arange(16) * 3, torch.arange(16) % 5
+    tokens, log_probs = sample(logits, temperature, top_k, top_p, seeds, steps)
+    for rows in ([3], [0, 5, 9], list(range(15, -1, -1))):
+        index = torch.tensor(rows)
+        sub = sample(logits[index], temperature[index], top_k[index], top_p[index], seeds[index], steps[index])
+        assert torch.equal(sub[0], tokens[index]) and torch.equal(sub[1], log_probs[index])
+    greedy = temperature == 0
+    assert torch.equal(tokens[greedy], logits[greedy].argmax(-1))
+    torch.testing.assert_close(log_probs, token_log_probs(logits, temperature, tokens))
+
+
+def test_block_allocator_counts_references():
+    cache = PagedKVCache(CacheShape(num_layers=2, num_kv_heads=1, head_dim=4, block_size=2, dtype=torch.float32),
+                         num_blocks=6, device=torch.device("cpu"))
+    a = cache.allocate(3)
+    cache.share(a[:2], 2)  # two more sequences point at the first two blocks
+    assert cache.num_free == 3 and cache.refcount[a].tolist() == [3, 3, 1]
+    cache.release(torch.cat([a, a[:2]]))  # one sequence ends, then a second
+    assert cache.num_free == 4 and cache.refcount[a].tolist() == [1, 1, 0]
+    b = cache.allocate(4)
+    assert set(b.tolist()).isdisjoint(a[:2].tolist()) and a[2].item() in b.tolist()  # freed block reused
+    assert cache.num_free == 0 and cache.peak_used == 6
+    with pytest.raises(RuntimeError, match="2 blocks asked, 0 free"):
+        cache.allocate(2)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.copy_blocks(a[:1], b[:1])
+    assert torch.equal(cache.k[:, b[0]], cache.k[:, a[0]]) and torch.equal(cache.v[:, b[0]], cache.v[:, a[0]])
+    cache.release(a[:2])
+    with pytest.raises(RuntimeError, match="released more often"):
+        cache.release(a[:1])
