@@ -1,0 +1,388 @@
+"""Decode attention over a paged KV cache: one query token per sequence, GQA, ragged lengths.
+
+    out = decode_attention(q, k_cache, v_cache, block_tables, seq_lens)    # (B, num_heads, head_dim)
+
+Sequence b's keys are the first ``seq_lens[b]`` tokens of the blocks listed in ``block_tables[b]``
+(the current token's K/V already written); query head h reads kv head h // (num_heads //
+num_kv_heads). With ``sliding_window=w`` only the last w keys count (positions >= seq_len - w, as in
+Mistral). Softmax and accumulation are fp32; the result has q's dtype.
+
+Two implementations, picked by ``hfrl_kernels.use_triton(q)``:
+
+- ``_decode_attention_triton``: split-K "flash-decoding". Program (b, kv_head, split) reads its
+  split's keys once for the whole group of query heads sharing that kv head and writes a partial
+  (max, sum of exponentials, weighted values); a second kernel merges the splits. With one split the
+  first kernel writes the output itself.
+- ``decode_attention_reference`` (PyTorch): the production path on CPU, not only a reference. It cuts
+  every sequence's key range into chunks of C tokens, gathers all chunks of the batch into one
+  (num_chunks, C) tensor (padding only each sequence's last chunk), runs one fused attention over
+  the chunks that also returns each chunk's log-sum-exp, and merges a sequence's chunks by their
+  log-sum-exps: flash-decoding with C-token splits, without a per-sequence loop or padding every
+  sequence to the longest.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hfrl_kernels import triton_available, use_triton
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float | None = None,
+                     sliding_window: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged KV cache.
+
+    q: (B, num_heads, head_dim). k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim),
+    one layer. block_tables: (B, max_blocks_per_seq) int32/int64, physical block ids in order
+    (entries past a sequence's last block are never read). seq_lens: (B,) int32/int64, >= 1.
+    scale defaults to head_dim ** -0.5. num_splits: key splits per sequence on the Triton path
+    (None: ``choose_num_splits``); the PyTorch path picks its own chunking.
+    Returns (B, num_heads, head_dim) in q's dtype.
+    """
+    _validate(q, k_cache, v_cache, block_tables, seq_lens, sliding_window, num_splits)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if use_triton(q):
+        return _decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                        sliding_window, num_splits)
+    return _reference(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, None)
+
+
+def _validate(q, k_cache, v_cache, block_tables, seq_lens, sliding_window, num_splits) -> None:
+    """Shape, dtype and device checks that need no device-to-host copy."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be (batch, num_heads, head_dim), got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError("k_cache must be (num_blocks, block_size, num_kv_heads, head_dim), got shape "
+                         f"{tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache shape "
+                         f"{tuple(k_cache.shape)}")
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"q has head_dim {head_dim} but the KV cache has head_dim {k_cache.shape[3]}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if not q.dtype.is_floating_point or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache and v_cache must share one floating dtype, got {q.dtype}, "
+                         f"{k_cache.dtype} and {v_cache.dtype}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be (batch={batch}, max_blocks_per_seq), got shape "
+                         f"{tuple(block_tables.shape)}")
+    if seq_lens.shape != (batch,):
+        raise ValueError(f"seq_lens must be (batch={batch},), got shape {tuple(seq_lens.shape)}")
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
+        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                    ("seq_lens", seq_lens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    for name, value in (("sliding_window", sliding_window), ("num_splits", num_splits)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+
+
+def _validate_lengths(seq_lens: torch.Tensor, capacity: int) -> None:
+    """Value checks, for the host-side path only (they would synchronise a GPU)."""
+    lo, hi = int(seq_lens.min()), int(seq_lens.max())
+    if lo < 1 or hi > capacity:
+        raise ValueError(f"seq_lens must lie in [1, max_blocks_per_seq * block_size = {capacity}], "
+                         f"got values in [{lo}, {hi}]")
+
+
+# ---- PyTorch path (production on CPU) -------------------------------------------------------------
+
+CHUNK_SIZES = (32, 64, 128, 256, 512)
+CHUNK_OVERHEAD_TOKENS = 48
+"""Cost of one chunk in the fused attention beyond its keys, in keys (calibrated with
+benchmarks/decode_attention.py: small chunks pay per-chunk overhead, large ones pad more)."""
+
+
+def choose_chunk_size(spans: torch.Tensor) -> int:
+    """The chunk length minimising padded keys + per-chunk overhead over this batch's key spans.
+
+    Measured with benchmarks/decode_attention.py --chunks (fp32, 2 threads, caches rotating past L3;
+    ms per call for C = 16 / 32 / 64 / 128 / 256 / 512, then padded gather + SDPA):
+    B=64, 8 heads, 4 kv heads, hd 64, lengths 20..400: 17.9 / 11.5 / 9.5 / 8.3 / 10.1 / 26.3, SDPA 11.7;
+    B=8, lengths 1800..2200: 17.8 / 13.3 / 9.7 / 8.4 / 8.0 / 7.6, SDPA 11.2. C=16 is the
+    one-chunk-per-block "flattened" scheme: no padded work, but per-chunk overhead dominates.
+    """
+    spans = spans.to(torch.float64)
+
+    def cost(c: int) -> float:
+        chunks = torch.ceil(spans / c)
+        return float((chunks * (c + CHUNK_OVERHEAD_TOKENS)).sum())
+
+    return min(CHUNK_SIZES, key=cost)
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, *,
+                               scale: float | None = None, sliding_window: int | None = None,
+                               chunk_size: int | None = None) -> torch.Tensor:
+    """``decode_attention`` in PyTorch (same arguments); chunk_size None picks ``choose_chunk_size``."""
+    _validate(q, k_cache, v_cache, block_tables, seq_lens, sliding_window, None)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _reference(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, chunk_size)
+
+
+def _reference(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, chunk_size):
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    _validate_lengths(seq_lens, block_tables.shape[1] * block_size)
+    lens = seq_lens.long()
+    starts = (lens - sliding_window).clamp_min(0) if sliding_window else torch.zeros_like(lens)
+    chunk = chunk_size or choose_chunk_size(lens - starts)
+    seq, slots, valid = _chunk_slots(block_tables, starts, lens, block_size, chunk)
+    num_chunks = seq.numel()
+
+    def gather(cache):  # (num_chunks, num_kv_heads, chunk, head_dim), a strided view of one copy
+        tokens = cache.flatten(0, 1).index_select(0, slots.view(-1))
+        return tokens.view(num_chunks, chunk, num_kv_heads, head_dim).transpose(1, 2)
+
+    q_chunks = q.view(batch, num_kv_heads, group, head_dim).index_select(0, seq)
+    bias = torch.zeros(num_chunks, 1, 1, chunk, dtype=q.dtype, device=q.device)
+    bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    out, lse = _chunk_attention(q_chunks, gather(k_cache), gather(v_cache), bias, scale)
+    if num_chunks == batch:  # one chunk per sequence: nothing to merge
+        return out.to(q.dtype).reshape(batch, num_heads, head_dim)
+    return _merge_chunks(out, lse, seq, batch).to(q.dtype).reshape(batch, num_heads, head_dim)
+
+
+def _chunk_slots(block_tables, starts, lens, block_size: int, chunk: int):
+    """Chunks of every sequence's key range [start, len), flattened over the batch.
+
+    Returns seq (num_chunks,): the owning sequence; slots (num_chunks, chunk): flat cache indices
+    (block * block_size + offset); valid (num_chunks, chunk): which slots are real keys. Padding
+    slots re-read the sequence's first key, so no slot outside the sequence is ever read.
+    """
+    counts = (lens - starts + chunk - 1) // chunk
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), counts)
+    first_chunk = torch.cumsum(counts, 0) - counts
+    chunk_start = starts[seq] + (torch.arange(seq.numel(), device=lens.device) - first_chunk[seq]) * chunk
+    pos = chunk_start[:, None] + torch.arange(chunk, device=lens.device)   # (num_chunks, chunk)
+    valid = pos < lens[seq, None]
+    pos = torch.where(valid, pos, starts[seq, None])
+    blocks = block_tables[seq[:, None], pos // block_size].long()
+    return seq, blocks * block_size + pos % block_size, valid
+
+
+def _chunk_attention(q, k, v, bias, scale: float):
+    """Per chunk: softmax attention and its natural-log sum-exp.
+
+    q (N, kvh, g, hd), k/v (N, kvh, C, hd), bias (N, 1, 1, C) -> out (N, kvh, g, hd), lse (N, kvh, g).
+    On CPU, ATen's fused flash kernel (fp32 softmax and accumulation; the only torch op that returns
+    the log-sum-exp) is 2-3x faster than the matmul/softmax form below.
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, attn_mask=bias, scale=scale)[:2]
+        return out, lse
+    return _chunk_attention_math(q, k, v, bias, scale)
+
+
+def _chunk_attention_math(q, k, v, bias, scale: float):
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v.float()), lse
+
+
+def _merge_chunks(out, lse, seq, batch: int):
+    """Softmax-weighted sum of each sequence's chunk outputs: weights exp(lse - max lse) (fp32)."""
+    shape = (batch,) + tuple(lse.shape[1:])
+    index = seq.view(-1, 1, 1).expand_as(lse)
+    lse_max = torch.full(shape, float("-inf"), device=lse.device).scatter_reduce_(0, index, lse, "amax")
+    weights = torch.exp(lse - lse_max.index_select(0, seq))                    # (num_chunks, kvh, g)
+    total = torch.zeros(shape, device=lse.device).index_add_(0, seq, weights)
+    acc = torch.zeros(shape + (out.shape[-1],), device=lse.device)
+    acc.index_add_(0, seq, out.float() * weights[..., None])
+    return acc / total[..., None]
+
+
+# ---- Triton path ----------------------------------------------------------------------------------
+
+MIN_SPLIT_KEYS = 256
+"""A split shorter than this costs more in merging than it gains in parallelism."""
+
+
+def choose_num_splits(max_context: int, num_programs: int, target_programs: int) -> int:
+    """Key splits per sequence: enough programs (B * num_kv_heads * splits) to reach
+    ``target_programs`` (about two waves of the GPU's SMs), but no split under MIN_SPLIT_KEYS keys;
+    a power of two, at most 64."""
+    wanted = math.ceil(target_programs / max(num_programs, 1))
+    limit = max(1, math.ceil(max_context / MIN_SPLIT_KEYS))
+    return max(1, min(_next_power_of_2(wanted), limit, 64))
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 128
+
+
+def _decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
+                             num_splits):
+    """Launch the split kernel on grid (B, num_kv_heads, splits), then the merge kernel if splits > 1.
+
+    The split count is chosen from block_tables' width (the longest context it can address), not from
+    seq_lens, so no device-to-host copy is needed: trim block_tables to the longest sequence's blocks
+    to get the best split count.
+    """
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if not q.is_cuda:   # the interpreter: the value checks cost no synchronisation here
+        _validate_lengths(seq_lens, block_tables.shape[1] * block_size)
+    if num_splits is None:
+        num_splits = choose_num_splits(block_tables.shape[1] * block_size, batch * num_kv_heads,
+                                       _target_programs(q.device))
+    q = q.contiguous()
+    block_tables = block_tables.contiguous()
+    seq_lens = seq_lens.contiguous()
+    out = torch.empty_like(q)
+    if num_splits > 1:
+        part_max = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device,
+                               dtype=torch.float32)
+    else:  # unused: the split kernel writes `out` itself
+        part_max = part_sum = part_acc = out
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # tl.dot needs >= 16 rows: the group of query heads sharing a kv head is padded to 16 (masked
+    # rows of zeros). Decode is bandwidth-bound, so the idle rows cost no memory traffic, and one
+    # program serving the whole group reads each K/V tile once instead of `group` times.
+    block_g = max(16, triton.next_power_of_2(group))
+    block_n = 64 if block_d <= 64 else 32   # keys per tile: registers hold (block_n x block_d) K and V
+    # fp32 inputs: exact fp32 dots (no TF32). The interpreter multiplies bf16 as raw bits, so there
+    # every dtype is upcast.
+    dot_fp32 = q.dtype == torch.float32 or not q.is_cuda
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_max, part_sum, part_acc,
+        scale * _LOG2E, sliding_window or _NO_WINDOW, num_splits, head_dim, block_size,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        SPLIT=num_splits > 1, DOT_FP32=dot_fp32,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(batch, num_heads)](
+            part_max, part_sum, part_acc, out, num_splits, head_dim,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        )
+    return out
+
+
+_LOG2E = 1.4426950408889634
+_NO_WINDOW = 2**31 - 1   # seq_len - window < 0: attend from position 0
+
+if triton_available():
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, max_ptr, sum_ptr, acc_ptr,
+        scale_log2, window, num_splits, head_dim, block_size,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_tb,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
+    ):
+        """One (sequence, kv head, split): online softmax over the split's keys for the GROUP query
+        heads of that kv head. Scores are in log2 units (exp2)."""
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(lens_ptr + b).to(tl.int32)
+        start = tl.maximum(seq_len - window, 0)
+        # Splits of whole tiles, so each split's tiles start on a tile boundary of its range.
+        per_split = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
+        lo = start + split * per_split
+        hi = tl.minimum(lo + per_split, seq_len)
+
+        rows = tl.arange(0, BLOCK_G)
+        dims = tl.arange(0, BLOCK_D)
+        heads = kv_head * GROUP + rows
+        row_ok = rows < GROUP
+        dim_ok = dims < head_dim
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        row_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        table = tables_ptr + b * stride_tb
+        for tile in range(lo, hi, BLOCK_N):
+            pos = tile + tl.arange(0, BLOCK_N)
+            key_ok = pos < hi
+            # Masked lanes never touch the table or the cache: entries past the last block may be
+            # garbage (-1), and unwritten cache slots may hold NaN.
+            block = tl.load(table + pos // block_size, mask=key_ok, other=0).to(tl.int64)
+            slot = pos % block_size
+            kv_mask = key_ok[:, None] & dim_ok[None, :]
+            k = tl.load(k_ptr + (block * stride_kb + slot * stride_kt + kv_head * stride_kh)[:, None]
+                        + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + (block * stride_vb + slot * stride_vt + kv_head * stride_vh)[:, None]
+                        + dims[None, :], mask=kv_mask, other=0.0)
+            if DOT_FP32:
+                scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(key_ok[None, :], scores * scale_log2, float("-inf"))  # (BLOCK_G, BLOCK_N)
+            new_max = tl.maximum(row_max, tl.max(scores, 1))   # finite: every tile has a key
+            alpha = tl.exp2(row_max - new_max)
+            p = tl.exp2(scores - new_max[:, None])
+            row_sum = row_sum * alpha + tl.sum(p, 1)
+            if DOT_FP32:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            row_max = new_max
+
+        out_mask = row_ok[:, None] & dim_ok[None, :]
+        if SPLIT:
+            part = (b * GROUP * tl.num_programs(1) + heads) * num_splits + split   # (B, num_heads, splits)
+            tl.store(max_ptr + part, row_max, mask=row_ok)
+            tl.store(sum_ptr + part, row_sum, mask=row_ok)
+            tl.store(acc_ptr + part[:, None] * head_dim + dims[None, :], acc, mask=out_mask)
+        else:
+            out = acc / row_sum[:, None]
+            tl.store(out_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _merge_splits_kernel(max_ptr, sum_ptr, acc_ptr, out_ptr, num_splits, head_dim,
+                             BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One (sequence, head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s. Empty splits
+        (a short sequence) have m_s = -inf and weigh 0; split 0 is never empty."""
+        row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        splits = tl.arange(0, BLOCK_S)
+        dims = tl.arange(0, BLOCK_D)
+        split_ok = splits < num_splits
+        part = row * num_splits + splits
+        part_max = tl.load(max_ptr + part, mask=split_ok, other=float("-inf"))
+        part_sum = tl.load(sum_ptr + part, mask=split_ok, other=0.0)
+        weight = tl.exp2(part_max - tl.max(part_max, 0))
+        acc = tl.load(acc_ptr + part[:, None] * head_dim + dims[None, :],
+                      mask=split_ok[:, None] & (dims < head_dim)[None, :], other=0.0)
+        out = tl.sum(acc * weight[:, None], 0) / tl.sum(part_sum * weight, 0)
+        tl.store(out_ptr + row * head_dim + dims, out.to(out_ptr.dtype.element_ty), mask=dims < head_dim)
