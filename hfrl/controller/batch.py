@@ -292,6 +292,15 @@ class Batch:
                 plain ints, strs and lists apart from non_tensors and meta, so it is picklable,
                 and JSON-able when those two are. Send it with header_to_bytes.
         """
+        header = self.buffer_header(alignment)
+        device = self.device if device is None else device
+        buf = torch.empty(header["nbytes"], dtype=torch.uint8, device=device)
+        self.write_buffer(buf, header)
+        return buf, header
+
+    def buffer_header(self, alignment: int = DEFAULT_ALIGNMENT) -> dict:
+        """The header `to_buffer` returns, without the buffer: lets a caller place the buffer
+        inside a larger one (a message) and fill it with `write_buffer`, one copy per tensor."""
         if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
             raise ValueError(f"alignment must be a positive power of two, got {alignment!r}")
         entries, offset = [], 0
@@ -303,19 +312,23 @@ class Batch:
             entries.append({"name": name, "dtype": _dtype_name(name, t.dtype), "shape": list(t.shape),
                             "offset": offset, "nbytes": nbytes})
             offset += -(-nbytes // alignment) * alignment
-        device = self._tensor_device() if device is None else device
-        buf = torch.empty(offset, dtype=torch.uint8, device=device)
+        return {"version": HEADER_VERSION, "num_rows": len(self), "alignment": alignment,
+                "nbytes": offset, "tensors": entries, "non_tensors": dict(self.non_tensors),
+                "meta": dict(self.meta)}
+
+    def write_buffer(self, buf: torch.Tensor, header: dict) -> None:
+        """Copy every tensor into its slot of ``buf`` (uint8, header["nbytes"], from
+        `buffer_header` of this batch) and zero the alignment gaps: stale memory must not reach
+        other ranks, and equal batches must serialise to equal bytes. (Only the gaps: a full
+        memset costs as much as the copy.) Non-contiguous tensors are copied in one pass."""
+        alignment = header["alignment"]
         with torch.no_grad():  # a tensor that requires grad must not pull buf into its graph
-            for entry, t in zip(entries, self.tensors.values()):
-                _view(buf, entry).copy_(t)
-                # Zero the alignment gap: stale memory must not reach other ranks, and equal
-                # batches must serialise to equal bytes. (Only the gaps: a full memset costs as
-                # much as the copy.)
+            for entry, t in zip(header["tensors"], self.tensors.values()):
+                if entry["nbytes"]:
+                    _view(buf, entry).copy_(t)
                 end = entry["offset"] + entry["nbytes"]
-                buf[end:-(-end // alignment) * alignment].zero_()
-        header = {"version": HEADER_VERSION, "num_rows": len(self), "alignment": alignment, "nbytes": offset,
-                  "tensors": entries, "non_tensors": dict(self.non_tensors), "meta": dict(self.meta)}
-        return buf, header
+                if end % alignment:
+                    buf[end:-(-end // alignment) * alignment].zero_()
 
     @staticmethod
     def from_buffer(buf: torch.Tensor, header: dict) -> Batch:
@@ -338,7 +351,9 @@ class Batch:
         tensors = {e["name"]: _view(buf, e) for e in header["tensors"]}
         return Batch(tensors, header["non_tensors"], header["meta"], size=header["num_rows"])
 
-    def _tensor_device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """The one device of the tensors (CPU when there are none); ValueError if several."""
         devices = {t.device for t in self.tensors.values()}
         if len(devices) > 1:
             raise ValueError(f"tensors are on several devices {sorted(map(str, devices))}; "

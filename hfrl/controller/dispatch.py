@@ -147,8 +147,8 @@ def ordered_chunks(batch: Batch, num_chunks: int, order: list[int]) -> tuple[lis
 def padded_chunks(batch: Batch, num_chunks: int) -> tuple[list[Batch], int]:
     """Pad to a multiple of `num_chunks` (repeating rows from the start) and chunk.
 
-    Chunks are views of `batch` except the last one(s) that hold padding rows, so padding a
-    large batch copies only a chunk's worth of rows.
+    Chunks are views of `batch` except those whose padding rows wrap around to the start, so
+    padding a large batch copies at most a chunk's worth of rows.
     """
     if len(batch) == 0:
         raise ValueError("cannot dispatch an empty Batch: there is no row to give each of "
@@ -157,10 +157,11 @@ def padded_chunks(batch: Batch, num_chunks: int) -> tuple[list[Batch], int]:
     ranges, pad = chunk_row_ranges(num_rows, num_chunks)
     chunks = []
     for start, end in ranges:
-        if end <= num_rows:
-            chunks.append(batch[start:end])
+        rows = source_rows(range(start, end), num_rows)
+        if rows[-1] - rows[0] == len(rows) - 1:   # one run of rows (any piece of a small batch)
+            chunks.append(batch[rows[0]:rows[-1] + 1])
         else:
-            chunks.append(batch.reorder(source_rows(range(start, end), num_rows)))
+            chunks.append(batch.reorder(rows))
     return chunks, pad
 
 
@@ -185,14 +186,18 @@ def join_outputs(outputs: list[Any], join: str, pad: int, num_input_rows: int | 
     if join == "list" or not outputs:
         return outputs
     if all(isinstance(o, Batch) for o in outputs):
-        joined = Batch.concat(outputs, check_meta=False)
+        def cat(values):
+            return Batch.concat(values, check_meta=False)
     elif all(isinstance(o, torch.Tensor) and o.dim() > 0 for o in outputs):
-        joined = torch.cat(outputs)
+        cat = torch.cat
     else:
         return outputs
     if order is not None:
-        joined = joined[_inverse(order, len(joined))]
-    return _unpad(joined, pad, num_input_rows)
+        joined = cat(outputs)
+        return _unpad(joined[_inverse(order, len(joined))], pad, num_input_rows)
+    # Padding rows come last: drop them before concatenating (a small batch on many ranks
+    # is mostly padding).
+    return cat(_drop_padding(outputs, pad, num_input_rows))
 
 
 def _inverse(order: list[int], num_out: int) -> torch.Tensor:
@@ -207,14 +212,32 @@ def _inverse(order: list[int], num_out: int) -> torch.Tensor:
 
 
 def _unpad(joined, pad: int, num_input_rows: int | None):
-    """Drop the outputs of padded rows. An output with k rows per input row (n samples per
-    prompt, interleaved) drops k * pad rows; any other shape cannot be unpadded safely."""
+    """Drop the outputs of padded rows (see `_rows_to_keep`)."""
     if pad == 0 or num_input_rows is None:
         return joined
+    return joined[: _rows_to_keep(len(joined), pad, num_input_rows)]
+
+
+def _drop_padding(outputs: list, pad: int, num_input_rows: int | None) -> list:
+    """The outputs, in order, without the rows of padded input rows (which come last)."""
+    if pad == 0 or num_input_rows is None:
+        return outputs
+    left = _rows_to_keep(sum(len(o) for o in outputs), pad, num_input_rows)
+    kept = []
+    for output in outputs:
+        kept.append(output if len(output) <= left else output[:left])
+        left -= len(kept[-1])
+        if left == 0:
+            break
+    return kept
+
+
+def _rows_to_keep(num_output_rows: int, pad: int, num_input_rows: int) -> int:
+    """Output rows of the unpadded input. An output with k rows per input row (n samples per
+    prompt, interleaved) drops k * pad rows; any other shape cannot be unpadded safely."""
     padded_rows = num_input_rows + pad
-    if len(joined) % padded_rows:
+    if num_output_rows % padded_rows:
         raise ValueError(f"cannot remove {pad} padding rows: the joined output has "
-                         f"{len(joined)} rows, not a multiple of the {padded_rows} padded input "
-                         "rows; make the batch size divisible by the number of workers")
-    per_row = len(joined) // padded_rows
-    return joined[: num_input_rows * per_row]
+                         f"{num_output_rows} rows, not a multiple of the {padded_rows} padded "
+                         "input rows; make the batch size divisible by the number of workers")
+    return num_output_rows // padded_rows * num_input_rows

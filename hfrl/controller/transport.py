@@ -27,16 +27,18 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import struct
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from hfrl.controller.batch import Batch, buffer_nbytes, header_from_bytes, header_to_bytes
+from hfrl.controller.batch import Batch, buffer_nbytes
 
 CMD, REPLY, DATA, RELAY = 101, 102, 103, 104
 CHANNELS = {CMD: "cmd", REPLY: "reply", DATA: "data", RELAY: "relay"}
@@ -68,15 +70,24 @@ class TransportStats:
 
 
 class _Pickler(pickle.Pickler):
+    """Pickles the message with each Batch and tensor replaced by `_item(index)`.
+
+    reducer_override, unlike persistent_id, is not called for ints, strs, dicts, lists and
+    tuples, which make up most of a command: it halves the pickling time of a small one."""
+
     def __init__(self, file, items: list):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.items = items
 
-    def persistent_id(self, obj):
+    def reducer_override(self, obj):
         if isinstance(obj, (Batch, torch.Tensor)):
             self.items.append(obj)
-            return len(self.items) - 1
-        return None
+            return _item, (len(self.items) - 1,)
+        return NotImplemented
+
+
+def _item(index: int):
+    raise AssertionError("only _Unpickler loads message items")
 
 
 class _Unpickler(pickle.Unpickler):
@@ -84,49 +95,62 @@ class _Unpickler(pickle.Unpickler):
         super().__init__(file)
         self.items = items
 
-    def persistent_load(self, pid):
-        return self.items[pid]
+    def find_class(self, module, name):
+        if module == __name__ and name == "_item":
+            return self.items.__getitem__
+        return super().find_class(module, name)
 
 
-def encode(obj: Any, keep_device: bool = False) -> tuple[bytes, torch.Tensor | None]:
-    """(header bytes, payload uint8 tensor or None). The payload is on the CPU unless
-    `keep_device` and every tensor of the message is on the same CUDA device."""
+def _pickle(obj: Any) -> tuple[bytes, list]:
+    """(the message pickled without its Batches and tensors, those items in order)."""
     items: list = []
     stream = io.BytesIO()
     _Pickler(stream, items).dump(obj)
-    if not items:
-        return pickle.dumps((stream.getvalue(), [])), None
-    devices = {buf_device(item) for item in items}
-    on_device = keep_device and len(devices) == 1 and next(iter(devices)).type == "cuda"
-    descs, buffers, offset = [], [], 0
+    return stream.getvalue(), items
+
+
+def _layout(items: list) -> tuple[list[Batch], list[tuple], int, set[torch.device]]:
+    """Each item as a Batch (a tensor is a 1-row Batch), its descriptor (kind, Batch header,
+    offset in the payload), the payload's size (the items back to back, aligned), and the
+    items' devices. A Batch whose tensors are on several devices cannot be sent."""
+    batches, descs, offset, devices = [], [], 0, set()
     for item in items:
         batch = item if isinstance(item, Batch) else Batch({"t": item.reshape(1, *item.shape)})
-        buf, header = batch.to_buffer(alignment=_ALIGN)
-        buf = buf if on_device else buf.cpu()
-        descs.append(("batch" if isinstance(item, Batch) else "tensor", header_to_bytes(header),
-                      offset, buf.numel()))
-        buffers.append(buf)
-        offset += buf.numel()
-    payload = torch.cat(buffers) if len(buffers) > 1 else buffers[0]
-    return pickle.dumps((stream.getvalue(), descs)), payload
+        header = batch.buffer_header(alignment=_ALIGN)
+        if batch.tensors:
+            devices.add(batch.device)
+        batches.append(batch)
+        descs.append(("batch" if isinstance(item, Batch) else "tensor", header, offset))
+        offset += header["nbytes"]
+    return batches, descs, offset, devices
 
 
-def buf_device(item: Batch | torch.Tensor) -> torch.device:
-    if isinstance(item, torch.Tensor):
-        return item.device
-    devices = {t.device for t in item.tensors.values()}
-    return devices.pop() if len(devices) == 1 else torch.device("cpu")
+def _write_payload(batches: list[Batch], descs: list[tuple], payload: torch.Tensor) -> None:
+    for batch, (_, header, offset) in zip(batches, descs):
+        batch.write_buffer(payload[offset:offset + header["nbytes"]], header)
 
 
-def decode(header: bytes, payload: torch.Tensor | None) -> Any:
+def decode_message(msg: Message, copy: bool = False) -> Any:
+    """The object a message holds (as received, or as encoded). Its tensors are views of the
+    message's buffers, or with `copy` of a copy of them."""
+    container = msg.first[_PREFIX:] if msg.body is None else msg.body
+    header = container[:msg.header_bytes].numpy()
+    if msg.where == _INLINE:
+        start = _aligned(msg.header_bytes)
+        payload = container[start:start + msg.payload_bytes]
+    else:
+        payload = msg.payload
+    return decode(header, payload.clone() if copy else payload)
+
+
+def decode(header: bytes | np.ndarray, payload: torch.Tensor) -> Any:
+    """The object of a message: its header bytes, and its payload (uint8, received or a view of
+    the message it came inline in). Tensors are views of the payload."""
     body, descs = pickle.loads(header)
-    if payload is None:   # Batches without tensor columns have a 0-byte payload
-        payload = torch.empty(0, dtype=torch.uint8)
     items = []
-    for kind, item_header, offset, nbytes in descs:
-        meta = header_from_bytes(item_header)
-        assert buffer_nbytes(meta) == nbytes, "payload size disagrees with its header"
-        batch = Batch.from_buffer(payload[offset:offset + nbytes], meta)
+    for kind, item_header, offset in descs:
+        nbytes = buffer_nbytes(item_header)   # validates the header
+        batch = Batch.from_buffer(payload[offset:offset + nbytes], item_header)
         items.append(batch if kind == "batch" else batch["t"][0])
     return _Unpickler(io.BytesIO(body), items).load()
 
@@ -232,22 +256,41 @@ class Transport:
         self._rank = dist.get_rank() if dist.is_initialized() else 0
 
     def encode_message(self, obj: Any) -> Message:
-        """Encode once; raises (TypeError/ValueError/pickle errors) before anything is sent."""
-        header, payload = encode(obj, keep_device=self.data_groups is not None)
-        nbytes = 0 if payload is None else payload.numel()
-        where = _placement(payload, self.INLINE_MAX)
+        """Encode once; raises (TypeError/ValueError/pickle errors) before anything is sent.
+
+        The message is laid out before any byte is written, so each tensor is copied once,
+        straight into its place: into the first message itself for a typical command or reply.
+        """
+        body, items = _pickle(obj)
+        batches, descs, nbytes, devices = _layout(items)
+        header = pickle.dumps((body, descs), protocol=pickle.HIGHEST_PROTOCOL)
+        device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+        if self.data_groups is not None and device.type == "cuda":
+            where = _DEVICE
+        else:
+            where = _INLINE if nbytes <= self.INLINE_MAX else _SEPARATE
         start = _aligned(len(header))
         body_len = start + (nbytes if where == _INLINE else 0)
         # The first message has a fixed size, so the receiver can post it blind: the four sizes,
         # then the body itself when it fits (one operation for a typical command or reply).
-        first = torch.empty(_FIRST, dtype=torch.uint8)
-        first[:_PREFIX].view(torch.int64).copy_(
-            torch.tensor([len(header), nbytes, where, body_len], dtype=torch.int64))
+        # bytearrays start zeroed: no stale memory in the padding reaches another rank.
+        first_bytes = bytearray(_FIRST)
+        struct.pack_into(_PREFIX_FORMAT, first_bytes, 0, len(header), nbytes, where, body_len)
+        first = torch.frombuffer(first_bytes, dtype=torch.uint8)
         fits = _PREFIX + body_len <= _FIRST
-        body = first[_PREFIX:_PREFIX + body_len] if fits else torch.empty(body_len, dtype=torch.uint8)
-        body[:len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
-        if where == _INLINE and nbytes:
-            body[start:] = payload
+        if fits:
+            first_bytes[_PREFIX:_PREFIX + len(header)] = header
+            body = first[_PREFIX:_PREFIX + body_len]
+        else:
+            body_bytes = bytearray(body_len)
+            body_bytes[:len(header)] = header
+            body = torch.frombuffer(body_bytes, dtype=torch.uint8)
+        if where == _INLINE:
+            payload = body[start:]
+        else:
+            payload = torch.empty(nbytes, dtype=torch.uint8,
+                                  device=device if where == _DEVICE else "cpu")
+        _write_payload(batches, descs, payload)
         return Message(first, None if fits else body, None if where == _INLINE else payload,
                        where, len(header), nbytes)
 
@@ -279,35 +322,31 @@ class Transport:
 
     def recv(self, src: int, channel: int, raw: bool = False) -> Any:
         """The next message from `src` on `channel`; with `raw`, (object, Message to forward)."""
-        first = torch.empty(_FIRST, dtype=torch.uint8)
+        first_bytes = bytearray(_FIRST)
+        first = torch.frombuffer(first_bytes, dtype=torch.uint8)
         dist.recv(first, src=src, group=self.group, tag=channel)
-        n_header, nbytes, where, body_len = first[:_PREFIX].view(torch.int64).tolist()
-        body = None
-        if _PREFIX + body_len <= _FIRST:
-            header_and_inline = first[_PREFIX:_PREFIX + body_len]
-        else:
-            body = header_and_inline = torch.empty(body_len, dtype=torch.uint8)
+        n_header, nbytes, where, body_len = struct.unpack_from(_PREFIX_FORMAT, first_bytes)
+        body = payload = None
+        if _PREFIX + body_len > _FIRST:
+            body = torch.empty(body_len, dtype=torch.uint8)
             dist.recv(body, src=src, group=self.group, tag=channel)
-        payload = None
-        if where == _INLINE:
-            inline = header_and_inline[_aligned(n_header):]
-        elif where == _SEPARATE:
-            payload = inline = torch.empty(nbytes, dtype=torch.uint8)
+        if where == _SEPARATE:
+            payload = torch.empty(nbytes, dtype=torch.uint8)
             dist.recv(payload, src=src, group=self.group, tag=channel)
-        else:
-            payload = inline = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        elif where == _DEVICE:
+            payload = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             dist.recv(payload, src=src, group=self._data_group(src, self._rank), tag=channel)
         name = CHANNELS[channel]
         self.stats.header_recv[name] += _PREFIX + n_header
         self.stats.payload_recv[name] += nbytes
         self.stats.messages_recv[name] += 1
+        msg = Message(first, body, payload, where, n_header, nbytes)
         if raw:
             # The buffers are forwarded as they are while the caller uses the object: decode
             # from a copy, so a worker changing its tensors in place cannot change what its
             # relay children receive.
-            obj = decode(header_and_inline[:n_header].numpy().tobytes(), inline.clone())
-            return obj, Message(first, body, payload, where, n_header, nbytes)
-        return decode(header_and_inline[:n_header].numpy().tobytes(), inline)
+            return decode_message(msg, copy=True), msg
+        return decode_message(msg)
 
     @property
     def num_pending_sends(self) -> int:
@@ -320,13 +359,8 @@ class Transport:
 
 _INLINE, _SEPARATE, _DEVICE = 0, 1, 2
 _PREFIX = 32          # int64 (header bytes, payload bytes, where, body bytes)
+_PREFIX_FORMAT = "<4q"
 _FIRST = 4096         # the fixed-size first message: prefix + the body when it fits
-
-
-def _placement(payload: torch.Tensor | None, inline_max: int) -> int:
-    if payload is None or (not payload.is_cuda and payload.numel() <= inline_max):
-        return _INLINE
-    return _DEVICE if payload.is_cuda else _SEPARATE
 
 
 def _aligned(n: int) -> int:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hfrl.controller import DP_COMPUTE, DP_COMPUTE_BALANCED, MICRO_DP_COMPUTE, Batch, ParallelDims
+from hfrl.controller.batch import batches_equal
 from hfrl.controller.dispatch import (balanced, balanced_order, balanced_order_from_lengths,
                                       join_outputs, ordered_chunks, padded_chunks, row_lengths)
 from hfrl.controller.planning import ProducerRows, consumer_rows, runs
@@ -91,3 +92,26 @@ def test_a_row_count_that_does_not_divide_is_refused_not_rounded():
     with pytest.raises(ValueError, match="cannot remove 1 padding rows"):
         join_outputs([Batch({"x": torch.zeros(3)}), Batch({"x": torch.zeros(2)})], "concat",
                      1, 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 13), st.integers(1, 5), st.integers(0, 3))
+def test_split_and_join_equal_the_batch_reference(num_rows, num_chunks, k):
+    """padded_chunks is pad_to_multiple + chunk, with pieces that are one run of rows left as
+    views; join_outputs (padding dropped before concatenating) is concat + unpad."""
+    batch = Batch({"id": torch.arange(num_rows), "x": torch.randn(num_rows, 3)}, meta={"m": 1})
+    pieces, pad = padded_chunks(batch, num_chunks)
+    padded, expected_pad = batch.pad_to_multiple(num_chunks)
+    assert pad == expected_pad
+    for piece, expected in zip(pieces, padded.chunk(num_chunks), strict=True):
+        assert batches_equal(piece, expected)
+        ids = piece["id"].tolist()
+        if ids == list(range(ids[0], ids[0] + len(ids))):
+            assert piece["x"].data_ptr() == batch["x"][ids[0]].data_ptr()   # a view
+    outputs = [Batch({"id": (p["id"][:, None] * 10 + torch.arange(k)).reshape(-1)},
+                     meta={"rank": i}) for i, p in enumerate(pieces)]
+    expected = Batch.concat(outputs, check_meta=False)[:num_rows * k]
+    joined = join_outputs(outputs, "concat", pad, num_rows)
+    assert batches_equal(joined, expected) and joined.meta == {"rank": 0}
+    tensors = join_outputs([o["id"] for o in outputs], "concat", pad, num_rows)
+    assert torch.equal(tensors, expected["id"])

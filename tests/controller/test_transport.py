@@ -1,9 +1,10 @@
 """Messages: Batches and tensors in one payload, the rest pickled; exact byte counters."""
 import numpy as np
+import pytest
 import torch
 
 from hfrl.controller.batch import Batch, batches_equal
-from hfrl.controller.transport import CMD, REPLY, Transport, decode, encode
+from hfrl.controller.transport import CMD, REPLY, Transport, decode_message
 from tests.multiproc import run_ranks
 
 
@@ -16,13 +17,13 @@ def sample_message():
 
 def test_encode_decode_round_trip():
     msg = sample_message()
-    header, payload = encode(msg)
-    assert payload.dtype == torch.uint8 and payload.dim() == 1 and payload.is_contiguous()
-    out = decode(header, payload)
+    encoded = Transport().encode_message(msg)
+    assert encoded.body is None and encoded.payload is None   # all of it in the first message
+    out = decode_message(encoded)
     assert batches_equal(out["args"][0], msg["args"][0]) and out["args"][1] == 7
     assert torch.equal(out["extra"], msg["extra"]) and out["scalar"].item() == 3
     assert out["nested"][0]["x"].shape == (0, 3)
-    assert encode({"op": "shutdown"})[1] is None          # no tensors: no payload at all
+    assert Transport().encode_message({"op": "shutdown"}).payload_bytes == 0
 
 
 def exchange(rank, world):
@@ -68,3 +69,66 @@ def large_and_empty(rank, world):
 def test_large_payloads_and_batches_without_tensors():
     sent, received = run_ranks(2, large_and_empty, init=True)
     assert sent["payload_sent"] == received["payload_recv"] == {"cmd": 200_000}
+
+
+def all_dtypes_batch(num_rows: int) -> Batch:
+    """One column of each kind a message may hold, a non-contiguous one among them."""
+    wide = torch.arange(num_rows * 6, dtype=torch.float64).reshape(num_rows, 6)
+    return Batch({"f32": torch.randn(num_rows, 3), "bf16": torch.randn(num_rows, 5).bfloat16(),
+                  "i64": torch.arange(num_rows, dtype=torch.int64),
+                  "mask": torch.rand(num_rows, 7) > 0.5,
+                  "strided": wide[:, ::2],                      # (N, 3) with stride 2
+                  "transposed": torch.randn(3, num_rows).t(),   # (N, 3), not contiguous
+                  "c64": torch.randn(num_rows, 2, dtype=torch.complex64)},
+                 {"text": [f"row {i}" for i in range(num_rows)]},
+                 {"step": 3, "name": "rollout", "temperature": 0.7})
+
+
+@pytest.mark.parametrize("num_rows, where", [
+    (0, "first"), (1, "first"), (4, "first"),      # fits in the 4 KiB first message
+    (60, "body"),                                   # over 4 KiB: header and payload follow it
+    (1000, "separate")])                            # over INLINE_MAX: the payload on its own
+def test_encoded_message_round_trip_is_exact(num_rows, where):
+    batch = all_dtypes_batch(num_rows)
+    if num_rows > 1:
+        assert not batch["strided"].is_contiguous() and not batch["transposed"].is_contiguous()
+    msg = {"op": "call", "args": (batch, batch[:1] if num_rows else batch),
+           "kwargs": {"t": torch.arange(10, dtype=torch.int16)[::3], "n": 5}}
+    encoded = Transport().encode_message(msg)
+    expected_bytes = 0
+    for b in (batch, msg["args"][1], Batch({"t": msg["kwargs"]["t"][None]})):
+        expected_bytes += sum(-(-t.numel() * t.element_size() // 16) * 16
+                              for t in b.tensors.values())
+    assert encoded.payload_bytes == expected_bytes
+    assert {"first": (encoded.body is None and encoded.payload is None),
+            "body": (encoded.body is not None and encoded.payload is None),
+            "separate": encoded.payload is not None}[where]
+    out = decode_message(encoded)
+    for got, sent in zip(out["args"], msg["args"]):
+        assert batches_equal(got, sent) and len(got) == len(sent)
+        assert all(got[k].dtype == sent[k].dtype and got[k].shape == sent[k].shape
+                   for k in sent.tensors)
+    assert out["kwargs"]["n"] == 5 and out["kwargs"]["t"].dtype == torch.int16
+    assert torch.equal(out["kwargs"]["t"], torch.tensor([0, 3, 6, 9], dtype=torch.int16))
+    # A copy decodes to equal values in separate memory (what a relaying rank keeps).
+    copied = decode_message(encoded, copy=True)["args"][0]
+    assert batches_equal(copied, batch)
+    if num_rows:
+        assert copied["f32"].data_ptr() != out["args"][0]["f32"].data_ptr()
+
+
+def test_equal_messages_encode_to_equal_bytes():
+    """The alignment padding is zeroed: no stale memory reaches another rank."""
+    def wire(msg):
+        m = Transport().encode_message(msg)
+        return b"".join(t.numpy().tobytes() for t in (m.first, m.body, m.payload)
+                        if t is not None)
+    for num_rows in (1, 60, 1000):
+        batch = Batch({"x": torch.arange(num_rows * 3, dtype=torch.int8).reshape(num_rows, 3)})
+        assert wire({"b": batch}) == wire({"b": batch.clone()})
+
+
+def test_a_batch_on_several_devices_cannot_be_encoded():
+    batch = Batch({"cpu": torch.zeros(2), "meta": torch.zeros(2, device="meta")})
+    with pytest.raises(ValueError, match="several devices"):
+        Transport().encode_message({"args": (batch,)})
