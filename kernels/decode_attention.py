@@ -37,7 +37,8 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float | None = None,
-                     sliding_window: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                     sliding_window: int | None = None, num_splits: int | None = None,
+                     plan: "DecodePlan | None" = None) -> torch.Tensor:
     """Attention of one new token per sequence over its paged KV cache.
 
     q: (B, num_heads, head_dim). k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim),
@@ -45,6 +46,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     (entries past a sequence's last block are never read). seq_lens: (B,) int32/int64, >= 1.
     scale defaults to head_dim ** -0.5. num_splits: key splits per sequence on the Triton path
     (None: ``choose_num_splits``); the PyTorch path picks its own chunking.
+    plan: ``plan_decode(block_tables, seq_lens, block_size, sliding_window)``, computed once per
+    decode step and passed to every layer, so the PyTorch path indexes the batch once rather than
+    once per layer (the Triton path ignores it).
     Returns (B, num_heads, head_dim) in q's dtype.
     """
     _validate(q, k_cache, v_cache, block_tables, seq_lens, sliding_window, num_splits)
@@ -52,7 +56,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if use_triton(q):
         return _decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                         sliding_window, num_splits)
-    return _reference(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, None)
+    if plan is None:
+        plan = plan_decode(block_tables, seq_lens, k_cache.shape[1], sliding_window)
+    elif plan.sliding_window != sliding_window or plan.block_size != k_cache.shape[1]:
+        raise ValueError(f"plan was made for sliding_window={plan.sliding_window}, block_size="
+                         f"{plan.block_size}; this call has {sliding_window}, {k_cache.shape[1]}")
+    return _reference(q, k_cache, v_cache, plan, scale)
 
 
 def _validate(q, k_cache, v_cache, block_tables, seq_lens, sliding_window, num_splits) -> None:
@@ -125,37 +134,69 @@ def choose_chunk_size(spans: torch.Tensor) -> int:
     return min(CHUNK_SIZES, key=cost)
 
 
+class DecodePlan:
+    """The chunking of one decode step's batch, shared by all its layers (PyTorch path).
+
+    seq (num_chunks,): each chunk's sequence; slots (num_chunks, chunk): flat cache indices of its
+    keys; valid (num_chunks, chunk): which of them are real keys.
+    """
+
+    def __init__(self, batch: int, block_size: int, sliding_window: int | None, chunk: int,
+                 seq: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor):
+        self.batch, self.block_size, self.sliding_window, self.chunk = batch, block_size, sliding_window, chunk
+        self.seq, self.slots, self.valid = seq, slots.reshape(-1), valid
+        self._bias: dict[torch.dtype, torch.Tensor] = {}
+
+    @property
+    def num_chunks(self) -> int:
+        return self.seq.numel()
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """(num_chunks, 1, 1, chunk) additive mask: 0 for keys, -inf for padding."""
+        if dtype not in self._bias:
+            bias = torch.zeros(self.num_chunks, 1, 1, self.chunk, dtype=dtype, device=self.valid.device)
+            self._bias[dtype] = bias.masked_fill_(~self.valid[:, None, None, :], float("-inf"))
+        return self._bias[dtype]
+
+
+def plan_decode(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                sliding_window: int | None = None, chunk_size: int | None = None) -> DecodePlan:
+    """Chunk every sequence's key range [start, seq_len) once for all layers of a decode step."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
+    _validate_lengths(seq_lens, block_tables.shape[1] * block_size)
+    lens = seq_lens.long()
+    starts = (lens - sliding_window).clamp_min(0) if sliding_window else torch.zeros_like(lens)
+    chunk = chunk_size or choose_chunk_size(lens - starts)
+    seq, slots, valid = _chunk_slots(block_tables, starts, lens, block_size, chunk)
+    return DecodePlan(lens.numel(), block_size, sliding_window, chunk, seq, slots, valid)
+
+
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, *,
                                scale: float | None = None, sliding_window: int | None = None,
                                chunk_size: int | None = None) -> torch.Tensor:
     """``decode_attention`` in PyTorch (same arguments); chunk_size None picks ``choose_chunk_size``."""
     _validate(q, k_cache, v_cache, block_tables, seq_lens, sliding_window, None)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
+    plan = plan_decode(block_tables, seq_lens, k_cache.shape[1], sliding_window, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _reference(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, chunk_size)
+    return _reference(q, k_cache, v_cache, plan, scale)
 
 
-def _reference(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, chunk_size):
+def _reference(q, k_cache, v_cache, plan: DecodePlan, scale):
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    _validate_lengths(seq_lens, block_tables.shape[1] * block_size)
-    lens = seq_lens.long()
-    starts = (lens - sliding_window).clamp_min(0) if sliding_window else torch.zeros_like(lens)
-    chunk = chunk_size or choose_chunk_size(lens - starts)
-    seq, slots, valid = _chunk_slots(block_tables, starts, lens, block_size, chunk)
-    num_chunks = seq.numel()
+    num_chunks, chunk, seq = plan.num_chunks, plan.chunk, plan.seq
 
     def gather(cache):  # (num_chunks, num_kv_heads, chunk, head_dim), a strided view of one copy
-        tokens = cache.flatten(0, 1).index_select(0, slots.view(-1))
+        tokens = cache.flatten(0, 1).index_select(0, plan.slots)
         return tokens.view(num_chunks, chunk, num_kv_heads, head_dim).transpose(1, 2)
 
-    q_chunks = q.view(batch, num_kv_heads, group, head_dim).index_select(0, seq)
-    bias = torch.zeros(num_chunks, 1, 1, chunk, dtype=q.dtype, device=q.device)
-    bias.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    out, lse = _chunk_attention(q_chunks, gather(k_cache), gather(v_cache), bias, scale)
+    q_chunks = q.reshape(batch, num_kv_heads, group, head_dim)
+    if num_chunks != batch:
+        q_chunks = q_chunks.index_select(0, seq)
+    out, lse = _chunk_attention(q_chunks, gather(k_cache), gather(v_cache), plan.bias(q.dtype), scale)
     if num_chunks == batch:  # one chunk per sequence: nothing to merge
         return out.to(q.dtype).reshape(batch, num_heads, head_dim)
     return _merge_chunks(out, lse, seq, batch).to(q.dtype).reshape(batch, num_heads, head_dim)

@@ -163,11 +163,20 @@ class DecodeAttention(AttentionBackend):
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor):
         self.cache, self.slots, self.block_tables, self.seq_lens = cache, slots, block_tables, seq_lens
+        self._plans: dict[int | None, object] = {}  # one per sliding window, shared by the layers
 
     def attend(self, layer_idx, q, k, v, sliding_window):
-        from hfrl_kernels.decode_attention import decode_attention
+        from hfrl_kernels import use_triton
+        from hfrl_kernels.decode_attention import decode_attention, plan_decode
 
         self.cache.write(layer_idx, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        plan = None
+        if not use_triton(q):
+            plan = self._plans.get(sliding_window)
+            if plan is None:
+                plan = self._plans[sliding_window] = plan_decode(self.block_tables, self.seq_lens,
+                                                                 self.cache.block_size, sliding_window)
         out = decode_attention(q[0].transpose(0, 1), self.cache.k[layer_idx], self.cache.v[layer_idx],
-                               self.block_tables, self.seq_lens, sliding_window=sliding_window)  # (N, nh, hd)
+                               self.block_tables, self.seq_lens, sliding_window=sliding_window,
+                               plan=plan)  # (N, nh, hd)
         return out.transpose(0, 1)[None]  # (1, nh, N, hd)

@@ -88,13 +88,20 @@ class SamplingParams:
 def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """logits / temperature per row, fp32; greedy rows (temperature 0) keep the raw logits."""
     logits = logits.float()
+    if not bool(((temperature > 0) & (temperature != 1)).any()):  # greedy / T = 1 rows: no division
+        return logits
     scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).to(logits.dtype)
     return logits / scale[:, None]
 
 
 def token_log_probs(logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(tokens) (N,) fp32 under ``logits / temperature`` (raw logits where temperature is 0)."""
-    return torch.log_softmax(_scaled(logits, temperature), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    return _picked_log_probs(_scaled(logits, temperature), tokens)
+
+
+def _picked_log_probs(scaled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    # logit - logsumexp: one read of the row, no (N, V) log-softmax written out
+    return scaled.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -107,25 +114,20 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     """
     greedy = temperature <= 0
     scaled = _scaled(logits, temperature)  # (N, V)
-    log_probs_all = torch.log_softmax(scaled, dim=-1)
-    tokens = scaled.argmax(dim=-1)
-    sampled = ~greedy
-    if bool(sampled.any()):
-        rows = sampled.nonzero().squeeze(1) if not bool(sampled.all()) else None
+    if bool(greedy.all()):
+        tokens = scaled.argmax(dim=-1)
+    else:
+        rows = None if not bool(greedy.any()) else (~greedy).nonzero().squeeze(1)
         pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        drawn = _sample_rows(pick(log_probs_all), pick(top_k), pick(top_p), pick(seeds), pick(steps))
-        if rows is None:
-            tokens = drawn
-        else:
-            tokens = tokens.index_copy(0, rows, drawn)
-    log_probs = log_probs_all.gather(1, tokens[:, None]).squeeze(1)
-    return tokens, log_probs
+        probs = torch.softmax(pick(scaled), dim=-1)
+        drawn = _sample_rows(probs, pick(top_k), pick(top_p), pick(seeds), pick(steps))
+        tokens = drawn if rows is None else scaled.argmax(dim=-1).index_copy_(0, rows, drawn)
+    return tokens, _picked_log_probs(scaled, tokens)
 
 
-def _sample_rows(log_probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
+def _sample_rows(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
                  steps: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling of (M, V) log-probs after per-row top-k / top-p filtering."""
-    probs = log_probs.exp()
+    """Inverse-CDF sampling of (M, V) probabilities after per-row top-k / top-p filtering."""
     vocab = probs.shape[-1]
     use_k = (top_k > 0) & (top_k < vocab)
     use_p = top_p < 1
