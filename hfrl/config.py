@@ -185,6 +185,17 @@ class RolloutConfig:
     """Responses sampled per prompt (GRPO needs more than one)."""
     max_num_seqs: int = 256
     """Sequences decoded at once per generation replica (continuous batching slots)."""
+    block_size: int = 16
+    """Tokens per KV-cache block (the paged cache's allocation unit)."""
+    kv_cache_bytes: int | None = None
+    """KV-cache size per rank in bytes; null takes kv_cache_fraction of free memory."""
+    kv_cache_fraction: float = 0.5
+    """Share of the device's free memory (MemAvailable on CPU) the KV cache takes, in (0, 1]."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + response) in tokens; null means the model's
+    max_position_embeddings."""
+    seed: int | None = None
+    """Base sampling seed (prompt i's samples use seed + ...); null draws one per call."""
 
     def validate(self) -> None:
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens,
@@ -197,6 +208,16 @@ class RolloutConfig:
         _check(self.n >= 1, "rollout.n", self.n, "must be a positive number of responses")
         _check(self.max_num_seqs >= 1, "rollout.max_num_seqs", self.max_num_seqs,
                "must be a positive integer")
+        _check(self.block_size >= 1, "rollout.block_size", self.block_size,
+               "must be a positive number of tokens (16 is usual)")
+        _check(self.kv_cache_bytes is None or self.kv_cache_bytes >= 1, "rollout.kv_cache_bytes",
+               self.kv_cache_bytes, "must be null or a positive number of bytes")
+        _check(0 < self.kv_cache_fraction <= 1, "rollout.kv_cache_fraction", self.kv_cache_fraction,
+               "must be in (0, 1]")
+        _check(self.max_model_len is None or self.max_model_len >= 2, "rollout.max_model_len",
+               self.max_model_len, "must be null or at least 2 tokens")
+        _check(self.seed is None or 0 <= self.seed < 2 ** 62, "rollout.seed", self.seed,
+               "must be null or an integer in [0, 2**62)")
 
 
 @dataclass

@@ -125,7 +125,22 @@ class RolloutEngine:
         self.kv_cache_bytes, self.kv_cache_fraction = kv_cache_bytes, kv_cache_fraction
         self.max_blocks_per_seq = math.ceil(self.max_model_len / block_size)
         self.cache: PagedKVCache | None = None
-        self._head_gather = self.tp > 1 and model.lm_head.weight.shape[0] != config.vocab_size
+        # NCCL groups take CUDA tensors only; gloo takes host tensors
+        self._comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    @classmethod
+    def from_config(cls, model: CausalLM, rollout, tp_group: dist.ProcessGroup | None = None) -> "RolloutEngine":
+        """An engine sized by ``hfrl.config.RolloutConfig`` (the ``rollout:`` section of a job's YAML)."""
+        return cls(model, tp_group=tp_group, block_size=rollout.block_size, kv_cache_bytes=rollout.kv_cache_bytes,
+                   kv_cache_fraction=rollout.kv_cache_fraction, max_num_seqs=rollout.max_num_seqs,
+                   max_model_len=rollout.max_model_len)
+
+    @staticmethod
+    def sampling_params(rollout, **overrides) -> SamplingParams:
+        """The ``SamplingParams`` of a ``RolloutConfig`` (``overrides`` win, e.g. stop_token_ids)."""
+        fields = dict(n=rollout.n, temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
+                      max_new_tokens=rollout.max_new_tokens, seed=rollout.seed)
+        return SamplingParams(**{**fields, **overrides})
 
     # ---- cache -----------------------------------------------------------------------------------
 
@@ -136,7 +151,7 @@ class RolloutEngine:
             budget = int(free_device_bytes(self.device) * self.kv_cache_fraction)
         blocks = min(budget // per_block, self.max_num_seqs * self.max_blocks_per_seq)
         if self.tp > 1:  # every rank must schedule identically: the group's smallest cache
-            count = torch.tensor([blocks], dtype=torch.int64)
+            count = torch.tensor([blocks], dtype=torch.int64, device=self._comm_device)
             dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.tp_group)
             blocks = int(count)
         return int(blocks)
@@ -215,7 +230,7 @@ class RolloutEngine:
             key = (p.n, float(p.temperature), p.top_k, float(p.top_p), p.max_new_tokens,
                    tuple(p.stop_token_ids), p.seed)
             h = (h * 1000003 + zlib.crc32(repr(key).encode())) % (1 << 61)
-        both = torch.tensor([h, -h], dtype=torch.int64)
+        both = torch.tensor([h, -h], dtype=torch.int64, device=self._comm_device)
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.tp_group)
         if int(both[0]) != h or int(both[1]) != -h:
             raise ValueError("the ranks of the generation TP group were given different prompts or sampling "
@@ -255,7 +270,7 @@ class RolloutEngine:
         """The tokens of the TP group's first rank, on every rank of the group."""
         if self.tp == 1:
             return tokens
-        tokens = tokens.contiguous()
+        tokens = tokens.to(self._comm_device, copy=True).contiguous()  # the caller compares with its own
         dist.broadcast(tokens, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
         return tokens
 

@@ -135,3 +135,17 @@ def test_bad_input_is_refused_and_the_engine_stays_usable(saved):
         tiny.generate([[1, 2, 3]], SamplingParams(max_new_tokens=12))
     assert engine.generate([[1, 2]], ok).samples[0].token_ids == engine.generate([[1, 2]], ok).samples[0].token_ids
     assert tiny.generate([[1, 2, 3]], ok).samples[0].token_ids == engine.generate([[1, 2, 3]], ok).samples[0].token_ids
+
+
+def test_engine_from_the_rollout_config(saved):
+    from hfrl.config import RolloutConfig
+
+    _, path = saved["llama_gqa_tied"]
+    cfg = RolloutConfig(block_size=8, kv_cache_bytes=1 << 20, max_num_seqs=3, max_model_len=40, n=2,
+                        temperature=0.0, max_new_tokens=50, seed=4)
+    engine = RolloutEngine.from_config(weights.from_pretrained(path).eval(), cfg)
+    params = RolloutEngine.sampling_params(cfg, stop_token_ids=[7])
+    assert (params.n, params.temperature, params.max_new_tokens, params.seed, params.stop_token_ids) == (2, 0.0, 50, 4, [7])
+    out = engine.generate([PROMPTS[2]], params)  # 13 prompt tokens: max_model_len caps the response at 27
+    assert out.stats["kv_block_size"] == 8 and out.stats["kv_cache_bytes"] <= 1 << 20
+    assert all(len(s.token_ids) == 27 and s.finish_reason == "length" for s in out.samples if 7 not in s.token_ids)
