@@ -23,6 +23,7 @@ makes such a variant of any protocol). Custom protocols are registered with `reg
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -105,6 +106,23 @@ def balanced(base: Protocol, key: str = "attention_mask") -> Protocol:
 
 
 DP_COMPUTE_BALANCED = balanced(DP_COMPUTE)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A protocol on one layout: the piece each pool position receives, and the positions
+    whose outputs come back, in piece order."""
+
+    chunks: tuple[int, ...]
+    output_positions: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=256)
+def placement(proto: Protocol, dims: ParallelDims) -> Placement:
+    """Computed once per (protocol, layout), not on every call: coordinates cost a few
+    microseconds per rank."""
+    return Placement(tuple(proto.chunk_of(dims, i) for i in range(dims.world_size)),
+                     tuple(proto.output_positions(dims)))
 
 
 # ---------------------------------------------------------------------------------------------

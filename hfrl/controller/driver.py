@@ -30,7 +30,7 @@ from typing import Any
 from hfrl.controller import planning
 from hfrl.controller.batch import Batch
 from hfrl.controller.dispatch import (Protocol, balanced_order, balanced_order_from_lengths,
-                                      join_outputs, ordered_chunks, padded_chunks)
+                                      join_outputs, ordered_chunks, padded_chunks, placement)
 from hfrl.controller.errors import RemoteError, WorkerLostError
 from hfrl.controller.runtime import GroupState, Remote, Runtime
 from hfrl.controller.transport import CMD, RELAY, REPLY, Message
@@ -56,6 +56,8 @@ class Call:
     num_input_rows: int | None = None
     order: list[int] | None = None
     """Balanced protocols: the padded input row behind each distributed row."""
+    chunks: tuple[int, ...] = ()
+    """The piece each pool position receives."""
     output_ranks: list[int] = field(default_factory=list)
     statuses: dict[int, dict] = field(default_factory=dict)
     error_seen: bool = False
@@ -164,7 +166,9 @@ class Driver(Runtime):
             args, kwargs = self._resolve_local_futures(args, kwargs)
         call = Call(cid=self._next_cid, group=state, method=method, proto=proto,
                     eager=blocking or include_self)
-        call.output_ranks = [ranks[p] for p in proto.output_positions(state.dims)]
+        layout = placement(proto, state.dims)
+        call.chunks = layout.chunks
+        call.output_ranks = [ranks[p] for p in layout.output_positions]
         per_rank, plans, relays = self._distribute(call, args, kwargs)
         messages = self._encode_call(call, per_rank, plans, relays)
         self._next_cid += 1
@@ -193,8 +197,7 @@ class Driver(Runtime):
                     continue
                 cmd_args, cmd_kwargs, assemble, relay = per_rank[position]
                 release = tuple(self._release.get(rank, ()))
-                piece = position if call.proto.per_rank_args else \
-                    call.proto.chunk_of(call.group.dims, position)
+                piece = position if call.proto.per_rank_args else call.chunks[position]
                 signature = (piece, repr(assemble), repr(relay), release)
                 if signature not in encoded:
                     encoded[signature] = self.transport.encode_message(
@@ -261,7 +264,7 @@ class Driver(Runtime):
     def _distribute(self, call: Call, args: tuple, kwargs: dict):
         """Per pool position: (args, kwargs, assemble spec, relay spec); chain plans; relayed
         pieces as (root rank, {key: piece})."""
-        dims, ranks, proto = call.group.dims, call.group.pool.ranks, call.proto
+        ranks, proto = call.group.pool.ranks, call.proto
         named = {**{f"#{i}": a for i, a in enumerate(args)}, **kwargs}
         if proto.per_rank_args:
             for key, value in named.items():
@@ -279,7 +282,7 @@ class Driver(Runtime):
             relay_tree, relayed, relays = self._relay_plan(call, pieces)
         per_rank = []
         for position, rank in enumerate(ranks):
-            chunk = proto.chunk_of(dims, position)
+            chunk = call.chunks[position]
             mine = {}
             for key, value in pieces.items():
                 if isinstance(value, ChainPlan):
@@ -302,11 +305,10 @@ class Driver(Runtime):
         """Large pieces shared by several ranks go from rank 0 to one of them and down a tree
         (`_tree`), so rank 0 sends each distinct piece once, whatever tp and pp are.
         Returns (rank -> {parent, children}, chunk -> relayed keys, [(root, {key: piece})])."""
-        dims, ranks, proto = call.group.dims, call.group.pool.ranks, call.proto
         members: dict[int, list[int]] = defaultdict(list)     # chunk -> remote ranks
-        for position, rank in enumerate(ranks):
+        for position, rank in enumerate(call.group.pool.ranks):
             if rank != 0:
-                members[proto.chunk_of(dims, position)].append(rank)
+                members[call.chunks[position]].append(rank)
         tree, relayed, relays = {}, defaultdict(set), []
         for chunk, receivers in members.items():
             shared = {}
@@ -389,10 +391,9 @@ class Driver(Runtime):
                num_chunks: int, num_rows: int) -> ChainPlan:
         """Which rows of which producer rank each consumer rank receives, in order."""
         consumer.pad = -(-num_rows // num_chunks) * num_chunks - num_rows
-        dims, ranks = consumer.group.dims, consumer.group.pool.ranks
         plan_runs, by_chunk = {}, {}
-        for position, rank in enumerate(ranks):
-            chunk = consumer.proto.chunk_of(dims, position)
+        for position, rank in enumerate(consumer.group.pool.ranks):
+            chunk = consumer.chunks[position]
             if chunk not in by_chunk:
                 logical = planning.consumer_rows(num_rows, num_chunks, chunk, consumer.order)
                 by_chunk[chunk] = [(producer.output_ranks[i], lo, hi)

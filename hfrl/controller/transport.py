@@ -24,9 +24,9 @@ and the benchmarks read the latter, and tests use them to prove data did not pas
 """
 from __future__ import annotations
 
-import collections
 import io
 import pickle
+import queue
 import struct
 import threading
 import time
@@ -34,7 +34,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -133,26 +132,27 @@ def _write_payload(batches: list[Batch], descs: list[tuple], payload: torch.Tens
 def decode_message(msg: Message, copy: bool = False) -> Any:
     """The object a message holds (as received, or as encoded). Its tensors are views of the
     message's buffers, or with `copy` of a copy of them."""
-    container = msg.first[_PREFIX:] if msg.body is None else msg.body
-    header = container[:msg.header_bytes].numpy()
-    if msg.where == _INLINE:
-        start = _aligned(msg.header_bytes)
-        payload = container[start:start + msg.payload_bytes]
-    else:
-        payload = msg.payload
-    return decode(header, payload.clone() if copy else payload)
-
-
-def decode(header: bytes | np.ndarray, payload: torch.Tensor) -> Any:
-    """The object of a message: its header bytes, and its payload (uint8, received or a view of
-    the message it came inline in). Tensors are views of the payload."""
-    body, descs = pickle.loads(header)
+    container, start = (msg.first, _PREFIX) if msg.body is None else (msg.body, 0)
+    body, descs = pickle.loads(container.numpy()[start:start + msg.header_bytes])
     items = []
-    for kind, item_header, offset in descs:
-        nbytes = buffer_nbytes(item_header)   # validates the header
-        batch = Batch.from_buffer(payload[offset:offset + nbytes], item_header)
-        items.append(batch if kind == "batch" else batch["t"][0])
+    if descs:
+        if msg.where == _INLINE:
+            start += _aligned(msg.header_bytes)
+            payload = container[start:start + msg.payload_bytes]
+        else:
+            payload = msg.payload
+        items = _items(descs, payload.clone() if copy else payload)
     return _Unpickler(io.BytesIO(body), items).load()
+
+
+def _items(descs: list[tuple], payload: torch.Tensor) -> list:
+    """The Batches and tensors `_layout` described, as views of `payload`."""
+    items = []
+    for kind, header, offset in descs:
+        nbytes = buffer_nbytes(header)   # validates the header
+        batch = Batch.from_buffer(payload[offset:offset + nbytes], header)
+        items.append(batch if kind == "batch" else batch["t"][0])
+    return items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,36 +162,34 @@ class _Reaper:
     """Keeps sent tensors alive until their send completed, and then lets them go.
 
     gloo's send Work only reports completion once waited on, so a background thread waits on the
-    oldest pending send (outside the lock; wait releases the GIL) and drops it. CUDA sends
-    (NCCL) are polled instead: their wait() only orders streams, it does not say the buffer is
-    free. A send that failed (dead peer) is dropped too: the receive side reports the failure.
+    oldest pending send (wait releases the GIL) and drops it. CUDA sends (NCCL) are polled
+    instead: their wait() only orders streams, it does not say the buffer is free. A send that
+    failed (dead peer) is dropped too: the receive side reports the failure.
+
+    The queue is a SimpleQueue: adding to it wakes the thread only when it sleeps on an empty
+    queue (a futex wake-up per message was the largest system-call cost of a no-op call), and
+    takes no Python-level lock. Each counter is written by one thread only.
     """
 
     def __init__(self):
-        self._queue: collections.deque = collections.deque()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._added = 0       # written by the sending thread
+        self._reaped = 0      # written by the reaper thread
         self._cond = threading.Condition()
         self._flushing = 0    # threads in wait_all
         self._thread = threading.Thread(target=self._loop, name="hfrl-send-reaper", daemon=True)
         self._thread.start()
 
     def add(self, work, tensor: torch.Tensor) -> None:
-        # Wake the thread only when it sleeps on an empty queue: while it waits on an older
-        # send, it finds this one when that returns (a futex wake-up per message was the
-        # largest system-call cost of a no-op call).
-        with self._cond:
-            self._queue.append((work, tensor))
-            if len(self._queue) == 1:
-                self._cond.notify()
+        self._added += 1
+        self._queue.put((work, tensor))
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return self._added - self._reaped
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while not self._queue:
-                    self._cond.wait()
-                work, tensor = self._queue[0]
+            work, tensor = self._queue.get()
             try:
                 if tensor.is_cuda:
                     while not work.is_completed():
@@ -200,16 +198,17 @@ class _Reaper:
                     work.wait()
             except Exception:  # noqa: BLE001 - reported by whoever receives from that peer
                 pass
-            with self._cond:
-                self._queue.popleft()
-                if self._flushing and not self._queue:
+            del work, tensor
+            self._reaped += 1
+            if self._flushing:   # read after the count changed: a waiter sees one or the other
+                with self._cond:
                     self._cond.notify_all()
 
     def wait_all(self, timeout: float | None = None) -> bool:
         with self._cond:
             self._flushing += 1
             try:
-                return self._cond.wait_for(lambda: not self._queue, timeout=timeout)
+                return self._cond.wait_for(lambda: self._reaped == self._added, timeout=timeout)
             finally:
                 self._flushing -= 1
 
@@ -254,6 +253,7 @@ class Transport:
         self.stats = TransportStats()
         self._reaper = _Reaper()
         self._rank = dist.get_rank() if dist.is_initialized() else 0
+        self._peers: dict[tuple[Any, int], tuple[Any, int]] = {}
 
     def encode_message(self, obj: Any) -> Message:
         """Encode once; raises (TypeError/ValueError/pickle errors) before anything is sent.
@@ -277,22 +277,21 @@ class Transport:
         first_bytes = bytearray(_FIRST)
         struct.pack_into(_PREFIX_FORMAT, first_bytes, 0, len(header), nbytes, where, body_len)
         first = torch.frombuffer(first_bytes, dtype=torch.uint8)
-        fits = _PREFIX + body_len <= _FIRST
-        if fits:
+        if _PREFIX + body_len <= _FIRST:
             first_bytes[_PREFIX:_PREFIX + len(header)] = header
-            body = first[_PREFIX:_PREFIX + body_len]
+            body, container, start = None, first, _PREFIX + start
         else:
             body_bytes = bytearray(body_len)
             body_bytes[:len(header)] = header
-            body = torch.frombuffer(body_bytes, dtype=torch.uint8)
-        if where == _INLINE:
-            payload = body[start:]
-        else:
+            body = container = torch.frombuffer(body_bytes, dtype=torch.uint8)
+        payload = None
+        if where != _INLINE:
             payload = torch.empty(nbytes, dtype=torch.uint8,
                                   device=device if where == _DEVICE else "cpu")
-        _write_payload(batches, descs, payload)
-        return Message(first, None if fits else body, None if where == _INLINE else payload,
-                       where, len(header), nbytes)
+            _write_payload(batches, descs, payload)
+        elif batches:
+            _write_payload(batches, descs, container[start:start + nbytes])
+        return Message(first, body, payload, where, len(header), nbytes)
 
     def send(self, obj: Any, dst: int, channel: int) -> None:
         self.post(self.encode_message(obj), dst, channel)
@@ -318,24 +317,40 @@ class Transport:
         return self.data_groups[0 if src < dst else 1]
 
     def _isend(self, tensor: torch.Tensor, dst: int, channel: int, group) -> None:
-        self._reaper.add(dist.isend(tensor, dst=dst, group=group, tag=channel), tensor)
+        group, peer = self._peer(group, dst)
+        self._reaper.add(group.send([tensor], peer, channel), tensor)
+
+    def _recv(self, tensor: torch.Tensor, src: int, channel: int, group) -> None:
+        group, peer = self._peer(group, src)
+        group.recv([tensor], peer, channel).wait()
+
+    def _peer(self, group, rank: int) -> tuple[Any, int]:
+        """The process group (None: the default one) and `rank`'s rank in it. Sends and
+        receives call the group itself: torch.distributed's isend and recv check their
+        arguments and wrap errors for logging on every call, a tenth of rank 0's time in a
+        no-op call."""
+        key = (group, rank)
+        if key not in self._peers:
+            process_group = dist.group.WORLD if group is None else group
+            self._peers[key] = process_group, dist.get_group_rank(process_group, rank)
+        return self._peers[key]
 
     def recv(self, src: int, channel: int, raw: bool = False) -> Any:
         """The next message from `src` on `channel`; with `raw`, (object, Message to forward)."""
         first_bytes = bytearray(_FIRST)
         first = torch.frombuffer(first_bytes, dtype=torch.uint8)
-        dist.recv(first, src=src, group=self.group, tag=channel)
+        self._recv(first, src, channel, self.group)
         n_header, nbytes, where, body_len = struct.unpack_from(_PREFIX_FORMAT, first_bytes)
         body = payload = None
         if _PREFIX + body_len > _FIRST:
             body = torch.empty(body_len, dtype=torch.uint8)
-            dist.recv(body, src=src, group=self.group, tag=channel)
+            self._recv(body, src, channel, self.group)
         if where == _SEPARATE:
             payload = torch.empty(nbytes, dtype=torch.uint8)
-            dist.recv(payload, src=src, group=self.group, tag=channel)
+            self._recv(payload, src, channel, self.group)
         elif where == _DEVICE:
             payload = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            dist.recv(payload, src=src, group=self._data_group(src, self._rank), tag=channel)
+            self._recv(payload, src, channel, self._data_group(src, self._rank))
         name = CHANNELS[channel]
         self.stats.header_recv[name] += _PREFIX + n_header
         self.stats.payload_recv[name] += nbytes

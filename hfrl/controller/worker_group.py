@@ -86,6 +86,7 @@ class WorkerGroup:
         def call(*args, blocking: bool = True, **kwargs):
             return self._runtime.call(self, method, proto, args, kwargs, blocking)
 
+        setattr(self, method, call)   # built once: the next `group.method` is a plain lookup
         return call
 
     def __repr__(self) -> str:
