@@ -332,13 +332,14 @@ class Batch:
         other ranks, and equal batches must serialise to equal bytes. (Only the gaps: a full
         memset costs as much as the copy.) Non-contiguous tensors are copied in one pass."""
         alignment = header["alignment"]
-        with torch.no_grad():  # a tensor that requires grad must not pull buf into its graph
-            for entry, t in zip(header["tensors"], self.tensors.values()):
-                if entry["nbytes"]:
-                    _view(buf, entry).copy_(t)
-                end = entry["offset"] + entry["nbytes"]
-                if end % alignment:
-                    buf[end:-(-end // alignment) * alignment].zero_()
+        for entry, t in zip(header["tensors"], self.tensors.values()):
+            if entry["nbytes"]:
+                # A tensor that requires grad must not pull buf into its graph. (detach, not
+                # no_grad: entering a context costs more than this copy of a small tensor.)
+                _view(buf, entry).copy_(t.detach() if t.requires_grad else t)
+            end = entry["offset"] + entry["nbytes"]
+            if end % alignment:
+                buf[end:-(-end // alignment) * alignment].zero_()
 
     @staticmethod
     def from_buffer(buf: torch.Tensor, header: dict) -> Batch:

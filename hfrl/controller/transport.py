@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hfrl.controller.batch import Batch, buffer_nbytes
+from hfrl.controller.batch import Batch
 
 CMD, REPLY, DATA, RELAY = 101, 102, 103, 104
 CHANNELS = {CMD: "cmd", REPLY: "reply", DATA: "data", RELAY: "relay"}
@@ -148,9 +148,8 @@ def decode_message(msg: Message, copy: bool = False) -> Any:
 def _items(descs: list[tuple], payload: torch.Tensor) -> list:
     """The Batches and tensors `_layout` described, as views of `payload`."""
     items = []
-    for kind, header, offset in descs:
-        nbytes = buffer_nbytes(header)   # validates the header
-        batch = Batch.from_buffer(payload[offset:offset + nbytes], header)
+    for kind, header, offset in descs:   # from_buffer validates the header
+        batch = Batch.from_buffer(payload[offset:offset + header["nbytes"]], header)
         items.append(batch if kind == "batch" else batch["t"][0])
     return items
 

@@ -132,3 +132,13 @@ def test_a_batch_on_several_devices_cannot_be_encoded():
     batch = Batch({"cpu": torch.zeros(2), "meta": torch.zeros(2, device="meta")})
     with pytest.raises(ValueError, match="several devices"):
         Transport().encode_message({"args": (batch,)})
+
+
+def test_a_tensor_that_requires_grad_is_sent_by_value():
+    weight = torch.arange(3, dtype=torch.float32).requires_grad_()
+    batch = Batch({"w": weight[None].expand(2, 3)})
+    out = decode_message(Transport().encode_message({"b": batch, "t": weight}))
+    assert not out["t"].requires_grad and torch.equal(out["t"], weight.detach())
+    assert not out["b"]["w"].requires_grad and batches_equal(out["b"], batch)
+    buf, _ = batch.to_buffer()
+    assert not buf.requires_grad and buf.grad_fn is None
