@@ -194,8 +194,12 @@ class RolloutConfig:
     max_model_len: int | None = None
     """Longest sequence (prompt + response) in tokens; null means the model's
     max_position_embeddings."""
+    max_num_batched_tokens: int | None = None
+    """Most prompt tokens prefilled in one step (a longer prompt still goes alone); null means
+    max(max_model_len, 8192)."""
     seed: int | None = None
-    """Base sampling seed (prompt i's samples use seed + ...); null draws one per call."""
+    """Sampling seed: each prompt of each step gets its own seed derived from it (fixed runs
+    repeat exactly); null draws fresh seeds every call."""
 
     def validate(self) -> None:
         _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens,
@@ -216,6 +220,9 @@ class RolloutConfig:
                "must be in (0, 1]")
         _check(self.max_model_len is None or self.max_model_len >= 2, "rollout.max_model_len",
                self.max_model_len, "must be null or at least 2 tokens")
+        _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+               "rollout.max_num_batched_tokens", self.max_num_batched_tokens,
+               "must be null or a positive number of tokens")
         _check(self.seed is None or 0 <= self.seed < 2 ** 62, "rollout.seed", self.seed,
                "must be null or an integer in [0, 2**62)")
 

@@ -29,6 +29,7 @@ ever hold a different token. Data-parallel replicas are separate engines with th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import zlib
@@ -41,7 +42,9 @@ import torch.distributed as dist
 
 from hfrl.models.llama import CausalLM
 from hfrl.rollout.kv_cache import CacheShape, DecodeAttention, PagedKVCache, PrefillAttention, free_device_bytes
-from hfrl.rollout.sampling import SamplingParams, sample, token_log_probs
+from hfrl.rollout.sampling import (
+    GREEDY_BELOW, SamplingFlags, SamplingParams, _integer, _real, sample, spread_seeds, token_log_probs,
+)
 
 FINISH_REASONS = ("stop", "length")
 
@@ -97,32 +100,50 @@ class RolloutEngine:
 
     def __init__(self, model: CausalLM, *, tp_group: dist.ProcessGroup | None = None, block_size: int = 16,
                  kv_cache_bytes: int | None = None, kv_cache_fraction: float = 0.5, max_num_seqs: int = 256,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None):
         if not isinstance(model, CausalLM) or model.embed_tokens is None or model.lm_head is None:
             raise ValueError("RolloutEngine needs a whole CausalLM (embed_tokens to lm_head); pipeline-parallel "
                              "generation (gen_pp > 1) is not supported: generate with gen_pp = 1")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size={block_size!r} must be a positive number of tokens (16 is usual)")
-        if kv_cache_bytes is not None and kv_cache_bytes < 1:
-            raise ValueError(f"kv_cache_bytes={kv_cache_bytes!r} must be a positive number of bytes or None")
-        if not 0 < kv_cache_fraction <= 1:
+        def positive_int(name, value, need):
+            if _integer(value) is None or _integer(value) < 1:
+                raise ValueError(f"{name}={value!r} must be {need}")
+
+        positive_int("block_size", block_size, "a positive number of tokens (16 is usual)")
+        positive_int("max_num_seqs", max_num_seqs, "a positive integer (sequences decoded at once)")
+        if kv_cache_bytes is not None:
+            positive_int("kv_cache_bytes", kv_cache_bytes, "a positive number of bytes, or None for kv_cache_fraction")
+        if _real(kv_cache_fraction) is None or not 0 < kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction={kv_cache_fraction!r} must be in (0, 1]")
-        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs={max_num_seqs!r} must be a positive integer")
         config = model.config
+        if config.rope_type == "dynamic":
+            raise ValueError("rope_type 'dynamic' (dynamic NTK) rescales RoPE by the longest sequence of the whole "
+                             "batch, so a response would depend on what it was batched with; generate with a "
+                             "static RoPE scaling (linear, yarn, llama3) instead")
         self.model, self.config, self.tp_group = model, config, tp_group
         self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
         self.vocab_size = config.vocab_size
-        self.max_model_len = max_model_len or config.max_position_embeddings
+        limit = config.max_position_embeddings
+        if max_model_len is not None:
+            positive_int("max_model_len", max_model_len, f"an integer in [2, max_position_embeddings={limit}]")
+            if not 2 <= max_model_len <= limit:
+                raise ValueError(f"max_model_len={max_model_len} must be in [2, max_position_embeddings={limit}] "
+                                 "(beyond it RoPE extrapolates); leave it None for the model's limit")
+        self.max_model_len = int(max_model_len or limit)
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len={self.max_model_len} must leave room for a prompt and a token")
+        if max_num_batched_tokens is not None:
+            positive_int("max_num_batched_tokens", max_num_batched_tokens, "a positive number of tokens")
+        # Prefill at most this many tokens per step (one sequence always goes, however long).
+        self.max_num_batched_tokens = int(max_num_batched_tokens or max(self.max_model_len, 8192))
+        block_size, max_num_seqs = int(block_size), int(max_num_seqs)
         self.max_num_seqs = max_num_seqs
         weight = model.layers[0].attn.qkv_proj.weight if len(model.layers) else model.embed_tokens.weight
         self.device, dtype = weight.device, weight.dtype
         attn = model.layers[0].attn if len(model.layers) else None
         self.shape = CacheShape(num_layers=config.num_layers, num_kv_heads=attn.num_kv_heads if attn else 0,
                                 head_dim=config.head_dim, block_size=block_size, dtype=dtype)
-        self.kv_cache_bytes, self.kv_cache_fraction = kv_cache_bytes, kv_cache_fraction
+        self.kv_cache_bytes = None if kv_cache_bytes is None else int(kv_cache_bytes)
+        self.kv_cache_fraction = float(kv_cache_fraction)
         self.max_blocks_per_seq = math.ceil(self.max_model_len / block_size)
         self.cache: PagedKVCache | None = None
         # NCCL groups take CUDA tensors only; gloo takes host tensors
@@ -133,14 +154,25 @@ class RolloutEngine:
         """An engine sized by ``hfrl.config.RolloutConfig`` (the ``rollout:`` section of a job's YAML)."""
         return cls(model, tp_group=tp_group, block_size=rollout.block_size, kv_cache_bytes=rollout.kv_cache_bytes,
                    kv_cache_fraction=rollout.kv_cache_fraction, max_num_seqs=rollout.max_num_seqs,
-                   max_model_len=rollout.max_model_len)
+                   max_model_len=rollout.max_model_len, max_num_batched_tokens=rollout.max_num_batched_tokens)
 
     @staticmethod
-    def sampling_params(rollout, **overrides) -> SamplingParams:
-        """The ``SamplingParams`` of a ``RolloutConfig`` (``overrides`` win, e.g. stop_token_ids)."""
+    def sampling_params(rollout, num_prompts: int | None = None, step: int = 0,
+                        **overrides) -> SamplingParams | list[SamplingParams]:
+        """The ``SamplingParams`` of a ``RolloutConfig`` (``overrides`` win, e.g. stop_token_ids).
+
+        With ``num_prompts``, a list with one per prompt of a rollout step: when ``rollout.seed`` is
+        set each prompt gets its own seed (``spread_seeds(seed, num_prompts, salt=step)``), so no
+        two prompts, and no two steps, share a random stream.
+        """
         fields = dict(n=rollout.n, temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
                       max_new_tokens=rollout.max_new_tokens, seed=rollout.seed)
-        return SamplingParams(**{**fields, **overrides})
+        params = SamplingParams(**{**fields, **overrides})
+        if num_prompts is None:
+            return params
+        if params.seed is None:
+            return [params] * num_prompts
+        return [dataclasses.replace(params, seed=seed) for seed in spread_seeds(params.seed, num_prompts, step)]
 
     # ---- cache -----------------------------------------------------------------------------------
 
@@ -185,26 +217,39 @@ class RolloutEngine:
             params = SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
+        if not isinstance(params, Sequence) or isinstance(params, (str, bytes)):
+            raise ValueError(f"params must be a SamplingParams or a list of them, got {type(params).__name__}")
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts: give one, or one per prompt")
         requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
-            p.validate(self.vocab_size, where=f"params[{i}]")
-            tokens = torch.as_tensor(prompt, dtype=torch.int64).reshape(-1) if len(prompt) else None
-            if tokens is None:
-                raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one token (e.g. BOS)")
-            if tokens.dtype.is_floating_point or torch.as_tensor(prompt).dim() != 1:
-                raise ValueError(f"prompts[{i}] must be a 1-D list of integer token ids")
-            low, high = int(tokens.min()), int(tokens.max())
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"prompts[{i}] holds token id {low if low < 0 else high} outside the "
-                                 f"vocabulary [0, {self.vocab_size})")
-            if tokens.numel() >= self.max_model_len:
-                raise ValueError(f"prompts[{i}] has {tokens.numel()} tokens; the context is max_model_len="
-                                 f"{self.max_model_len} tokens and must hold the prompt plus at least one "
-                                 "generated token: shorten the prompt")
-            requests.append((tokens, p))
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"params[{i}] is a {type(p).__name__}, not a SamplingParams")
+            p = p.validate(self.vocab_size, where=f"params[{i}]")
+            requests.append((self._prompt_tokens(i, prompt), p))
         return requests
+
+    def _prompt_tokens(self, i: int, prompt) -> torch.Tensor:
+        if isinstance(prompt, (str, bytes)):
+            raise ValueError(f"prompts[{i}] is text; the engine takes token ids: tokenize it first")
+        try:
+            raw = torch.as_tensor(prompt)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"prompts[{i}] is not a flat list of integer token ids ({err})") from None
+        if raw.numel() == 0:
+            raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one token (e.g. BOS)")
+        if raw.dtype == torch.bool or raw.is_floating_point() or raw.is_complex() or raw.dim() != 1:
+            raise ValueError(f"prompts[{i}] must be a 1-D list of integer token ids, got {raw.dim()}-D {raw.dtype}")
+        tokens = raw.to(torch.int64).cpu()
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"prompts[{i}] holds token id {low if low < 0 else high} outside the "
+                             f"vocabulary [0, {self.vocab_size})")
+        if tokens.numel() >= self.max_model_len:
+            raise ValueError(f"prompts[{i}] has {tokens.numel()} tokens; the context is max_model_len="
+                             f"{self.max_model_len} tokens and must hold the prompt plus at least one "
+                             "generated token: shorten the prompt")
+        return tokens
 
     def _check_fits(self, cache: PagedKVCache, requests) -> None:
         """A clear error when even one sequence alone cannot fit in the cache (nothing to preempt for)."""
@@ -245,10 +290,24 @@ class RolloutEngine:
         self._check_same_on_tp(requests)
         cache = self._ensure_cache()
         self._check_fits(cache, requests)
+        seeds = self._base_seeds(requests)
         try:
-            return _Run(self, cache, requests).run()
+            out = _Run(self, cache, requests, seeds).run()
+            if cache.num_free != cache.num_blocks:  # an invariant: a leak would shrink every later call
+                raise RuntimeError(f"KV cache leak: {cache.num_blocks - cache.num_free} blocks still held after "
+                                   "every sequence finished")
+            return out
         finally:
             cache.reset()
+
+    def _base_seeds(self, requests) -> list[int]:
+        """Each request's seed; unseeded ones draw from torch's generator on the TP group's first rank."""
+        seeds = torch.tensor([p.seed if p.seed is not None else int(torch.randint(0, 2 ** 62, ()))
+                              for _, p in requests], dtype=torch.int64)
+        if self.tp > 1 and any(p.seed is None for _, p in requests):
+            seeds = seeds.to(self._comm_device)
+            dist.broadcast(seeds, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+        return seeds.tolist()
 
     # ---- model calls (used by _Run) ---------------------------------------------------------------
 
@@ -259,7 +318,8 @@ class RolloutEngine:
         F.linear's h @ W^T for the 32000 x 256 head at 2..64 rows (measured; the same numbers).
         Padded vocabulary rows of a vocab-parallel head are cut off below, so their -inf mask is moot.
         """
-        logits = torch.mm(self.model.lm_head.weight, hidden.t()).t()  # (N, V_local)
+        # Reads lm_head.weight directly (hfrl's own CausalLM/VocabParallelLMHead: no bias, no hooks).
+        logits = torch.mm(self.model.lm_head.weight, hidden.t()).t().contiguous()  # (N, V_local), row-major
         if self.tp > 1:
             from hfrl.distributed.tensor_parallel import gather_vocab_logits
 
@@ -278,7 +338,7 @@ class RolloutEngine:
 class _Run:
     """The state of one ``generate`` call: per-sample tables and the running batch, all tensors."""
 
-    def __init__(self, engine: RolloutEngine, cache: PagedKVCache, requests):
+    def __init__(self, engine: RolloutEngine, cache: PagedKVCache, requests, seeds: list[int]):
         self.engine, self.cache = engine, cache
         self.bs = cache.block_size
         counts = [p.n for _, p in requests]
@@ -286,11 +346,15 @@ class _Run:
         self.prompt_of = torch.repeat_interleave(torch.arange(len(requests)), torch.tensor(counts))
         self.sample_index = torch.cat([torch.arange(n) for n in counts])
         ps = [p for _, p in requests for _ in range(p.n)]
-        base = [p.seed if p.seed is not None else int(torch.randint(0, 2 ** 61, ())) for _, p in requests]
-        self.seed = torch.tensor([base[int(r)] for r in self.prompt_of], dtype=torch.int64) + self.sample_index
-        self.temperature = torch.tensor([float(p.temperature) for p in ps])
+        self.seed = torch.tensor(seeds, dtype=torch.int64)[self.prompt_of] + self.sample_index
+        temperature = torch.tensor([p.temperature for p in ps], dtype=torch.float64)
+        self.temperature = torch.where(temperature < GREEDY_BELOW, 0.0, temperature)
         self.top_k = torch.tensor([p.top_k for p in ps], dtype=torch.int64)
-        self.top_p = torch.tensor([float(p.top_p) for p in ps], dtype=torch.float64)
+        self.top_p = torch.tensor([p.top_p for p in ps], dtype=torch.float64)
+        # Device copies, indexed on the device each step (no per-step upload of the parameters).
+        device = engine.device
+        self.params_dev = tuple(t.to(device) for t in (self.temperature.float(), self.top_k, self.top_p.float(),
+                                                        self.seed))
         lens = torch.tensor([tokens.numel() for tokens, _ in requests])[self.prompt_of]
         self.max_new = torch.minimum(torch.tensor([p.max_new_tokens for p in ps]), engine.max_model_len - lens)
         width = max((len(p.stop_token_ids) for p in ps), default=0)
@@ -343,18 +407,20 @@ class _Run:
     # ---- scheduling --------------------------------------------------------------------------------
 
     def _admit(self) -> list[_Entry]:
-        admitted, seqs, free = [], self.running, self.cache.num_free
+        admitted, seqs, free, tokens = [], self.running, self.cache.num_free, 0
         while self.waiting:
             entry = self.waiting[0]
             n, length = len(entry.samples), entry.tokens.numel()
             need = math.ceil(length / self.bs) + (n - 1) * (length % self.bs != 0)
             if seqs + n > self.engine.max_num_seqs:
                 break
+            if admitted and tokens + length > self.engine.max_num_batched_tokens:
+                break
             reserve = seqs + n if seqs else 0  # one block of headroom per running sequence
             if need + reserve > free and (seqs or need > free):
                 break
             admitted.append(self.waiting.popleft())
-            seqs, free = seqs + n, free - need
+            seqs, free, tokens = seqs + n, free - need, tokens + length
         return admitted
 
     def _preempt(self, count: int) -> None:
@@ -458,12 +524,13 @@ class _Run:
 
     def _sample_and_record(self, logits: torch.Tensor, sids: torch.Tensor) -> None:
         steps = self.gen_len[sids]
-        device = logits.device
-        tokens, log_probs = sample(logits, self.temperature[sids].to(device), self.top_k[sids].to(device),
-                                   self.top_p[sids].to(device), self.seed[sids].to(device), steps.to(device))
+        flags = SamplingFlags.of(self.temperature[sids], self.top_k[sids], self.top_p[sids], logits.shape[-1])
+        index = sids.to(logits.device)
+        temperature, top_k, top_p, seeds = (t.index_select(0, index) for t in self.params_dev)
+        tokens, log_probs = sample(logits, temperature, top_k, top_p, seeds, steps.to(logits.device), flags)
         agreed = self.engine._agree(tokens)
-        if agreed is not tokens and not torch.equal(agreed, tokens):
-            log_probs = token_log_probs(logits, self.temperature[sids].to(device), agreed)
+        if agreed is not tokens and not torch.equal(agreed, tokens):  # never expected: a safety net
+            log_probs = token_log_probs(logits, temperature, agreed)
         self.out_tokens[sids, steps] = agreed.cpu()
         self.out_log_probs[sids, steps] = log_probs.float().cpu()
         self.gen_len[sids] = steps + 1

@@ -7,13 +7,15 @@ at response position ``t`` is a hash of (seed + s, t), so a seeded response does
 else was in the batch, on preemption, or on the rank that computes it.
 
 Log-probs are those of the *unfiltered* distribution at the sampling temperature,
-``log_softmax(logits / temperature)`` (raw logits for greedy), which is what
+``log_softmax(logits / temperature)`` (raw logits, i.e. temperature 1, for greedy), which is what
 ``TrainEngine.compute_log_probs(batch, temperature)`` computes for the same tokens: the ratio in
 a PPO loss is then exactly 1 on the first update.
 """
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -46,14 +48,37 @@ def uniform_from_counters(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Ten
     return ((x >> 11) & ((1 << 53) - 1)).double() * (1.0 / (1 << 53))
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (vLLM's rule): logits / 1e-38 would overflow to inf."""
+
+
+def _integer(value) -> int | None:
+    """``value`` as a Python int if it is an integer (numpy and 0-d tensors too), never a bool."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        return int(value) if value.dim() == 0 and not value.is_floating_point() else None
+    return int(value) if isinstance(value, numbers.Integral) else None
+
+
+def _real(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 @dataclass
 class SamplingParams:
     """How to sample the responses to one prompt (vLLM's names and meanings).
 
-    temperature 0 is greedy decoding. ``seed``: sample ``s`` of ``n`` uses seed ``seed + s``, so
-    ``SamplingParams(n=4, seed=7)`` gives the same responses as four requests with ``n=1`` and seeds
-    7, 8, 9, 10; None draws a seed from torch's global generator (``torch.manual_seed`` fixes it).
-    The stop token is part of the response (an RL policy must learn to emit it).
+    temperature 0 (or below 1e-5) is greedy decoding. top-k keeps the k most likely tokens (ties at
+    the k-th value kept), then top-p keeps the smallest prefix of those, renormalised, whose mass
+    reaches p (HF's TopK then TopP warpers). ``seed``: sample ``s`` of ``n`` uses seed ``seed + s``,
+    so ``SamplingParams(n=4, seed=7)`` gives the same responses as four requests with ``n=1`` and
+    seeds 7, 8, 9, 10; two requests with one seed draw the same random numbers, so give prompts
+    seeds far apart (``spread_seeds``). None draws a seed from torch's global generator
+    (``torch.manual_seed`` fixes it). The stop token is part of the response (an RL policy must
+    learn to emit it).
     """
 
     n: int = 1
@@ -64,93 +89,134 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     seed: int | None = None
 
-    def validate(self, vocab_size: int, where: str = "SamplingParams") -> None:
+    def validate(self, vocab_size: int, where: str = "SamplingParams") -> "SamplingParams":
+        """A checked copy with plain Python numbers; ValueError naming the field otherwise."""
         def bad(name, value, need):
             raise ValueError(f"{where}.{name}={value!r}: {need}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            bad("n", self.n, "must be a positive number of responses per prompt")
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < math.inf):
+        n, top_k, max_new = _integer(self.n), _integer(self.top_k), _integer(self.max_new_tokens)
+        temperature, top_p = _real(self.temperature), _real(self.top_p)
+        if n is None or n < 1:
+            bad("n", self.n, "must be a positive integer number of responses per prompt")
+        if temperature is None or not 0 <= temperature < math.inf:
             bad("temperature", self.temperature, "must be a finite number >= 0 (0: greedy)")
-        if not isinstance(self.top_k, int) or not (self.top_k == -1 or self.top_k >= 1):
+        if top_k is None or not (top_k == -1 or top_k >= 1):
             bad("top_k", self.top_k, "must be -1 (disabled) or a positive integer")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if top_p is None or not 0 < top_p <= 1:
             bad("top_p", self.top_p, "must be in (0, 1]; 1 disables nucleus sampling")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            bad("max_new_tokens", self.max_new_tokens, "must be a positive number of tokens")
-        for token in self.stop_token_ids:
-            if not isinstance(token, int) or not 0 <= token < vocab_size:
-                bad("stop_token_ids", list(self.stop_token_ids), f"must be token ids in [0, {vocab_size})")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 62):
+        if max_new is None or max_new < 1:
+            bad("max_new_tokens", self.max_new_tokens, "must be a positive integer number of tokens")
+        stops = self.stop_token_ids
+        if isinstance(stops, torch.Tensor):
+            stops = stops.reshape(-1).tolist() if not stops.is_floating_point() else None
+        if stops is None or isinstance(stops, (str, bytes)) or not isinstance(stops, Iterable):
+            bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids (e.g. [eos_id])")
+        stops = [_integer(t) for t in stops]
+        if any(t is None or not 0 <= t < vocab_size for t in stops):
+            bad("stop_token_ids", list(self.stop_token_ids), f"must be integer token ids in [0, {vocab_size})")
+        seed = None if self.seed is None else _integer(self.seed)
+        if self.seed is not None and (seed is None or not 0 <= seed < 2 ** 62):
             bad("seed", self.seed, "must be None or an integer in [0, 2**62)")
+        return SamplingParams(n=n, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new,
+                              stop_token_ids=tuple(stops), seed=seed)
 
 
-def _scaled(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """logits / temperature per row, fp32; greedy rows (temperature 0) keep the raw logits."""
+def spread_seeds(seed: int, count: int, salt: int = 0) -> list[int]:
+    """``count`` seeds in [0, 2**62) derived from (seed, salt, i): per-prompt seeds of one rollout
+    step (salt = the step), far apart so the samples of different prompts never share a stream."""
+    index = torch.arange(count, dtype=torch.int64)
+    mixed = _splitmix64(_splitmix64(_splitmix64(torch.full_like(index, seed)) ^ salt) ^ index)
+    return ((mixed >> 2) & ((1 << 62) - 1)).tolist()
+
+
+@dataclass(frozen=True)
+class SamplingFlags:
+    """What a batch of rows needs, decided on the host so a GPU step does not synchronise for it."""
+
+    all_greedy: bool
+    any_greedy: bool
+    any_scaled: bool  # some sampled row has temperature != 1
+    max_top_k: int  # 0: no row uses top-k
+    any_top_p: bool
+
+    @classmethod
+    def of(cls, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, vocab_size: int):
+        greedy = temperature < GREEDY_BELOW
+        sampled = ~greedy
+        use_k = sampled & (top_k > 0) & (top_k < vocab_size)
+        return cls(all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
+                   any_scaled=bool((sampled & (temperature != 1)).any()),
+                   max_top_k=int(top_k[use_k].max()) if bool(use_k.any()) else 0,
+                   any_top_p=bool((sampled & (top_p < 1)).any()))
+
+
+def _scaled(logits: torch.Tensor, temperature: torch.Tensor, any_scaled: bool | None = None) -> torch.Tensor:
+    """logits / temperature per row as a new fp32 tensor; greedy rows keep the raw logits."""
     logits = logits.float()
-    if not bool(((temperature > 0) & (temperature != 1)).any()):  # greedy / T = 1 rows: no division
-        return logits
-    scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).to(logits.dtype)
-    return logits / scale[:, None]
+    if any_scaled is None:
+        any_scaled = bool(((temperature >= GREEDY_BELOW) & (temperature != 1)).any())
+    if not any_scaled:
+        return logits.contiguous()
+    scale = torch.where(temperature >= GREEDY_BELOW, temperature, torch.ones_like(temperature))
+    return logits / scale.clamp(max=1e30).to(logits.dtype)[:, None]
 
 
 def token_log_probs(logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(tokens) (N,) fp32 under ``logits / temperature`` (raw logits where temperature is 0)."""
-    return _picked_log_probs(_scaled(logits, temperature), tokens)
-
-
-def _picked_log_probs(scaled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    # logit - logsumexp: one read of the row, no (N, V) log-softmax written out
+    scaled = _scaled(logits, temperature)
     return scaled.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+           seeds: torch.Tensor, steps: torch.Tensor, flags: SamplingFlags | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row. logits (N, V) -> tokens (N,) int64, log-probs (N,) fp32.
 
     temperature/top_p (N,) float, top_k (N,) int64 (-1: off), seeds/steps (N,) int64. Rows with
-    temperature 0 take the argmax. Sampling is inverse-CDF over the vocabulary in id order with one
-    counter-based uniform per row, so a row's token depends only on its own logits and parameters.
+    temperature below 1e-5 take the argmax. Sampling is inverse-CDF over the vocabulary in id order
+    with one counter-based uniform per row, so a row's token depends only on its own logits and
+    parameters. ``flags`` (``SamplingFlags.of`` the host copies) saves a GPU the syncs to find them.
     """
-    greedy = temperature <= 0
-    scaled = _scaled(logits, temperature)  # (N, V)
-    if bool(greedy.all()):
+    if flags is None:
+        flags = SamplingFlags.of(temperature, top_k, top_p, logits.shape[-1])
+    scaled = _scaled(logits, temperature, flags.any_scaled)  # (N, V), contiguous
+    lse = torch.logsumexp(scaled, dim=-1)  # (N,)
+    if flags.all_greedy:
         tokens = scaled.argmax(dim=-1)
     else:
-        rows = None if not bool(greedy.any()) else (~greedy).nonzero().squeeze(1)
+        rows = (temperature >= GREEDY_BELOW).nonzero().squeeze(1) if flags.any_greedy else None
         pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        probs = torch.softmax(pick(scaled), dim=-1)
-        drawn = _sample_rows(probs, pick(top_k), pick(top_p), pick(seeds), pick(steps))
+        probs = (pick(scaled) - pick(lse)[:, None]).exp_()
+        if flags.max_top_k or flags.any_top_p:
+            probs = _filter(probs, pick(top_k), pick(top_p), flags.max_top_k, flags.any_top_p)
+        drawn = _inverse_cdf(probs, pick(seeds), pick(steps))
         tokens = drawn if rows is None else scaled.argmax(dim=-1).index_copy_(0, rows, drawn)
-    return tokens, _picked_log_probs(scaled, tokens)
+    return tokens, scaled.gather(1, tokens[:, None]).squeeze(1) - lse
 
 
-def _sample_rows(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
-                 steps: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling of (M, V) probabilities after per-row top-k / top-p filtering."""
-    vocab = probs.shape[-1]
-    use_k = (top_k > 0) & (top_k < vocab)
-    use_p = top_p < 1
-    if bool(use_k.any()) or bool(use_p.any()):
-        probs = _filter(probs, torch.where(use_k, top_k, vocab), top_p, bool(use_p.any()))
-    cdf = probs.double().cumsum(dim=-1)  # (M, V); float64 so a 1e5-token vocabulary sums cleanly
-    u = uniform_from_counters(seeds, steps) * cdf[:, -1]
+def _inverse_cdf(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One token per row of (M, V) unnormalised probabilities, by a counter-based uniform."""
+    cdf = probs.cumsum(dim=-1)  # (M, V); a filtered (zero) entry repeats its left neighbour's value
+    u = uniform_from_counters(seeds, steps).to(cdf.dtype) * cdf[:, -1]
     tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
-    # u < total, so the index is valid; a filtered (zero) entry can never be chosen (its cdf step is 0)
-    return tokens.clamp_(max=vocab - 1)
+    return tokens.clamp_(max=probs.shape[-1] - 1)  # u < total: only rounding can reach past the end
 
 
-def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, any_p: bool) -> torch.Tensor:
-    """Zero the entries outside each row's top-k and top-p set (ties at the threshold are kept)."""
-    if not any_p:  # top-k only: the k-th largest value is the threshold, no full sort
-        kmax = int(top_k.max())
-        kth = probs.topk(kmax, dim=-1).values.gather(1, (top_k - 1)[:, None])  # (M, 1)
+def _filter(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, max_top_k: int,
+            any_top_p: bool) -> torch.Tensor:
+    """Zero the entries outside each row's top-k set (ties at the k-th value kept), then outside the
+    smallest prefix of the rest whose renormalised mass reaches top_p (HF's TopK then TopP)."""
+    vocab = probs.shape[-1]
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    if not any_top_p:  # top-k only: the k-th largest value is the threshold, no full sort
+        kth = probs.topk(max_top_k, dim=-1).values.gather(1, (k.clamp(max=max_top_k) - 1)[:, None])
+        kth = torch.where(k[:, None] < vocab, kth, torch.zeros_like(kth))  # rows without top-k keep all
         return probs.masked_fill(probs < kth, 0.0)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[-1], device=probs.device)
-    keep = rank[None, :] < top_k[:, None]
-    # nucleus: keep a token while the mass before it is below top_p (the first token always stays)
+    kth = sorted_probs.gather(1, (k - 1)[:, None])
+    sorted_probs = sorted_probs.masked_fill(sorted_probs < kth, 0.0)
+    # nucleus: keep a token while the kept mass before it is below top_p (the first always stays)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep &= before < top_p[:, None].to(before.dtype) * sorted_probs.sum(dim=-1, keepdim=True)
-    sorted_probs = sorted_probs * keep
+    mass = sorted_probs.sum(dim=-1, keepdim=True)
+    sorted_probs = sorted_probs.masked_fill(before >= top_p[:, None].to(before.dtype) * mass, 0.0)
     return torch.empty_like(probs).scatter_(1, order, sorted_probs)

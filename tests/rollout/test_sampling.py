@@ -17,28 +17,36 @@ def test_counter_uniforms_are_uniform_and_pure():
     assert u.unique().numel() == u.numel()
 
 
-def _filter_loop(probs, top_k, top_p):
-    """One row at a time, as the definitions read."""
-    out = torch.zeros_like(probs)
-    for row, (p, k, tp) in enumerate(zip(probs, top_k.tolist(), top_p.tolist())):
-        values, order = p.sort(descending=True)
-        kept, mass = 0, 0.0
-        for value, index in zip(values.tolist(), order.tolist()):
-            if kept >= k or (kept > 0 and mass >= tp * float(p.sum())):
-                break
-            out[row, index] = value
-            kept, mass = kept + 1, mass + value
-    return out
+def _hf_kept(logits, top_k, top_p):
+    """Which tokens transformers' TopK then TopP warpers keep, one row at a time."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    kept = []
+    for row, k, p in zip(logits, top_k.tolist(), top_p.tolist()):
+        scores = row[None].clone()
+        if 0 < k < row.numel():
+            scores = TopKLogitsWarper(k)(None, scores)
+        if p < 1:
+            scores = TopPLogitsWarper(p)(None, scores)
+        kept.append(scores[0] > float("-inf"))
+    return torch.stack(kept)
 
 
-def test_top_k_top_p_filter_equals_the_definition():
+def test_top_k_then_top_p_keeps_what_transformers_keeps():
     torch.manual_seed(0)
-    probs = torch.softmax(torch.randn(12, 50) * 2, dim=-1)
-    top_k = torch.tensor([50, 1, 3, 10, 50, 50, 7, 50, 2, 50, 20, 5])
-    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.9, 0.8, 0.05, 0.99, 0.3, 1.0, 0.7], dtype=torch.float64)
-    torch.testing.assert_close(_filter(probs, top_k, top_p, True), _filter_loop(probs, top_k, top_p))
-    k_only = _filter(probs, top_k, torch.ones(12, dtype=torch.float64), False)
-    torch.testing.assert_close(k_only, _filter_loop(probs, top_k, torch.ones(12)))
+    logits = torch.randn(14, 50) * 2
+    logits[12, :4] = logits[13, :4] = 5.0  # ties at the k-th value (kept, as HF keeps them)
+    top_k = torch.tensor([-1, 1, 3, 10, -1, -1, 7, -1, 2, -1, 20, 5, 2, 3])
+    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.9, 0.8, 0.05, 0.99, 0.3, 1.0, 0.7, 1.0, 0.6],
+                         dtype=torch.float64)
+    probs = torch.softmax(logits, dim=-1)
+    expected = _hf_kept(logits, top_k, top_p)
+    assert torch.equal(_filter(probs, top_k, top_p, 20, True) > 0, expected)
+    k_rows = top_p == 1  # the top-k-only path (no sort) on the rows without top-p
+    assert torch.equal(_filter(probs[k_rows], top_k[k_rows], top_p[k_rows], 20, False) > 0, expected[k_rows])
+    # [.3, .3, .2, .2], k=2, p=0.5: the nucleus is taken within the top-k mass (HF and vLLM)
+    two = torch.tensor([[0.3, 0.3, 0.2, 0.2]])
+    assert _filter(two, torch.tensor([2]), torch.tensor([0.5]), 2, True)[0].gt(0).sum() == 1
 
 
 @pytest.mark.parametrize("top_k,top_p", [(-1, 1.0), (3, 1.0), (-1, 0.7)])
@@ -48,7 +56,7 @@ def test_sampled_frequencies_match_the_filtered_distribution(top_k, top_p):
     tokens, log_probs = sample(logits.expand(n, -1), torch.full((n,), temperature), torch.full((n,), top_k),
                                torch.full((n,), top_p, dtype=torch.float64), torch.full((n,), 7), torch.arange(n))
     probs = torch.softmax(logits / temperature, dim=-1)
-    expected = _filter_loop(probs[None], torch.tensor([8 if top_k < 0 else top_k]), torch.tensor([top_p]))[0]
+    expected = probs * _hf_kept((logits / temperature)[None], torch.tensor([top_k]), torch.tensor([top_p]))[0]
     expected = expected / expected.sum()
     freq = torch.bincount(tokens, minlength=8).float() / n
     sigma = (expected * (1 - expected) / n).sqrt()
