@@ -38,6 +38,17 @@ def tp_body(rank, world_size, path):
     # tg = 4: the whole pool is one generation group (kv heads replicated: 2 kv heads on 4 ranks)
     model = tp_from_pretrained(path, None if world_size == 1 else groups.groups["tp"]).eval()
     results["tg4"] = _generate(model, groups.groups["tp"], PROMPTS, params())
+    # Unseeded sampling with a different torch seed and a different KV budget on every rank: the
+    # group still samples one stream (seeds drawn on its first rank) with one cache size (the minimum).
+    torch.manual_seed(rank)
+    engine = RolloutEngine(model, tp_group=groups.groups["tp"], block_size=4, kv_cache_bytes=(rank + 1) << 16)
+    out = engine.generate(PROMPTS[:2], SamplingParams(temperature=1.0, max_new_tokens=6))
+    results["unseeded"] = ([s.token_ids for s in out.samples], out.stats["kv_blocks"])
+    try:  # ranks given different prompts: refused on every rank before any token is computed
+        engine.generate([[1, 2, rank]], SamplingParams(max_new_tokens=2))
+    except ValueError as err:
+        results["mismatch"] = str(err)
+    results["after"] = engine.generate([[1, 2]], SamplingParams(temperature=0, max_new_tokens=3)).samples[0].token_ids
     return results
 
 
@@ -67,3 +78,9 @@ def test_tp_generation_equals_one_process(path):
         per_replica = _generate(model, None, REPLICA_PROMPTS[replica], params()[2 * replica:2 * replica + 2])
         _assert_same(got, per_replica)
     assert len({tuple(s[0]) for s in single}) > 3
+    unseeded = [r["unseeded"] for r in results]
+    assert all(u == unseeded[0] for u in unseeded)
+    smallest = RolloutEngine(model, block_size=4).shape.bytes_per_block  # per rank: tp=4 shards the heads
+    assert unseeded[0][1] == (1 << 16) // (smallest // 2)  # kv heads 2 -> 1 per rank (replicated)
+    assert all("different prompts or sampling params" in r.get("mismatch", "") for r in results)
+    assert all(r["after"] == results[0]["after"] for r in results)
