@@ -16,7 +16,9 @@ Cases (one JSON line each: case, tokens_per_s, baseline_tokens_per_s, speedup, p
 A ``decode_roof`` line sets hfrl's decode time against the memory roof: the time to read the
 weights once per decode step plus every sequence's KV cache once, at the bandwidth this machine
 measures for a large sum (the bound no decode step can beat on a memory-bound machine).
-Same thread count for both (torch's default unless ``--threads``).
+Same thread count for both (torch's default unless ``--threads``). ``row_step_ratio`` is the
+gain continuous batching alone can bring at an equal cost per decoded row (transformers decodes
+every row until the longest one ends); a larger speedup needs a cheaper row or step.
 """
 from __future__ import annotations
 
@@ -129,7 +131,10 @@ def main(argv=None) -> int:
             case="ragged", tokens_per_s=tokens / t_hfrl, baseline_tokens_per_s=sum(map(len, base)) / t_hf,
             speedup=t_hf / t_hfrl * sum(map(len, base)) / tokens, tokens_match=ours == base,
             generated_tokens=tokens, response_len_min=min(map(len, ours)), response_len_mean=tokens / len(ours),
-            response_len_max=max(map(len, ours)), hfrl_s=t_hfrl, transformers_s=t_hf,
+            response_len_max=max(map(len, ours)),
+            # transformers decodes every row until the longest finishes; hfrl only live rows. Their
+            # ratio bounds what removing finished rows alone can gain at equal cost per row.
+            row_step_ratio=len(ours) * max(map(len, ours)) / tokens, hfrl_s=t_hfrl, transformers_s=t_hf,
             prefill_s=out.stats["time_prefill_s"], decode_s=out.stats["time_decode_s"],
             decode_steps=out.stats["decode_steps"], kv_peak_bytes=out.stats["kv_peak_bytes"])), flush=True)
         # Memory roof of the decode steps: weights (minus the embedding table, read by row) once per
