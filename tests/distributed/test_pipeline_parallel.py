@@ -12,7 +12,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from hfrl.distributed.parallel_dims import GroupCache, ParallelDims, build_groups
 from hfrl.distributed.pipeline_parallel import (MODEL_INPUT_KEYS, PipelineSchedule, partition_layers,
@@ -30,6 +29,9 @@ PP2_RUNS = [("1f1b", 4), ("gpipe", 4)]
 # ---- data, loss and helpers (module level: the spawned ranks import them) -----------------------
 
 def save_checkpoint(path, tie: bool) -> str:
+    # imported here: the python -O test's parent process imports this module but builds no model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tie)).float()
     with torch.no_grad():
