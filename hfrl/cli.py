@@ -51,6 +51,15 @@ def cmd_layout(ns: argparse.Namespace) -> int:
 
     config = load_config(*_split_config_args(ns.args))
     report = run_layout(config, dry_run_world_size=ns.world_size)
+    if report is not None and "actor" in report["plan"]["roles"]:
+        from hfrl.distributed.parallel_dims import ParallelDims
+        from hfrl.hybrid_engine.accounting import layout_report
+
+        lay = report["plan"]["roles"]["actor"]["layout"]
+        dims = ParallelDims(pp=lay["pp"], tp=lay["tp"], dp=lay["dp"], pg=lay["pg"], tg=lay["tg"],
+                            grouping=lay["grouping"])
+        actor = config.engine_for("actor")
+        report["transition"] = layout_report(dims, actor.model_path or None, actor.dtype)
     if report is not None:
         print(json.dumps(report, indent=None if ns.compact else 1) if ns.json
               else format_report(report, max_groups=None if ns.all_groups else 16))

@@ -55,6 +55,10 @@ def test_human_readable_layout():
     assert out.returncode == 0, out.stderr
     assert "gen_tp       4 x 2    [0,2] [1,3] [4,6] [5,7]" in out.stdout
     assert "micro_dp     4 x 2    [0,1] [2,3] [4,5] [6,7]" in out.stdout
+    # Table 2 at pp=1 tp=4 dp=2 -> tg=2: each micro-DP pair gathers the other half of its shard
+    assert "  hybridflow   receive 1/4 M, hold 1/2 M, stored twice 0 M" in out.stdout
+    assert "  hybridflow_v receive 3/4 M, hold 1 M, stored twice 1/4 M" in out.stdout
+    assert "  ds_chat      receive 7/8 M, hold 1 M, stored twice 1/8 M" in out.stdout
 
 
 @pytest.mark.parametrize("overrides,match", [

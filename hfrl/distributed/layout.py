@@ -143,6 +143,9 @@ def format_report(report: dict[str, Any], max_groups: int | None = 16) -> str:
             lines.append(f"  {axis:<9} {len(groups):>4} x {len(groups[0]):<4} {shown}{more}")
         if trivial:
             lines.append(f"  (size-1 groups: {', '.join(trivial)})")
+    if "transition" in report:
+        lines.append("actor train -> generate transition, per rank (M = actor parameter bytes; Table 2):")
+        lines += [f"  {line}" for line in report["transition"]["lines"]]
     lines.append("axes: " + "; ".join(f"{a} = {d}" for a, d in AXIS_DOCS.items()))
     return "\n".join(lines)
 

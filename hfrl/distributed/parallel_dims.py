@@ -83,15 +83,15 @@ class ParallelDims:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"grouping={self.grouping!r}: expected one of {GROUPINGS}")
-        if self.tp % self.tg:
+        if self.tp % self.tg or self.pp % self.pg:
+            choices = ", ".join(f"(pg={pg}, tg={tg})" for pg in _divisors(self.pp) for tg in _divisors(self.tp))
+            which = (f"generation tensor parallel tg={self.tg} must divide training tp={self.tp}"
+                     if self.tp % self.tg else
+                     f"generation pipeline parallel pg={self.pg} must divide training pp={self.pp}")
             raise ValueError(
-                f"generation tensor parallel tg={self.tg} must divide training tp={self.tp} "
-                f"(each generation shard is a union of training shards); pick tg in "
-                f"{_divisors(self.tp)}")
-        if self.pp % self.pg:
-            raise ValueError(
-                f"generation pipeline parallel pg={self.pg} must divide training pp={self.pp}; "
-                f"pick pg in {_divisors(self.pp)}")
+                f"{which} (each generation shard is a union of training shards); pick tg in "
+                f"{_divisors(self.tp)} and pg in {_divisors(self.pp)}: for training pp={self.pp}, "
+                f"tp={self.tp} the valid generation layouts are {choices}")
 
     @classmethod
     def create(cls, num_ranks: int, *, pp: int = 1, tp: int = 1, dp: int = -1,

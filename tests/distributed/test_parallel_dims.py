@@ -119,8 +119,9 @@ def test_coordinates_and_generation_replicas():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_ranks=6, tp=4), r"pp=1 x tp=4 = 4 does not divide the pool of 6"),
     (dict(num_ranks=8, tp=2, pp=2, dp=3), r"pp=2 x tp=2 x dp=3 = 12 but the pool has 8"),
-    (dict(num_ranks=4, tp=4, tg=3), r"tg=3 must divide training tp=4.*\[1, 2, 4\]"),
-    (dict(num_ranks=4, pp=4, pg=3), r"pg=3 must divide training pp=4"),
+    (dict(num_ranks=4, tp=4, tg=3), r"tg=3 must divide training tp=4.*\[1, 2, 4\].*valid generation layouts are "
+                                    r"\(pg=1, tg=1\), \(pg=1, tg=2\), \(pg=1, tg=4\)$"),
+    (dict(num_ranks=4, pp=4, pg=3), r"pg=3 must divide training pp=4.*\(pg=2, tg=1\), \(pg=4, tg=1\)$"),
     (dict(num_ranks=4, tp=0), r"tp=0 must be a positive integer"),
     (dict(num_ranks=4, tp=2, grouping="dschat"), r"grouping='dschat'"),
 ])
