@@ -37,3 +37,4 @@ def test_model_bytes_counts_every_parameter_once(tmp_path, tied):
     report = layout_report(ParallelDims(tp=2, tg=1), str(tmp_path))
     assert report["modes"]["hybridflow"]["bytes"]["resident"] == 4 * expected  # tg=1: the whole model
     assert set(report["modes"]) == set(MODES) and len(report["lines"]) == 3
+    assert layout_report(ParallelDims(tp=2), str(tmp_path / "elsewhere"))["model_bytes"] is None
