@@ -16,6 +16,7 @@ and vocab padding make the measured bytes differ by a small, stated constant).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -101,8 +102,6 @@ def model_bytes(model_path: str, dtype: str = "float32") -> int:
 def layout_report(dims: ParallelDims, model_path: str | None = None, dtype: str = "float32") -> dict:
     """The transition's predicted cost for ``hfrl layout``: each mode's fractions of M, and bytes
     when the actor's checkpoint folder is given and readable here."""
-    import os
-
     readable = bool(model_path) and os.path.isfile(os.path.join(model_path, "config.json"))
     total = model_bytes(model_path, dtype) if readable else None  # planning elsewhere: fractions only
     modes = {}
