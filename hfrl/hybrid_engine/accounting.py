@@ -16,6 +16,7 @@ and vocab padding make the measured bytes differ by a small, stated constant).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -92,10 +93,7 @@ def model_bytes(model_path: str, dtype: str = "float32") -> int:
     for spec in param_plan(config):
         if spec.name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # one tensor with the embedding
-        size = 1
-        for dim in spec.shape:
-            size *= dim
-        numel += size
+        numel += math.prod(spec.shape)
     return numel * torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 

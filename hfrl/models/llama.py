@@ -306,12 +306,6 @@ class Decoder(nn.Module):
         if attention is not None:  # a KV cache: the backend knows the sequences, positions come given
             if position_ids is None or attention_mask is not None or cu_seqlens is not None:
                 raise ValueError("attention=<backend> takes position_ids and no attention_mask/cu_seqlens")
-            cos, sin = self.rotary_emb(position_ids, x.dtype)
-            for layer in self.layers:
-                x = layer(x, cos, sin, attention)
-            if self.norm is not None:
-                x = self.norm(x)
-            return x if return_hidden or not self.has_head else self.head(x)
         if attention_mask is not None and cu_seqlens is not None:
             raise ValueError("pass either attention_mask (padded batch) or cu_seqlens (packed), not both")
         spans = None
@@ -333,7 +327,9 @@ class Decoder(nn.Module):
             window = layer.attn.sliding_window
             if window in masks:
                 continue
-            if spans is not None:
+            if attention is not None:
+                masks[window] = attention
+            elif spans is not None:
                 masks[window] = PackedAttention.build(spans, x.device, window)
             else:
                 masks[window] = build_attention_mask(T, x.device, attention_mask=attention_mask,

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from hfrl.models.llama import AttentionBackend, PackedAttention
+from hfrl_kernels import use_triton
+from hfrl_kernels.decode_attention import DecodePlan, decode_attention, plan_decode
 
 
 def _available_host_bytes() -> int:
@@ -69,10 +71,7 @@ class PagedKVCache:
         self.k = torch.empty(dims, dtype=shape.dtype, device=device)
         self.v = torch.empty(dims, dtype=shape.dtype, device=device)
         self.refcount = torch.zeros(num_blocks, dtype=torch.int32)
-        # Free list as a stack; popped from the top. Host tensors: the scheduler runs on the CPU.
-        self._free = torch.arange(num_blocks - 1, -1, -1, dtype=torch.int64)
-        self._top = num_blocks
-        self.peak_used = 0
+        self.reset()
 
     @property
     def block_size(self) -> int:
@@ -91,9 +90,10 @@ class PagedKVCache:
         return self.num_blocks * self.shape.bytes_per_block
 
     def reset(self) -> None:
-        """Forget every allocation (after a failed call); the storage stays."""
+        """Forget every allocation (after each call, failed or not); the storage stays."""
         self.refcount.zero_()
         self.peak_used = 0
+        # Free list as a stack, popped from the top. Host tensors: the scheduler runs on the CPU.
         self._free = torch.arange(self.num_blocks - 1, -1, -1, dtype=torch.int64)
         self._top = self.num_blocks
 
@@ -118,9 +118,10 @@ class PagedKVCache:
             return
         self.refcount.index_add_(0, blocks, torch.full_like(blocks, -1, dtype=torch.int32))
         touched = blocks.unique()
-        freed = touched[self.refcount[touched] == 0]
-        if bool((self.refcount[touched] < 0).any()):
+        counts = self.refcount[touched]
+        if bool((counts < 0).any()):
             raise RuntimeError("KV cache allocator: a block was released more often than referenced")
+        freed = touched[counts == 0]
         self._free[self._top:self._top + freed.numel()] = freed
         self._top += freed.numel()
 
@@ -163,12 +164,9 @@ class DecodeAttention(AttentionBackend):
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor):
         self.cache, self.slots, self.block_tables, self.seq_lens = cache, slots, block_tables, seq_lens
-        self._plans: dict[int | None, object] = {}  # one per sliding window, shared by the layers
+        self._plans: dict[int | None, DecodePlan] = {}  # one per sliding window, shared by the layers
 
     def attend(self, layer_idx, q, k, v, sliding_window):
-        from hfrl_kernels import use_triton
-        from hfrl_kernels.decode_attention import decode_attention, plan_decode
-
         self.cache.write(layer_idx, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
         plan = None
         if not use_triton(q):

@@ -52,7 +52,7 @@ GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily (vLLM's rule): logits / 1e-38 would overflow to inf."""
 
 
-def _integer(value) -> int | None:
+def as_int(value) -> int | None:
     """``value`` as a Python int if it is an integer (numpy and 0-d tensors too), never a bool."""
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return None
@@ -61,7 +61,7 @@ def _integer(value) -> int | None:
     return int(value) if isinstance(value, numbers.Integral) else None
 
 
-def _real(value) -> float | None:
+def as_real(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return float(value)
@@ -94,8 +94,8 @@ class SamplingParams:
         def bad(name, value, need):
             raise ValueError(f"{where}.{name}={value!r}: {need}")
 
-        n, top_k, max_new = _integer(self.n), _integer(self.top_k), _integer(self.max_new_tokens)
-        temperature, top_p = _real(self.temperature), _real(self.top_p)
+        n, top_k, max_new = as_int(self.n), as_int(self.top_k), as_int(self.max_new_tokens)
+        temperature, top_p = as_real(self.temperature), as_real(self.top_p)
         if n is None or n < 1:
             bad("n", self.n, "must be a positive integer number of responses per prompt")
         if temperature is None or not 0 <= temperature < math.inf:
@@ -111,10 +111,10 @@ class SamplingParams:
             stops = stops.reshape(-1).tolist() if not stops.is_floating_point() else None
         if stops is None or isinstance(stops, (str, bytes)) or not isinstance(stops, Iterable):
             bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids (e.g. [eos_id])")
-        stops = [_integer(t) for t in stops]
+        stops = [as_int(t) for t in stops]
         if any(t is None or not 0 <= t < vocab_size for t in stops):
             bad("stop_token_ids", list(self.stop_token_ids), f"must be integer token ids in [0, {vocab_size})")
-        seed = None if self.seed is None else _integer(self.seed)
+        seed = None if self.seed is None else as_int(self.seed)
         if self.seed is not None and (seed is None or not 0 <= seed < 2 ** 62):
             bad("seed", self.seed, "must be None or an integer in [0, 2**62)")
         return SamplingParams(n=n, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new,
