@@ -31,7 +31,7 @@ from typing import Any
 GROUPINGS = ("hybridflow", "vanilla")
 
 # Every axis a role may need, in the fixed order its groups are created on every rank.
-AXES = ("tp", "pp", "dp", "mp", "gen_tp", "gen_pp", "micro_dp", "gen_mp")
+AXES = ("tp", "pp", "dp", "mp", "gen_tp", "gen_pp", "micro_dp", "gen_mp", "role")
 AXIS_DOCS = {
     "tp": "training tensor parallel",
     "pp": "training pipeline parallel",
@@ -41,6 +41,7 @@ AXIS_DOCS = {
     "gen_pp": "generation pipeline parallel",
     "micro_dp": "micro-DP: ranks whose training shards form one generation shard (the all-gather)",
     "gen_mp": "generation model parallel: one generation replica (pg x tg)",
+    "role": "every rank of the role (the DeepSpeed-Chat-style resharding gathers over it)",
 }
 
 
@@ -173,7 +174,7 @@ class ParallelDims:
 
         A group is the positions whose coordinates agree on every other axis: a tp group shares
         (pp, dp); pp (dp, tp); dp (pp, tp); mp (dp); gen_tp (dp, micro, gen_pp); gen_pp (dp,
-        micro, gen_tp); micro_dp (dp, gen_pp, gen_tp); gen_mp (dp, micro). Members are in
+        micro, gen_tp); micro_dp (dp, gen_pp, gen_tp); gen_mp (dp, micro); role: the whole pool. Members are in
         group-rank order (tp by tp, mp by (pp, tp), micro_dp by micro, gen_mp by (gen_pp, gen_tp),
         ...), which is also ascending position order. Arithmetic, linear in the pool size and
         cached per layout, so a 100k-rank plan takes a fraction of a second.
@@ -238,6 +239,7 @@ _AXIS_MEMBER_FACTORS = {
     "gen_pp": ("gen_pp",),
     "micro_dp": ("micro_p", "micro_t"),
     "gen_mp": ("gen_pp", "gen_tp"),
+    "role": ("micro_t", "gen_tp", "dp", "micro_p", "gen_pp"),
 }
 
 

@@ -316,8 +316,14 @@ class RolloutEngine:
         F.linear's h @ W^T for a 32000 x 256 head at 2..64 rows.
         Padded vocabulary rows of a vocab-parallel head are cut off below, so their -inf mask is moot.
         """
-        # Reads lm_head.weight directly (hfrl's own CausalLM/VocabParallelLMHead: no bias, no hooks).
-        logits = torch.mm(self.model.lm_head.weight, hidden.t()).t().contiguous()  # (N, V_local), row-major
+        # Reads lm_head.weight directly (hfrl's own CausalLM/VocabParallelLMHead: no bias, no hooks); a head
+        # made of pieces (the hybrid engine's generation layout) computes its own local logits.
+        head = self.model.lm_head
+        local_logits = getattr(head, "local_logits", None)
+        if local_logits is not None:
+            logits = local_logits(hidden).contiguous()  # (N, V_local)
+        else:
+            logits = torch.mm(head.weight, hidden.t()).t().contiguous()  # (N, V_local), row-major
         if self.tp > 1:
             from hfrl.distributed.tensor_parallel import gather_vocab_logits
 

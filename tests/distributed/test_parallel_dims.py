@@ -40,7 +40,7 @@ def test_every_axis_partitions_the_pool(grouping):
     for pp, tp, dp, pg, tg in LAYOUTS:
         dims = ParallelDims(pp=pp, tp=tp, dp=dp, pg=pg, tg=tg, grouping=grouping)
         sizes = {"tp": tp, "pp": pp, "dp": dp, "mp": pp * tp, "gen_tp": tg, "gen_pp": pg,
-                 "micro_dp": dims.dg, "gen_mp": pg * tg}
+                 "micro_dp": dims.dg, "gen_mp": pg * tg, "role": pp * tp * dp}
         for axis in AXES:
             groups = dims.groups(axis)
             flat = sorted(r for g in groups for r in g)
@@ -144,10 +144,10 @@ def _reference_groups(dims, axis):
     # members are ordered by their coordinate along the axis.
     key = {"tp": ("pp", "dp"), "pp": ("dp", "tp"), "dp": ("pp", "tp"), "mp": ("dp",),
            "gen_tp": ("dp", "micro", "gen_pp"), "gen_pp": ("dp", "micro", "gen_tp"),
-           "micro_dp": ("dp", "gen_pp", "gen_tp"), "gen_mp": ("dp", "micro")}[axis]
+           "micro_dp": ("dp", "gen_pp", "gen_tp"), "gen_mp": ("dp", "micro"), "role": ()}[axis]
     order = {"tp": ("tp",), "pp": ("pp",), "dp": ("dp",), "mp": ("pp", "tp"),
              "gen_tp": ("gen_tp",), "gen_pp": ("gen_pp",), "micro_dp": ("micro",),
-             "gen_mp": ("gen_pp", "gen_tp")}[axis]
+             "gen_mp": ("gen_pp", "gen_tp"), "role": ("pp", "dp", "tp")}[axis]
     buckets = {}
     for i in range(dims.world_size):
         c = dims.coord(i)
