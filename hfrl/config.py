@@ -228,6 +228,25 @@ class RolloutConfig:
 
 
 @dataclass
+class HybridConfig:
+    mode: str = "hybridflow"
+    """How the actor's weights move between training and generation: 'hybridflow' (all-gather inside
+    micro-DP groups, nothing stored twice), 'hybridflow_v' (gather over the training model-parallel
+    group; needs roles.actor.grouping=vanilla) or 'ds_chat' (gather the whole model over the role: the
+    DeepSpeed-Chat baseline)."""
+    bucket_mb: float = 64.0
+    """Size of each all-gather bucket in MiB (hybridflow mode); the send buffer is one bucket."""
+    offload_optimizer: bool = False
+    """Move AdamW's moments (and bf16's fp32 masters) to host memory while generating."""
+
+    def validate(self) -> None:
+        from hfrl.hybrid_engine.accounting import MODES
+
+        _choice("hybrid.mode", self.mode, MODES)
+        _check(self.bucket_mb > 0, "hybrid.bucket_mb", self.bucket_mb, "must be a positive number of MiB")
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "ppo"
     """The trainer: 'ppo', 'grpo', 'remax' or 'safe_rlhf'."""
@@ -332,6 +351,8 @@ class Config:
     """Prompts and tokenizer."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Generation: lengths, sampling, samples per prompt."""
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    """The actor's switch between its training and generation layouts (the 3D-HybridEngine)."""
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     """The RL algorithm and its coefficients."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -359,8 +380,13 @@ class Config:
             getattr(self.roles, role).validate(f"roles.{role}")
             if getattr(self.roles, role).engine:
                 self.engine_for(role).validate(f"roles.{role}.engine", require_model_path=False)
-        for section in (self.data, self.rollout, self.algorithm, self.trainer):
+        for section in (self.data, self.rollout, self.hybrid, self.algorithm, self.trainer):
             section.validate()
+        needs = {"hybridflow": "hybridflow", "hybridflow_v": "vanilla"}.get(self.hybrid.mode)
+        if needs is not None and self.roles.actor.grouping != needs:
+            raise ValueError(f"hybrid.mode={self.hybrid.mode!r} generates with the {needs!r} grouping but "
+                             f"roles.actor.grouping={self.roles.actor.grouping!r}; set roles.actor.grouping="
+                             f"{needs} or pick another hybrid.mode")
         if self.data.train_batch_size % self.algorithm.mini_batch_size:
             raise ValueError(f"algorithm.mini_batch_size={self.algorithm.mini_batch_size} must "
                              f"divide data.train_batch_size={self.data.train_batch_size} (each "

@@ -322,3 +322,17 @@ def test_training_needs_models_and_data(tmp_path):
     cfg = resolve_for_run(None, overrides[:3], world_size=1, training=True)
     assert cfg.engine_for("critic").model_path == str(folder)
     resolve_for_run(None, overrides, world_size=1)       # not training: models are not needed
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["hybrid.mode=zero3"], r"hybrid.mode.*'zero3'"),
+    (["hybrid.bucket_mb=0"], r"hybrid.bucket_mb"),
+    (["hybrid.mode=hybridflow_v"], r"hybrid.mode='hybridflow_v'.*roles.actor.grouping=vanilla"),
+    (["roles.actor.grouping=vanilla"], r"hybrid.mode='hybridflow'.*'hybridflow' grouping"),
+])
+def test_hybrid_section_is_checked_against_the_actor_grouping(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides).validate()
+    cfg = load_config(None, ["hybrid.mode=hybridflow_v", "roles.actor.grouping=vanilla"])
+    cfg.validate()
+    assert load_config(None, ["hybrid.mode=ds_chat", "roles.actor.grouping=vanilla"]).validate() is None

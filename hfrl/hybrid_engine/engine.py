@@ -137,6 +137,12 @@ class HybridEngine:
         self.model.eval()
         self.resident_train = self.resident_bytes()
 
+    @classmethod
+    def from_config(cls, engine, hybrid_cfg) -> "HybridEngine":
+        """From ``hfrl.config.HybridConfig`` (the ``hybrid:`` section of a job's YAML)."""
+        return cls(engine, mode=hybrid_cfg.mode, bucket_mb=hybrid_cfg.bucket_mb,
+                   offload_optimizer=hybrid_cfg.offload_optimizer)
+
     # ---- public API -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
