@@ -157,6 +157,58 @@ def copy_segments_reference(src: torch.Tensor, dst: torch.Tensor, src_starts, ds
 
 
 def _copy_segments_reference(src, dst, src_starts, dst_starts, lengths) -> None:
+    """Strided block copies when the segments form few evenly spaced groups (the resharding maps do:
+    a row-parallel shard is one group of rows), else element-index copies."""
+    order = torch.argsort(src_starts, stable=True)  # interleaved blocks (row-parallel) are strided in src order
+    groups = strided_groups(src_starts[order], dst_starts[order], lengths[order])
+    if groups is None:
+        _copy_indexed(src, dst, src_starts, dst_starts, lengths)
+        return
+    for s, d, n, count, s_step, d_step in groups.tolist():
+        if n == 0:
+            continue
+        dst.as_strided((count, n), (d_step, 1), d).copy_(src.as_strided((count, n), (s_step, 1), s))
+
+
+def strided_groups(src_starts: torch.Tensor, dst_starts: torch.Tensor, lengths: torch.Tensor,
+                   max_groups: int | None = None) -> torch.Tensor | None:
+    """Consecutive segments of one length at constant src and dst steps, as (N, 6) int64 rows
+    (src_start, dst_start, length, count, src_step, dst_step); None if that takes more than
+    ``max_groups`` rows (default max(64, segments // 8)) or needs a step that is not positive.
+
+    Segment t starts a group unless its length and its steps from t-1 equal t-1's; where steps change,
+    the first segment after the change is moved into the group that continues with its step.
+    """
+    n = lengths.numel()
+    if n == 0:
+        return torch.zeros(0, 6, dtype=torch.int64)
+    if max_groups is None:
+        max_groups = max(64, n // 8)
+    keys = torch.stack([lengths[1:], src_starts[1:] - src_starts[:-1],
+                        dst_starts[1:] - dst_starts[:-1]], dim=1)          # (n-1, 3): transition t = row t-1
+    joins = lengths[1:] == lengths[:-1]                                  # segment t may extend t-1's group
+    starts = torch.ones(n, dtype=torch.bool, device=lengths.device)
+    starts[1:] = ~joins
+    if n > 2:
+        same = (keys[1:] == keys[:-1]).all(dim=1)                        # t's step equals t-1's (t >= 2)
+        starts[2:] |= ~same
+        # where a group's step changes, segment t starts alone and t + 1 starts again; t + 1 belongs to
+        # t's group instead when the group continuing from t + 1 keeps t -> t + 1's step
+        merge = starts[1:-1] & starts[2:].clone() & joins[1:] & torch.cat([~starts[3:] & same[1:], same.new_zeros(1)])
+        starts[2:] &= ~merge
+    first = starts.nonzero().view(-1)
+    if first.numel() > max_groups:
+        return None
+    count = torch.diff(first, append=torch.tensor([n], device=first.device))
+    step_src = torch.where(count > 1, src_starts[(first + 1).clamp(max=n - 1)] - src_starts[first], 1)
+    step_dst = torch.where(count > 1, dst_starts[(first + 1).clamp(max=n - 1)] - dst_starts[first], 1)
+    if bool(((step_src <= 0) | (step_dst <= 0)).any()):
+        return None
+    return torch.stack([src_starts[first], dst_starts[first], lengths[first], count, step_src, step_dst],
+                       dim=1).cpu()
+
+
+def _copy_indexed(src, dst, src_starts, dst_starts, lengths) -> None:
     """Cut segments into pieces of <= REFERENCE_CHUNK elements, batch the pieces that start in the
     same REFERENCE_CHUNK-wide window of the concatenated pieces (< 2 * REFERENCE_CHUNK elements a
     batch), and copy each batch with one index_select and one index_copy_."""

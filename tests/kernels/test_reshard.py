@@ -103,6 +103,30 @@ def test_copy_segments_reference_equals_loop(monkeypatch, chunk):
     assert torch.equal(dst, expected)
 
 
+def test_copy_segments_reference_block_transpose_and_scattered():
+    """A row-parallel unpack (blocks of rows interleaved) takes few strided groups; scattered short
+    segments take the element-index path. Both equal the loop."""
+    src = torch.randn(4 * 30 * 8, generator=torch.Generator().manual_seed(2))
+    # src: 4 shards of (30 rows, 8 cols); dst: (30 rows, 32 cols), shard r in columns [8r, 8r + 8)
+    rows = torch.arange(30).repeat(4)
+    shard = torch.arange(4).repeat_interleave(30)
+    tables = (shard * 240 + rows * 8, rows * 32 + shard * 8, torch.full((120,), 8))
+    groups = rs.strided_groups(*tables)
+    assert groups is not None and groups.shape[0] == 4  # one per shard: (start, start, 8, 30, 8, 32)
+    assert groups[1].tolist() == [240, 8, 8, 30, 8, 32]
+    dst, expected = torch.zeros(960), torch.zeros(960)
+    rs.copy_segments_reference(src, dst, *tables)
+    loop_copy(src, expected, *tables)
+    assert torch.equal(dst, expected) and torch.equal(dst.view(30, 32)[:, 8:16], src[240:480].view(30, 8))
+    lengths = torch.randint(1, 9, (700,), generator=torch.Generator().manual_seed(3)).tolist()
+    scattered = random_segments(src.numel(), 7000, lengths, seed=4)
+    assert rs.strided_groups(*scattered) is None
+    dst, expected = torch.zeros(7000), torch.zeros(7000)
+    rs.copy_segments_reference(src, dst, *scattered)
+    loop_copy(src, expected, *scattered)
+    assert torch.equal(dst, expected)
+
+
 def test_copy_segments_empty_tables():
     dst = torch.zeros(3)
     empty = torch.empty(0, dtype=torch.int64)
