@@ -5,8 +5,6 @@ of 4 stages, then two pipelines of 2 stages (pp=2 x dp=2, stages on global ranks
 Each rank loads its stage from a HF checkpoint with ``from_pretrained(..., layer_range=...)`` and
 the full model from the same checkpoint, and reports max abs differences; the tests assert on them.
 """
-import os
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +15,8 @@ from hfrl.distributed.parallel_dims import GroupCache, ParallelDims, build_group
 from hfrl.distributed.pipeline_parallel import (MODEL_INPUT_KEYS, PipelineSchedule, partition_layers,
                                                 pipeline_ops)
 from hfrl.models import weights
+from hfrl.models.config import ModelConfig
+from hfrl.models.llama import CausalLM
 from tests.multiproc import run_ranks
 
 TOL = 1e-5
@@ -29,7 +29,7 @@ PP2_RUNS = [("1f1b", 4), ("gpipe", 4)]
 # ---- data, loss and helpers (module level: the spawned ranks import them) -----------------------
 
 def save_checkpoint(path, tie: bool) -> str:
-    # imported here: the python -O test's parent process imports this module but builds no model
+    # imported here: the spawned ranks (python -O ones too) import this module but build no checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -180,14 +180,32 @@ MISMATCHES = {
 }
 
 
-def mismatch_body(rank, world_size, path: str) -> dict:
-    """Each MISMATCHES case through forward_only and train_step; the error message per case, per call."""
-    groups = build_groups("actor", ParallelDims(pp=world_size), tuple(range(world_size)), rank, GroupCache())
-    layer_range = partition_layers(TINY["num_hidden_layers"], world_size)[groups.coord.pp]
-    model = weights.from_pretrained(path, layer_range=layer_range)
+def mismatch_body(rank, world_size, path: str | None, pp: int | None = None) -> dict | None:
+    """Each MISMATCHES case through forward_only and train_step; the error message per case, per call.
+
+    A pipeline of ``pp`` stages (default: the whole world) on global ranks 0..pp-1; other ranks only
+    take part in creating the groups and return None. The stages load from the checkpoint at
+    ``path``, or, when it is None, are built from TINY with random weights (no transformers import:
+    the ``python -O`` ranks would compile it from source).
+    """
+    pp = pp or world_size
+    groups = build_groups("actor", ParallelDims(pp=pp), tuple(range(pp)), rank, GroupCache())
+    if rank >= pp:
+        return None
+    layer_range = partition_layers(TINY["num_hidden_layers"], pp)[groups.coord.pp]
+    if path is None:
+        torch.manual_seed(0)
+        model = CausalLM(ModelConfig(vocab_size=TINY["vocab_size"], hidden_size=TINY["hidden_size"],
+                                     intermediate_size=TINY["intermediate_size"],
+                                     num_layers=TINY["num_hidden_layers"], num_heads=TINY["num_attention_heads"],
+                                     num_kv_heads=TINY["num_key_value_heads"],
+                                     max_position_embeddings=TINY["max_position_embeddings"],
+                                     rms_norm_eps=TINY["rms_norm_eps"]), layer_range)
+    else:
+        model = weights.from_pretrained(path, layer_range=layer_range)
     sched = PipelineSchedule.from_groups(model, groups)
-    last = groups.coord.pp == world_size - 1
-    out = {}
+    last = groups.coord.pp == pp - 1
+    out = {"optimize": sys.flags.optimize}
     for case, edit in MISMATCHES.items():
         mbs = edit([{"input_ids": mb["input_ids"]} for mb in micro_batches(0, 4)], last)
         for call in ("forward_only", "train_step"):
@@ -307,17 +325,16 @@ def test_mismatched_micro_batches_fail_on_every_stage(checkpoints):
     _check_mismatch_report(run_ranks(3, mismatch_body, checkpoints[0], init=True, timeout=60))
 
 
-def test_mismatched_micro_batches_fail_under_python_O(checkpoints, tmp_path):
-    """The check must not be an assert: under ``python -O`` it would vanish and the stages hang."""
-    out = tmp_path / "report.pt"
-    script = (f"import torch; from tests.multiproc import run_ranks; "
-              f"from tests.distributed.test_pipeline_parallel import mismatch_body; "
-              f"torch.save(run_ranks(2, mismatch_body, {checkpoints[0]!r}, init=True, timeout=60), {str(out)!r})")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-O", "-c", script], cwd=root, capture_output=True, text=True,
-                          timeout=150)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _check_mismatch_report(torch.load(out, weights_only=False))
+def test_mismatched_micro_batches_fail_under_python_O(monkeypatch):
+    """The check must not be an assert: under ``python -O`` it would vanish and the stages hang.
+
+    The ranks are spawned from here with PYTHONOPTIMIZE=1 in their environment: the same
+    interpreter flag as ``python -O``, without a ``python -O`` parent process in between.
+    """
+    monkeypatch.setenv("PYTHONOPTIMIZE", "1")
+    report = run_ranks(2, mismatch_body, None, init=True, timeout=150)
+    assert [r["optimize"] for r in report] == [1, 1]  # asserts are stripped on every rank
+    _check_mismatch_report(report)
 
 
 # ---- single-process tests -----------------------------------------------------------------------
