@@ -488,13 +488,17 @@ class HybridEngine:
     # ---- offload ----------------------------------------------------------------------------------
 
     def _offload_candidates(self) -> list[torch.Tensor]:
-        """AdamW's moments and separate fp32 masters: tensors nothing else holds a view of."""
+        """AdamW's moments, separate fp32 masters and gradients (ZeRO-1's flat fp32 gradient, any live
+        ``.grad``): tensors nothing else keeps a view of between steps, so their storage can move."""
         opt = self.engine.optimizer
-        out = [getattr(opt, name) for name in ("exp_avg", "exp_avg_sq") if torch.is_tensor(getattr(opt, name, None))]
+        out = [getattr(opt, name) for name in ("exp_avg", "exp_avg_sq", "grad_buffer", "grad_shard")
+               if torch.is_tensor(getattr(opt, name, None))]
         for state in opt.state.values():
             out += [v for k, v in state.items() if k in ("exp_avg", "exp_avg_sq") and torch.is_tensor(v)]
-        out += [master for _, master in getattr(opt, "_low_precision", [])]
-        return out
+        masters = [master for _, master in getattr(opt, "_low_precision", [])]
+        out += masters
+        out += [t.grad for t in (*self._train.values(), *masters) if t.grad is not None]
+        return list({id(t): t for t in out}.values())
 
     def _offload(self) -> int:
         moved = 0

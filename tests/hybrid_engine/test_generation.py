@@ -17,9 +17,11 @@ from tests.multiproc import run_ranks
 PROMPTS = [[1, 5, 9, 3, 4], [7, 8], list(range(10, 23)), [100, 2, 50]]
 PARAMS = [SamplingParams(temperature=0, max_new_tokens=10),
           SamplingParams(n=2, seed=3, temperature=1.0, top_k=20, max_new_tokens=8)] * 2
-# (mode, grouping, pp, tp, tg): TP pieces with replicated kv heads, pipeline stages gathered, both baselines
-CASES = [("hybridflow", "hybridflow", 1, 4, 2), ("hybridflow", "hybridflow", 2, 2, 1),
-         ("hybridflow_v", "vanilla", 1, 4, 2), ("ds_chat", "hybridflow", 2, 1, 1)]
+# (mode, grouping, pp, tp, tg, zero_stage, offload): TP pieces with replicated kv heads, pipeline stages
+# gathered, ZeRO-1 parameters (views of its flat buffer), both baselines
+CASES = [("hybridflow", "hybridflow", 1, 4, 2, 0, True), ("hybridflow", "hybridflow", 2, 2, 1, 0, False),
+         ("hybridflow", "hybridflow", 1, 2, 1, 1, True), ("hybridflow_v", "vanilla", 1, 4, 2, 0, False),
+         ("ds_chat", "hybridflow", 2, 1, 1, 1, True)]
 
 
 def _samples(out):
@@ -41,6 +43,14 @@ def _full_state(engine):
     return {k: v for s in states for k, v in s.items()}
 
 
+def _tensors(tree, prefix=""):
+    """{path: clone} of every tensor in a nested optimizer state dict."""
+    if torch.is_tensor(tree):
+        return {prefix: tree.clone()}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
 def _loss(engine):
     def loss_fn(logits, mb):
         log_probs = engine.token_log_probs(logits, mb["input_ids"])
@@ -52,27 +62,28 @@ def _loss(engine):
 def generation_body(rank, world_size, path, cache):
     results = {}
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10]] * 2), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
-    for mode, grouping, pp, tp, tg in CASES:
+    for mode, grouping, pp, tp, tg, zero, offload in CASES:
         dims = ParallelDims.create(world_size, pp=pp, tp=tp, tg=tg, pg=1, grouping=grouping)
         groups = build_groups("actor", dims, tuple(range(world_size)), rank, cache)
-        engine = TrainEngine(EngineConfig(model_path=str(path), optim=OptimConfig(lr=0.05, weight_decay=0.0)), groups)
+        optim = OptimConfig(lr=0.05, weight_decay=0.0, zero_stage=zero)
+        engine = TrainEngine(EngineConfig(model_path=str(path), optim=optim), groups)
         engine.train_step(batch, _loss(engine))  # AdamW has state now, for the offload round trip
-        hybrid = HybridEngine(engine, mode=mode, offload_optimizer=mode == "hybridflow")
+        hybrid = HybridEngine(engine, mode=mode, offload_optimizer=offload)
         rollout = hybrid.rollout_engine(block_size=4, kv_cache_bytes=1 << 20)
         record = []
         for _ in range(2):
-            state = {k: {n: t.clone() for n, t in v.items()} for k, v in engine.optimizer.state_dict()["state"].items()}
+            state = _tensors(engine.optimizer.state_dict())
             with hybrid.generation():
                 got = _samples(rollout.generate(PROMPTS, PARAMS))
                 assert rollout.cache is not None
             assert rollout.cache is None  # the KV cache is freed with the gathered weights
-            after = engine.optimizer.state_dict()["state"]
-            for index, entry in state.items():  # offloaded and restored bit-exactly
-                for name, tensor in entry.items():
-                    assert torch.equal(after[index][name], tensor), (mode, index, name)
+            after = _tensors(engine.optimizer.state_dict())
+            assert after.keys() == state.keys() and len(state) > 1
+            for name, tensor in state.items():  # offloaded and restored bit-exactly
+                assert torch.equal(after[name], tensor), (mode, name)
             record.append((got, _reference(path, _full_state(engine)), hybrid.last.offloaded))
             engine.train_step(batch, _loss(engine))  # the next generation must see the new weights
-        results[(mode, pp, tp, tg)] = record
+        results[(mode, pp, tp, tg, zero, offload)] = record
     return results
 
 
@@ -148,7 +159,7 @@ def test_generation_after_resharding_equals_the_full_model(results):
             assert [s[2] for s in before] != [s[2] for s in after], case  # the step changed the tokens
             for got, want in zip(before + after, ref_before + ref_after):
                 torch.testing.assert_close(torch.as_tensor(got[3]), torch.as_tensor(want[3]), rtol=0, atol=1e-5)
-            assert (offloaded > 0) == (case[0] == "hybridflow"), case
+            assert (offloaded > 0) == case[-1], case
 
 
 def test_bf16_training_generates_from_its_bf16_weights(results):
