@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hfrl.distributed.data_parallel import all_gather_flat
-from hfrl.distributed.parallel_dims import Coord
+from hfrl.distributed.parallel_dims import Coord, RoleGroups
 from hfrl.distributed.pipeline_parallel import partition_layers
 from hfrl.hybrid_engine import plan
 from hfrl.hybrid_engine.accounting import MODES
@@ -90,14 +90,28 @@ class HybridEngine:
     """The train <-> generate switch for one actor ``TrainEngine`` (see module docstring)."""
 
     def __init__(self, engine, *, mode: str = "hybridflow", bucket_mb: float = 64.0,
-                 offload_optimizer: bool = False):
+                 offload_optimizer: bool = False, groups: RoleGroups | None = None):
+        """``groups``: the role's groups with the generation layout to use, by default the engine's
+        own; another (pg, tg) or grouping over the same training layout and pool is allowed (one
+        TrainEngine, several generation layouts: benchmarks and tests)."""
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
         if engine.cfg.value_head:
             raise ValueError("HybridEngine reshards an actor (CausalLM) engine; this one has a value head")
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb={bucket_mb!r} must be > 0")
-        dims, config = engine.dims, engine.model_config
+        rg = engine.role_groups if groups is None else groups
+        if groups is not None:
+            mine = engine.role_groups
+            same = (mine is not None and (groups.dims.pp, groups.dims.tp, groups.dims.dp) ==
+                    (mine.dims.pp, mine.dims.tp, mine.dims.dp) and groups.pool_ranks == mine.pool_ranks
+                    and groups.coord is not None and (groups.coord.pp, groups.coord.tp, groups.coord.dp) ==
+                    (mine.coord.pp, mine.coord.tp, mine.coord.dp))
+            if not same:
+                raise ValueError(f"groups with layout {groups.dims.describe()} on ranks {groups.pool_ranks} do not "
+                                 "match the engine's training layout and pool; pass groups built for the same pool "
+                                 "and (pp, tp, dp)")
+        dims, config = (rg.dims if rg is not None else engine.dims), engine.model_config
         need = GROUPING.get(mode)
         if need is not None and dims.grouping != need:
             raise ValueError(f"mode={mode!r} needs the {need!r} generation grouping but the role's layout has "
@@ -106,7 +120,6 @@ class HybridEngine:
         check_tp(config, dims.tg)
         self.engine, self.mode, self.dims, self.config = engine, mode, dims, config
         self.offload_optimizer = offload_optimizer
-        rg = engine.role_groups
         self.coord = rg.coord if rg is not None else Coord(0, 0, 0, 0, 0, 0)
         self.groups = {axis: (rg.groups.get(axis) if rg is not None else None)
                        for axis in ("gen_tp", "micro_dp", "mp", "role")}

@@ -74,6 +74,9 @@ class ModelConfig:
     """Padding token id of the tokenizer, if the config names one."""
     hf_config: Any = field(default=None, repr=False, compare=False)
     """The transformers config this came from (kept for RoPE init functions and for saving)."""
+    hf_fields: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    """The config.json fields this came from, when read without transformers: ``to_hf`` rebuilds the
+    transformers config from them, so a saved checkpoint keeps every field (token ids, ...)."""
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -191,6 +194,9 @@ class ModelConfig:
                 f"{config_file}: model_type {model_type!r} is not supported by hfrl; supported: "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        fast = _from_complete_json(cls, fields)
+        if fast is not None:
+            return fast
         from transformers import AutoConfig
 
         return cls.from_hf(AutoConfig.from_pretrained(os.fspath(path), local_files_only=True))
@@ -200,6 +206,9 @@ class ModelConfig:
         if self.hf_config is not None:
             return self.hf_config.__class__.from_dict(self.hf_config.to_dict())
         import transformers
+
+        if self.hf_fields is not None:
+            return getattr(transformers, f"{_HF_CLASS_PREFIX[self.model_type]}Config").from_dict(dict(self.hf_fields))
 
         if self.model_type == "llama" and self.attention_bias != self.o_proj_bias:
             raise ValueError("LlamaConfig has one attention_bias for q/k/v/o; attention_bias != o_proj_bias")
@@ -235,8 +244,37 @@ class ModelConfig:
         return _HF_CLASS_PREFIX[self.model_type] + suffix
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A copy with fields changed (drops hf_config, which would no longer match)."""
-        return dataclasses.replace(self, hf_config=None, **changes)
+        """A copy with fields changed (drops hf_config and hf_fields, which would no longer match)."""
+        return dataclasses.replace(self, hf_config=None, hf_fields=None, **changes)
+
+
+# The keys ``from_hf`` reads of each family, all of which transformers 5.x writes to config.json (it saves
+# every field). When all are there and RoPE is plain, the file is read without transformers: importing
+# it costs seconds in every process (each rank of a job), for nothing its config class would change.
+_COMMON_KEYS = ("hidden_act", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings",
+                "tie_word_embeddings", "rope_parameters")
+_COMPLETE_KEYS = {
+    "llama": (*_COMMON_KEYS, "head_dim", "attention_bias", "mlp_bias"),
+    "mistral": (*_COMMON_KEYS, "head_dim", "sliding_window"),
+    "qwen2": (*_COMMON_KEYS, "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
+}
+
+
+def _from_complete_json(cls, fields: dict[str, Any]) -> "ModelConfig | None":
+    """``from_hf`` over the JSON fields themselves when they are complete (see _COMPLETE_KEYS), else None.
+
+    The result has no ``hf_config``: plain RoPE needs none, and ``to_hf()`` builds one for saving.
+    """
+    keys = _COMPLETE_KEYS[fields["model_type"]]
+    rope = fields.get("rope_parameters")
+    if any(key not in fields for key in keys) or not isinstance(rope, dict):
+        return None
+    if rope.get("rope_type", "default") != "default" or any(isinstance(v, dict) for v in rope.values()):
+        return None
+    from types import SimpleNamespace
+
+    return dataclasses.replace(cls.from_hf(SimpleNamespace(**fields)), hf_config=None, hf_fields=dict(fields))
 
 
 def _read_rope(hf_config: Any) -> tuple[float, dict[str, Any] | None]:

@@ -109,20 +109,25 @@ def _check(hybrid, full_sd, pieces_bytes):
 def sweep_body(rank, world_size, path):
     torch.manual_seed(0)
     config, full_sd = _full_state(path)
-    cache, records = GroupCache(), {}
+    cache, records, engines = GroupCache(), {}, {}
+    pieces_bytes = {}
     for pp, tp, pg, tg in layouts(world_size):
         if tp > config.num_heads or pp > config.num_layers:
             continue
+        if (pp, tp) not in engines:  # one engine per training layout; each generation layout reuses it
+            dims = ParallelDims.create(world_size, pp=pp, tp=tp)
+            engines = {(pp, tp): TrainEngine(EngineConfig(model_path=str(path)),
+                                             build_groups("actor", dims, tuple(range(world_size)), rank, cache))}
+            pieces_bytes = {spec.name: plan.numel(plan.shard_shape(spec, 0, tp)) * 4
+                            for spec in weights.param_plan(config)}
+        engine = engines[(pp, tp)]
         for grouping, modes in MODES_BY_GROUPING.items():
             if grouping == "vanilla" and (pg, tg) == (pp, tp):
                 continue  # the same groups as hybridflow: nothing new
             dims = ParallelDims.create(world_size, pp=pp, tp=tp, pg=pg, tg=tg, grouping=grouping)
             groups = build_groups("actor", dims, tuple(range(world_size)), rank, cache)
-            engine = TrainEngine(EngineConfig(model_path=str(path)), groups)
-            pieces_bytes = {spec.name: plan.numel(plan.shard_shape(spec, 0, tp)) * 4
-                            for spec in weights.param_plan(config)}
             for mode in modes:
-                hybrid = HybridEngine(engine, mode=mode, bucket_mb=0.01)
+                hybrid = HybridEngine(engine, mode=mode, bucket_mb=0.01, groups=groups)
                 before = hybrid.resident_bytes()
                 with hybrid.generation():
                     records[(pp, tp, pg, tg, mode)] = _check(hybrid, full_sd, pieces_bytes)

@@ -62,3 +62,27 @@ def test_invalid_configs_are_explained(tmp_path):
     assert ModelConfig.from_pretrained(tmp_path).model_type == "llama"  # AutoConfig defaults
     with pytest.raises(FileNotFoundError, match="config.json"):
         ModelConfig.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("case", [*CASES, *ROPE_CASES])
+def test_config_json_read_without_transformers_equals_transformers(case, tmp_path, monkeypatch):
+    """A complete transformers 5.x config.json with plain RoPE is read from the JSON alone (no
+    transformers import in a fresh rank); the result equals transformers' reading, field for field."""
+    hf = hf_config(case)
+    hf.save_pretrained(tmp_path)
+    expected = ModelConfig.from_hf(hf)
+    import transformers
+
+    calls = []
+    original = transformers.AutoConfig.from_pretrained
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained",
+                        lambda *a, **k: calls.append(a) or original(*a, **k))
+    got = ModelConfig.from_pretrained(tmp_path)
+    assert got == expected
+    assert (not calls) == (expected.rope_type == "default")  # other RoPE types need transformers' init functions
+    saved = {k: v for k, v in got.to_hf().to_dict().items() if k != "_name_or_path"}
+    assert saved == {k: v for k, v in hf.to_dict().items() if k != "_name_or_path"}  # every field kept (token ids, ...)
+    fields = json.loads((tmp_path / "config.json").read_text())
+    del fields["rms_norm_eps"]  # incomplete (an older or hand-written file): transformers fills the default
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    assert ModelConfig.from_pretrained(tmp_path) == expected.replace(rms_norm_eps=type(hf)().rms_norm_eps)
