@@ -196,6 +196,8 @@ class TrainEngine:
         """Hooks that start the DP gradient reduction during the last backward; None without overlap."""
         self.step = 0
         """train_step calls so far, skipped steps included (restored by load_checkpoint)."""
+        self.in_generation = False
+        """Set by hfrl.hybrid_engine.HybridEngine while the actor generates: no training step then."""
 
     # ---- layout ---------------------------------------------------------------------------------
 
@@ -286,6 +288,10 @@ class TrainEngine:
         ``grad_norm`` (before clipping), ``lr`` (used by this step), ``num_tokens`` (global loss
         tokens), ``skipped`` (1.0 if the norm was not finite and no update was made).
         """
+        if self.in_generation:
+            raise RuntimeError("train_step inside HybridEngine.generation(): the generation weights are these "
+                               "parameters (or copies gathered from them), and offloaded optimizer state is on the "
+                               "host; leave generation() first")
         batch = self._prepare(batch)
         if loss_mask_key not in batch:
             if loss_mask_key != "loss_mask":

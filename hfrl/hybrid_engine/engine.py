@@ -98,8 +98,9 @@ class HybridEngine:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
         if engine.cfg.value_head:
             raise ValueError("HybridEngine reshards an actor (CausalLM) engine; this one has a value head")
-        if not bucket_mb > 0:
-            raise ValueError(f"bucket_mb={bucket_mb!r} must be > 0")
+        if not isinstance(bucket_mb, (int, float)) or not math.isfinite(bucket_mb) or int(bucket_mb * 2**20) < 1024:
+            raise ValueError(f"bucket_mb={bucket_mb!r} must be a finite number of MiB, at least 1 KiB (1/1024); "
+                             "64 suits most models")
         rg = engine.role_groups if groups is None else groups
         if groups is not None:
             mine = engine.role_groups
@@ -120,6 +121,7 @@ class HybridEngine:
         check_tp(config, dims.tg)
         self.engine, self.mode, self.dims, self.config = engine, mode, dims, config
         self.offload_optimizer = offload_optimizer
+        self._role_groups = rg
         self.coord = rg.coord if rg is not None else Coord(0, 0, 0, 0, 0, 0)
         self.groups = {axis: (rg.groups.get(axis) if rg is not None else None)
                        for axis in ("gen_tp", "micro_dp", "mp", "role")}
@@ -148,6 +150,7 @@ class HybridEngine:
             self.model = self._dense_model()
             self._plan_dense()
         self.model.eval()
+        self._release()  # placeholders until the first generation()
         self.resident_train = self.resident_bytes()
 
     @classmethod
@@ -173,12 +176,18 @@ class HybridEngine:
             raise RuntimeError("already in generation: leave it (exit() or the end of generation()) first")
         start = time.perf_counter()
         self.last = Transition()
-        self.last.offloaded = self._offload() if self.offload_optimizer else 0
-        if self.mode == "hybridflow":
-            self._enter_pieces()
-        else:
-            self._enter_dense()
+        try:
+            self.last.offloaded = self._offload() if self.offload_optimizer else 0
+            if self.mode == "hybridflow":
+                self._enter_pieces()
+            else:
+                self._enter_dense()
+        except BaseException:
+            self._release()  # a failed entry leaves the training state as it found it
+            raise
         self.active = True
+        self.engine.in_generation = True
+        self._sync()
         self.last.enter_s = time.perf_counter() - start
 
     def exit(self) -> None:
@@ -188,20 +197,33 @@ class HybridEngine:
         start = time.perf_counter()
         if self._rollout is not None:
             self._rollout.release()
+        self._release()
+        self.active = False
+        self.engine.in_generation = False
+        self._sync()
+        self.last.exit_s = time.perf_counter() - start
+
+    def _release(self) -> None:
+        """Drop every generation weight (placeholders keep dtype and device), restore offloaded state."""
         for module in self.model.modules():
             if isinstance(module, _PieceModule):
-                module.clear()
+                module.clear(self._placeholder())
         for gs in self.specs:
             module, attr = self._module_of(gs.local_name)
             if not isinstance(module, _PieceModule):
-                shape = getattr(module, attr).shape
-                module._parameters[attr] = nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
+                module._parameters[attr] = nn.Parameter(self._placeholder(), requires_grad=False)
         if not isinstance(self.model.lm_head, _PieceModule):
             self.model.tie_weights()  # a tied head must not keep the gathered embedding alive
         self._received, self._gen_buffer = [], None
         self._restore()
-        self.active = False
-        self.last.exit_s = time.perf_counter() - start
+
+    def _placeholder(self) -> torch.Tensor:
+        """An empty tensor of the weights' dtype and device: what a layer holds outside generation."""
+        return torch.empty(0, dtype=self.dtype, device=self.device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the transition's time includes its transfers
 
     def rollout_engine(self, rollout_cfg=None, **kwargs):
         """A RolloutEngine over the generation model and group, from ``hfrl.config.RolloutConfig`` or
@@ -209,17 +231,12 @@ class HybridEngine:
         each time generation ends."""
         from hfrl.rollout import RolloutEngine
 
-        was_active = self.active
-        if not was_active:
-            self.enter()  # the engine reads the weights' dtype and device once
-        try:
-            if rollout_cfg is not None:
-                self._rollout = RolloutEngine.from_config(self.model, rollout_cfg, self.gen_group)
-            else:
-                self._rollout = RolloutEngine(self.model, tp_group=self.gen_group, **kwargs)
-        finally:
-            if not was_active:
-                self.exit()
+        # Outside generation the layers hold empty placeholders of the weights' dtype and device, all
+        # that the engine reads when it is built.
+        if rollout_cfg is not None:
+            self._rollout = RolloutEngine.from_config(self.model, rollout_cfg, self.gen_group)
+        else:
+            self._rollout = RolloutEngine(self.model, tp_group=self.gen_group, **kwargs)
         return self._rollout
 
     def resident_bytes(self) -> int:
@@ -312,6 +329,9 @@ class HybridEngine:
         st, sp = dims.tp // dims.tg, dims.pp // dims.pg
         self.num_members = st * sp
         self.member = self.coord.micro
+        rg = self._role_groups
+        self.member_ranks = list(rg.ranks["micro_dp"]) if rg is not None else [0]
+        """Global ranks of the micro-DP group, in member (group-rank) order."""
         first_stage = self.coord.gen_pp * sp
         sizes = [sum(plan.numel(plan.shard_shape(gs.spec, 0, dims.tp)) for _ in range(st if gs.sharded else 1))
                  * self.element_size for gs in self.specs]
@@ -343,29 +363,40 @@ class HybridEngine:
 
         dims, G, me = self.dims, self.num_members, self.member
         st = dims.tp // dims.tg
+        group = self.groups["micro_dp"]
         views: dict[tuple[int, int], torch.Tensor] = {}
-        peak = transient = 0
-        for k, bucket in enumerate(self.buckets):
+        transient = 0
+        for bucket in self.buckets:
             if G == 1 or bucket.size == 0:
                 continue
-            send = torch.empty(bucket.size, dtype=self.dtype, device=self.device)
+            send = torch.empty(bucket.real[me], dtype=self.dtype, device=self.device)
             reshard.pack([self._own(self.specs[i]).detach() for i, _, _ in bucket.layouts[me]], send)
-            recv = torch.empty((G - 1) * bucket.size, dtype=self.dtype, device=self.device)
-            outs = [send if j == me else recv[(j - (j > me)) * bucket.size:(j - (j > me) + 1) * bucket.size]
-                    for j in range(G)]
-            dist.all_gather(outs, send, group=self.groups["micro_dp"])
-            transient = max(transient, send.nbytes)
-            del send
+            others = [j for j in range(G) if j != me]
+            recv = torch.empty(sum(bucket.real[j] for j in others), dtype=self.dtype, device=self.device)
+            outs, start = {me: send}, 0
+            for j in others:
+                outs[j] = recv[start:start + bucket.real[j]]
+                start += bucket.real[j]
+            if len(set(bucket.real)) == 1:  # equal contributions (one training stage): one all-gather
+                dist.all_gather([outs[j] for j in range(G)], send, group=group)
+                # NCCL and gloo gather a list through a flat staging buffer of G contributions
+                transient = max(transient, send.nbytes * (G + 1))
+            else:  # stages of different sizes: each member broadcasts exactly its own, no padding
+                ranks = self.member_ranks
+                for j in range(G):
+                    dist.broadcast(outs[j], src=ranks[j], group=group)
+                transient = max(transient, send.nbytes)
+            del send, outs
             self._received.append(recv)
-            for j in range(G):
-                if j == me:
-                    continue
+            start = 0
+            for j in others:
                 for i, u, offset in bucket.layouts[j]:
                     shape = plan.shard_shape(self.specs[i].spec, st * self.coord.gen_tp + u, dims.tp)
-                    views[(i, u)] = outs[j][offset:offset + plan.numel(shape)].view(shape)
-            self.last.received += sum(bucket.real[j] for j in range(G) if j != me) * self.element_size
-            self.last.wire += (G - 1) * bucket.size * self.element_size
+                    views[(i, u)] = recv[start + offset:start + offset + plan.numel(shape)].view(shape)
+                start += bucket.real[j]
+            self.last.received += sum(bucket.real[j] for j in others) * self.element_size
             self.last.sent += bucket.real[me] * (G - 1) * self.element_size
+        self.last.wire = self.last.received
         my_stage = self.coord.pp
         pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
         for i, gs in enumerate(self.specs):
@@ -378,9 +409,8 @@ class HybridEngine:
             path, attr = gs.local_name.rsplit(".", 1)
             pieces.setdefault(path, {})[attr] = tensors
         self._install(pieces)
-        peak = self.resident_bytes() + transient
-        self.last.peak = peak
         self.resident_gen = self.resident_bytes()
+        self.last.peak = self.resident_gen + transient
         self.redundant_gen = self._redundant()
 
     def _install(self, pieces: dict[str, dict[str, list[torch.Tensor]]]) -> None:
@@ -502,32 +532,58 @@ class HybridEngine:
 
     def _offload_candidates(self) -> list[torch.Tensor]:
         """AdamW's moments, separate fp32 masters and gradients (ZeRO-1's flat fp32 gradient, any live
-        ``.grad``): tensors nothing else keeps a view of between steps, so their storage can move."""
+        ``.grad``); the DP reduction's scratch buffers are dropped instead (rebuilt on the next step)."""
         opt = self.engine.optimizer
         out = [getattr(opt, name) for name in ("exp_avg", "exp_avg_sq", "grad_buffer", "grad_shard")
                if torch.is_tensor(getattr(opt, name, None))]
+        master_shard = getattr(opt, "master_shard", None)
+        if torch.is_tensor(master_shard) and master_shard.untyped_storage().data_ptr() != \
+                opt.param_buffer.untyped_storage().data_ptr():
+            out.append(master_shard)  # ZeRO-1 under bf16: a separate fp32 shard
         for state in opt.state.values():
             out += [v for k, v in state.items() if k in ("exp_avg", "exp_avg_sq") and torch.is_tensor(v)]
         masters = [master for _, master in getattr(opt, "_low_precision", [])]
         out += masters
         out += [t.grad for t in (*self._train.values(), *masters) if t.grad is not None]
-        return list({id(t): t for t in out}.values())
+        return out
 
     def _offload(self) -> int:
-        moved = 0
-        pin = self.device.type == "cuda"
+        """Copy each candidate's storage to host memory and shrink it to nothing. Storages, not
+        tensors: views of them (ZeRO-1's per-parameter gradients and masters) stay valid."""
+        moved, pin = 0, self.device.type == "cuda"
+        storages = {}
         for tensor in self._offload_candidates():
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
-            host.copy_(tensor, non_blocking=pin)
-            self._offloaded.append((tensor, host))
-            moved += tensor.nbytes
+            storages.setdefault(tensor.untyped_storage().data_ptr(), tensor.untyped_storage())
+        for storage in storages.values():
+            if storage.nbytes() == 0:
+                continue
+            raw = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
+            host = torch.empty(storage.nbytes(), dtype=torch.uint8, device="cpu", pin_memory=pin)
+            host.copy_(raw, non_blocking=pin)
+            self._offloaded.append((storage, host))
+            moved += storage.nbytes()
         if pin:
-            torch.cuda.current_stream().synchronize()
-        for tensor, _ in self._offloaded:
-            tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+            torch.cuda.current_stream(self.device).synchronize()
+        for storage, _ in self._offloaded:
+            storage.resize_(0)
+        for bucketer in self._bucketers():  # scratch buffers of the DP all-reduce, rebuilt at the next step
+            moved += sum(b.nbytes for b in bucketer._buffers if b is not None)
+            bucketer._buffers = [None] * len(bucketer._buffers)
         return moved
 
+    def _bucketers(self) -> list:
+        """The GradBucketers of the engine's DP reduction: the optimizer's, and the overlapped one's."""
+        from hfrl.distributed.data_parallel import GradBucketer
+
+        found = [getattr(self.engine.optimizer, "_bucketer", None),
+                 getattr(getattr(self.engine.grad_reduce, "_launch", None), "__self__", None)]
+        return list({id(b): b for b in found if isinstance(b, GradBucketer)}.values())
+
     def _restore(self) -> None:
-        for tensor, host in self._offloaded:
-            tensor.data = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        for storage, host in self._offloaded:
+            storage.resize_(host.numel())
+            raw = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
+            raw.copy_(host, non_blocking=self.device.type == "cuda")
+        if self._offloaded and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         self._offloaded = []

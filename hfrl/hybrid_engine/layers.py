@@ -39,22 +39,27 @@ class _PieceModule(nn.Module):
         self.group, self.tp, self.tp_rank = group, tp_world_size(group), tp_rank(group)
         self.weights: list[torch.Tensor] = []
         self.biases: list[torch.Tensor] | None = None
+        self.placeholder: torch.Tensor | None = None
 
     def set_pieces(self, weights: list[torch.Tensor], biases: list[torch.Tensor] | None = None) -> None:
         self.weights, self.biases = list(weights), (list(biases) if biases is not None else None)
 
-    def clear(self) -> None:
-        self.weights, self.biases = [], None
+    def clear(self, placeholder: torch.Tensor | None = None) -> None:
+        """Drop the pieces; ``placeholder`` (an empty tensor) keeps the weights' dtype and device."""
+        self.weights, self.biases, self.placeholder = [], None, placeholder
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.weights, *(self.biases or [])]
 
     @property
     def weight(self) -> torch.Tensor:
-        """The first piece: what callers read a layer's dtype and device from."""
-        if not self.weights:
+        """The first piece (outside generation the empty placeholder): what callers read a layer's dtype
+        and device from."""
+        if self.weights:
+            return self.weights[0]
+        if self.placeholder is None:
             raise RuntimeError(f"{type(self).__name__} has no weights: use it inside HybridEngine.generation()")
-        return self.weights[0]
+        return self.placeholder
 
     def extra_repr(self) -> str:
         return f"pieces={len(self.weights)}, tp={self.tp}, rank={self.tp_rank}"

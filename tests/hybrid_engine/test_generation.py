@@ -62,7 +62,8 @@ def _loss(engine):
 def generation_body(rank, world_size, path, cache):
     results = {}
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10]] * 2), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
-    for mode, grouping, pp, tp, tg, zero, offload in CASES:
+    for case in CASES:
+        mode, grouping, pp, tp, tg, zero, offload = case
         dims = ParallelDims.create(world_size, pp=pp, tp=tp, tg=tg, pg=1, grouping=grouping)
         groups = build_groups("actor", dims, tuple(range(world_size)), rank, cache)
         optim = OptimConfig(lr=0.05, weight_decay=0.0, zero_stage=zero)
@@ -82,7 +83,16 @@ def generation_body(rank, world_size, path, cache):
             for name, tensor in state.items():  # offloaded and restored bit-exactly
                 assert torch.equal(after[name], tensor), (mode, name)
             record.append((got, _reference(path, _full_state(engine)), hybrid.last.offloaded))
-            engine.train_step(batch, _loss(engine))  # the next generation must see the new weights
+            with hybrid.generation():
+                try:
+                    engine.train_step(batch, _loss(engine))
+                except RuntimeError as err:
+                    assert "inside HybridEngine.generation()" in str(err)
+                else:
+                    raise AssertionError("train_step ran inside generation()")
+            # the next generation must see the new weights; the gradients (ZeRO-1: views of a flat buffer
+            # that went to the host and back) are still the ones the norm is taken over
+            assert engine.train_step(batch, _loss(engine))["grad_norm"] > 0.1, case
         results[(mode, pp, tp, tg, zero, offload)] = record
     return results
 
