@@ -243,7 +243,8 @@ class HybridConfig:
         from hfrl.hybrid_engine.accounting import MODES
 
         _choice("hybrid.mode", self.mode, MODES)
-        _check(self.bucket_mb > 0, "hybrid.bucket_mb", self.bucket_mb, "must be a positive number of MiB")
+        _check(math.isfinite(self.bucket_mb) and self.bucket_mb >= 1 / 1024, "hybrid.bucket_mb", self.bucket_mb,
+               "must be a finite number of MiB, at least 1/1024 (1 KiB)")
 
 
 @dataclass
