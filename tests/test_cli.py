@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -10,6 +11,9 @@ import yaml
 from tests.multiproc import free_port
 
 HANG_BOUND_S = 120   # generous: only catches hangs
+# Each `hfrl` call is one process, mostly importing torch on one core: independent calls of a test
+# run side by side, one per core (at least 2, at most 4).
+WORKERS = max(2, min(os.cpu_count() or 1, 4))
 
 
 def hfrl(*args, launcher=(), env=None):
@@ -18,6 +22,12 @@ def hfrl(*args, launcher=(), env=None):
         cmd = [*launcher, "-m", "hfrl.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_BOUND_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def hfrl_all(*calls):
+    """``hfrl(*args)`` for each tuple of args, WORKERS at a time; the results in call order."""
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return list(pool.map(lambda args: hfrl(*args), calls))
 
 
 def torchrun(n):
@@ -47,11 +57,11 @@ def test_world_of_one_without_launcher():
 
 
 def test_human_readable_layout():
-    out = hfrl("layout", "--world-size", "64", "roles.actor.tp=2")
-    assert "... (+16 more)" in out.stdout                      # 32 TP groups, 16 shown
-    every = hfrl("layout", "--world-size", "64", "roles.actor.tp=2", "--all-groups")
+    first16, every, out = hfrl_all(("layout", "--world-size", "64", "roles.actor.tp=2"),
+                                   ("layout", "--world-size", "64", "roles.actor.tp=2", "--all-groups"),
+                                   ("layout", "--world-size", "8", "roles.actor.tp=4", "roles.actor.tg=2"))
+    assert "... (+16 more)" in first16.stdout                  # 32 TP groups, 16 shown
     assert "[62,63]" in every.stdout and "more)" not in every.stdout
-    out = hfrl("layout", "--world-size", "8", "roles.actor.tp=4", "roles.actor.tg=2")
     assert out.returncode == 0, out.stderr
     assert "gen_tp       4 x 2    [0,2] [1,3] [4,6] [5,7]" in out.stdout
     assert "micro_dp     4 x 2    [0,1] [2,3] [4,5] [6,7]" in out.stdout
@@ -80,16 +90,15 @@ def test_config_errors_fail_fast_on_every_rank(overrides, match):
 
 
 def test_config_command(tmp_path):
-    described = hfrl("config", "--describe")
-    assert described.returncode == 0
-    assert "roles.actor.tg (int | None, default None)" in described.stdout
     path = tmp_path / "job.yaml"
     path.write_text("roles: {actor: {tp: 2}}\n")
-    resolved = hfrl("config", str(path), "placement.mode=split")
+    described, resolved, bad = hfrl_all(("config", "--describe"), ("config", str(path), "placement.mode=split"),
+                                        ("config", str(path), "oops"))
+    assert described.returncode == 0
+    assert "roles.actor.tg (int | None, default None)" in described.stdout
     assert resolved.returncode == 0, resolved.stderr
     data = yaml.safe_load(resolved.stdout)
     assert data["roles"]["actor"]["tp"] == 2 and data["placement"]["mode"] == "split"
-    bad = hfrl("config", str(path), "oops")
     assert bad.returncode == 2 and "only the first argument may be a config file" in bad.stderr
 
 
@@ -110,8 +119,9 @@ def _error_line(out, command="layout"):
     pytest.param("distributed.backend=mpi", "distributed.backend='mpi'", id="backend-mpi-run"),
 ])
 def test_dry_run_and_launched_run_reject_the_same_values(override, match):
-    dry = _error_line(hfrl("layout", "--world-size", "2", override))
-    launched = _error_line(hfrl("layout", override))          # a world of one, no launcher
+    dry, launched = hfrl_all(("layout", "--world-size", "2", override),
+                             ("layout", override))             # a world of one, no launcher
+    dry, launched = _error_line(dry), _error_line(launched)
     assert dry == launched and match in dry, (dry, launched)
 
 
@@ -128,10 +138,12 @@ def test_bad_files_and_arguments_name_the_input(tmp_path):
              (str(unsafe), f"{unsafe}:1:8:"), (str(latin), f"{latin}:1:26: not UTF-8"),
              (str(tmp_path), f"config file '{tmp_path}' is a directory"),
              ("", "config file path is empty")]
-    for arg, match in cases:
-        line = _error_line(hfrl("layout", "--world-size", "2", arg))
+    *outs, config_out = hfrl_all(*[("layout", "--world-size", "2", arg) for arg, _ in cases],
+                                 ("config", str(tmp_path)))
+    for (arg, match), out in zip(cases, outs):
+        line = _error_line(out)
         assert match in line, (arg, line)
-    assert "is a directory" in _error_line(hfrl("config", str(tmp_path)), "config")
+    assert "is a directory" in _error_line(config_out, "config")
 
 
 @pytest.mark.timeout(60)   # only a hang-catcher; the assertions are on the content
@@ -170,14 +182,16 @@ def test_dry_run_of_100000_colocated_ranks():
 
 
 def test_absurd_world_sizes_are_refused_with_a_message():
-    line = _error_line(hfrl("layout", "--world-size", "1000000000"))
+    huge, zero = hfrl_all(("layout", "--world-size", "1000000000"), ("layout", "--world-size", "0"))
+    line = _error_line(huge)
     assert "--world-size 1000000000" in line and "at most 1048576" in line, line
-    line = _error_line(hfrl("layout", "--world-size", "0"))
+    line = _error_line(zero)
     assert "--world-size 0 must be >= 1" in line, line
 
 
 def test_describe_lists_every_trainer_setting():
-    out = hfrl("config", "--describe")
+    out, resolved = hfrl_all(("config", "--describe"),
+                             ("config", "roles.critic.engine.optim.lr=5e-6", "engine.model_path=/m"))
     assert out.returncode == 0, out.stderr
     for line in ("  engine.model_path (str, default ''): Local HF checkpoint folder",
                  "  engine.optim.lr (float, default 1e-06): Peak learning rate",
@@ -185,7 +199,6 @@ def test_describe_lists_every_trainer_setting():
                  "  trainer.total_steps (int, default 100):",
                  "  roles.critic.engine (dict[str, Any], default {}): This role's overrides"):
         assert line in out.stdout, line
-    resolved = hfrl("config", "roles.critic.engine.optim.lr=5e-6", "engine.model_path=/m")
     data = yaml.safe_load(resolved.stdout)
     assert data["engine"]["model_path"] == "/m" and data["engine"]["optim"]["lr"] == 1e-6
     assert data["roles"]["critic"]["engine"] == {"optim": {"lr": 5e-6}}
