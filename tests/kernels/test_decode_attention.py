@@ -4,20 +4,16 @@ CPU) against the PyTorch path, and input validation.
 The interpreter must be on before triton is first imported (its own library functions are decorated
 then), and other tests in this process may already have imported it. So the ``test_triton_*`` tests
 run only where TRITON_INTERPRET=1 was set from the start; elsewhere
-``test_triton_in_interpreter_subprocess`` runs them in a fresh pytest process with the flag set.
+tests/kernels/test_interpreter.py runs them in a fresh pytest process with the flag set.
 """
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import hfrl_kernels
 from hfrl_kernels import decode_attention as da
+from tests.kernels._interpreter import require_interpreter
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def make_cache(lens, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.float32, seed=0):
@@ -125,25 +121,7 @@ TRITON_CASES = [
 @pytest.fixture
 def interpreted():
     """The kernel module, when this process runs Triton kernels in the interpreter."""
-    if not hfrl_kernels.interpreting():
-        pytest.skip("needs TRITON_INTERPRET=1 from process start: see test_triton_in_interpreter_subprocess")
-    pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
-    assert isinstance(da._decode_split_kernel, InterpretedFunction)
-    return da
-
-
-def test_triton_in_interpreter_subprocess():
-    if hfrl_kernels.interpreting():
-        pytest.skip("this process interprets: the test_triton_* tests run here")
-    if not hfrl_kernels.triton_available():
-        pytest.skip("triton is not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "test_triton_ and not subprocess"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " skipped" not in run.stdout.splitlines()[-1], run.stdout[-3000:]
+    return require_interpreter(da, "_decode_split_kernel")
 
 
 @pytest.mark.parametrize("lens,num_heads,num_kv_heads,head_dim,block_size,window,splits", TRITON_CASES)

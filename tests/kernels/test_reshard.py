@@ -2,22 +2,16 @@
 against a masked gather, the Triton kernel (interpreted on CPU) against the references, and input
 validation.
 
-As in test_decode_attention.py, the ``test_triton_*`` tests run only where TRITON_INTERPRET=1 was set
-from process start; elsewhere ``test_triton_in_interpreter_subprocess`` runs them in a fresh pytest
-process with the flag set.
+The ``test_triton_*`` tests run only where TRITON_INTERPRET=1 was set from process start; elsewhere
+tests/kernels/test_interpreter.py runs them in a fresh pytest process with the flag set.
 """
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import hfrl_kernels
 from hfrl_kernels import reshard as rs
+from tests.kernels._interpreter import require_interpreter
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def make_tensors(dtype, seed=0):
@@ -206,25 +200,7 @@ def test_segments_from_index_bad_input():
 @pytest.fixture
 def interpreted():
     """The kernel module, when this process runs Triton kernels in the interpreter."""
-    if not hfrl_kernels.interpreting():
-        pytest.skip("needs TRITON_INTERPRET=1 from process start: see test_triton_in_interpreter_subprocess")
-    pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
-    assert isinstance(rs._copy_runs_kernel, InterpretedFunction)
-    return rs
-
-
-def test_triton_in_interpreter_subprocess():
-    if hfrl_kernels.interpreting():
-        pytest.skip("this process interprets: the test_triton_* tests run here")
-    if not hfrl_kernels.triton_available():
-        pytest.skip("triton is not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "test_triton_ and not subprocess"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " skipped" not in run.stdout.splitlines()[-1], run.stdout[-3000:]
+    return require_interpreter(rs, "_copy_runs_kernel")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
