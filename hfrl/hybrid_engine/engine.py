@@ -86,6 +86,27 @@ class _Bucket:
     """Per member: elements of real data."""
 
 
+def _gather(outs: list[torch.Tensor], ranks: list[int], group) -> int:
+    """Every member's ``outs[j]`` onto every member: ``outs[me]`` holds this rank's contribution, the
+    others receive. Returns the bytes of the collective's own staging buffer.
+
+    NCCL with equal sizes: one all-gather (bandwidth-optimal; it stages the list in one flat buffer).
+    Otherwise one broadcast per member at its own size: no padding when pipeline stages differ in size,
+    and on gloo the faster way even for equal sizes (4 ranks x 50 MB on this 2-core VM: 0.63-0.86 s
+    against 1.13-1.27 s for the list all-gather and 1.13-2.04 s into one flat tensor).
+    """
+    if len(outs) == 1:
+        return 0
+    sizes = {t.numel() for t in outs}
+    if outs[0].is_cuda and len(sizes) == 1:
+        me = dist.get_rank(group)
+        dist.all_gather(outs, outs[me], group=group)
+        return sum(t.nbytes for t in outs)
+    for j, tensor in enumerate(outs):
+        dist.broadcast(tensor, src=ranks[j], group=group)
+    return 0
+
+
 class HybridEngine:
     """The train <-> generate switch for one actor ``TrainEngine`` (see module docstring)."""
 
@@ -377,15 +398,8 @@ class HybridEngine:
             for j in others:
                 outs[j] = recv[start:start + bucket.real[j]]
                 start += bucket.real[j]
-            if len(set(bucket.real)) == 1:  # equal contributions (one training stage): one all-gather
-                dist.all_gather([outs[j] for j in range(G)], send, group=group)
-                # NCCL and gloo gather a list through a flat staging buffer of G contributions
-                transient = max(transient, send.nbytes * (G + 1))
-            else:  # stages of different sizes: each member broadcasts exactly its own, no padding
-                ranks = self.member_ranks
-                for j in range(G):
-                    dist.broadcast(outs[j], src=ranks[j], group=group)
-                transient = max(transient, send.nbytes)
+            staging = _gather([outs[j] for j in range(G)], self.member_ranks, group)
+            transient = max(transient, send.nbytes + staging)
             del send, outs
             self._received.append(recv)
             start = 0
@@ -490,6 +504,10 @@ class HybridEngine:
         self._segments = (torch.cat(src), torch.cat(dst), torch.cat(lengths))
         self.gen_numel = gen_offset
         self._flat_real = flat_sizes
+        rg, coord = self._role_groups, self.coord
+        self.dense_member = (coord.pp * dp + (coord.dp if dp > 1 else 0)) * tp + coord.tp
+        """This rank's place in the gather group (role: pool order; mp: (pp, tp) order)."""
+        self.dense_ranks = list(rg.ranks["role" if self.mode == "ds_chat" else "mp"]) if rg is not None else [0]
 
     def _enter_dense(self) -> None:
         from hfrl_kernels import reshard
@@ -501,10 +519,12 @@ class HybridEngine:
         reshard.pack([self._own(gs).detach() for gs in self._stage_specs[coord.pp]], flat)
         mine = flat[coord.dp * self.chunk:(coord.dp + 1) * self.chunk] if dp > 1 else flat
         recv = torch.empty(self.num_members * self.chunk, dtype=self.dtype, device=self.device)
-        if self.num_members > 1:
+        n, me = self.num_members, self.dense_member
+        if self.device.type == "cuda" and n > 1:
             all_gather_flat(recv, mine, group)
-        else:
-            recv.copy_(mine)
+        else:  # the broadcasts read this rank's contribution from its own slot
+            recv[me * self.chunk:(me + 1) * self.chunk].copy_(mine)
+            _gather(list(recv.split(self.chunk)), self.dense_ranks, group)
         transient = flat.nbytes + recv.nbytes
         del flat, mine
         gen = torch.zeros(self.gen_numel, dtype=self.dtype, device=self.device)
@@ -520,7 +540,7 @@ class HybridEngine:
         # what reached this rank from the others: every member's real data but its own
         real = [min(self.chunk, max(0, self._flat_real[s] - d * self.chunk)) if dp > 1 else self._flat_real[s]
                 for s in range(dims.pp) for d in range(dp) for _ in range(tp)]
-        me = (coord.pp * dp + (coord.dp if dp > 1 else 0)) * tp + coord.tp
+        me = self.dense_member
         self.last.received = (sum(real) - real[me]) * self.element_size
         self.last.wire = (self.num_members - 1) * self.chunk * self.element_size
         self.last.sent = real[me] * (self.num_members - 1) * self.element_size
