@@ -15,13 +15,11 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from hfrl.distributed.parallel_dims import GroupCache, ParallelDims, build_groups
 from hfrl.engine.checkpoint import load_checkpoint, save_checkpoint, save_hf
 from hfrl.engine.train_engine import TrainEngine
 from tests.engine.test_train_engine import VOCAB, dp_share, engine_config, global_batch, policy_loss
-from tests.models._hf import build_hf
 from tests.multiproc import run_ranks
 
 TOL = 1e-5
@@ -78,6 +76,9 @@ def checkpoint_body(rank, world_size, path, out):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    # Imported here, not at the top: the spawned ranks import this module, and need no transformers models.
+    from tests.models._hf import build_hf
+
     path = tmp_path_factory.mktemp("policy")
     hf_model = build_hf("llama_gqa_tied", vocab_size=VOCAB, num_hidden_layers=4)
     hf_model.save_pretrained(path)
@@ -87,6 +88,8 @@ def run(tmp_path_factory):
 
 
 def test_save_hf_loads_in_transformers_with_identical_logits(run):
+    from transformers import AutoModelForCausalLM
+
     _, hf_model, _, out = run
     reloaded = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
     assert sorted(os.listdir(out / "hf")) == ["config.json", "model-00001-of-00002.safetensors",
@@ -180,6 +183,8 @@ os._exit(0)
 @pytest.fixture(scope="module")
 def killed_swap(tmp_path_factory):
     """A step-0 checkpoint replaced by a step-1 one, the process killed between the two renames."""
+    from tests.models._hf import build_hf
+
     model_path = tmp_path_factory.mktemp("kill_policy")
     build_hf("llama_gqa_tied", vocab_size=VOCAB, num_hidden_layers=2).save_pretrained(model_path)
     out = tmp_path_factory.mktemp("kill")

@@ -16,13 +16,11 @@ import logging
 
 import pytest
 import torch
-from transformers import LlamaForSequenceClassification
 
 from hfrl.distributed.parallel_dims import GroupCache, ParallelDims, RoleGroups, build_groups
 from hfrl.engine.optim import OptimConfig, param_groups
 from hfrl.engine.train_engine import EngineConfig, TrainEngine, target_mask
 from hfrl.models import weights
-from tests.models._hf import build_hf
 from tests.multiproc import run_ranks
 
 TOL = 1e-5
@@ -227,6 +225,12 @@ def engine_body(rank, world_size, paths, refs):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    # Imported here, not at the top: the spawned ranks import this module (and test_checkpoint's), and
+    # need no transformers model classes.
+    from transformers import LlamaForSequenceClassification
+
+    from tests.models._hf import build_hf
+
     policy_path = tmp_path_factory.mktemp("policy")
     build_hf("llama_gqa_tied", vocab_size=VOCAB, num_hidden_layers=4).save_pretrained(policy_path)
     critic_path = tmp_path_factory.mktemp("critic")
@@ -354,6 +358,8 @@ def test_layout_errors_fail_before_any_collective(run):
 
 
 def test_checkpoint_errors_through_the_engine(run, tmp_path):
+    from tests.models._hf import build_hf
+
     path = run[2][False]
     bad = tmp_path / "bad"
     build_hf("llama_gqa_tied", vocab_size=VOCAB, num_hidden_layers=4).save_pretrained(bad)
