@@ -8,7 +8,6 @@ return their differences (and saved checkpoints) for the parent to assert.
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
 
 from hfrl.distributed.tensor_parallel import (
     gather_vocab_logits, padded_vocab_size, tp_local_sq_norm, vocab_parallel_entropy, vocab_parallel_log_probs,
@@ -19,7 +18,6 @@ from hfrl.models.llama import CausalLM
 from hfrl.models.parallelize import (
     check_tp, gather_full_state_dict, parallelize_model, save_tp_pretrained, tp_from_pretrained,
 )
-from tests.models._hf import build_hf
 from tests.multiproc import run_ranks
 
 TOL = 1e-5
@@ -33,6 +31,14 @@ EXPECTED_TAGS = {"embed_tokens.weight": "vocab", "lm_head.weight": "vocab", "qkv
                  "qkv_proj.bias": "column", "o_proj.weight": "row", "gate_up_proj.weight": "column",
                  "gate_up_proj.bias": "column",
                  "down_proj.weight": "row"}
+
+
+def build_hf(*args, **kwargs):
+    """``tests.models._hf.build_hf``, imported when first used: the spawned ranks import this module
+    and build no transformers model (importing the model classes costs each rank seconds)."""
+    from tests.models._hf import build_hf as build
+
+    return build(*args, **kwargs)
 
 
 def _inputs(vocab):
@@ -192,6 +198,8 @@ def model_body(rank, world_size, cases, value_case, out_dir):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    from transformers import LlamaForSequenceClassification
+
     cases, refs = {}, {}
     for case, (vocab, overrides) in CASES.items():
         ref = build_hf(case, vocab_size=vocab, num_hidden_layers=2, **overrides)
@@ -251,6 +259,8 @@ def test_pipeline_stages_and_value_head(run):
 
 @pytest.mark.parametrize("case,tp", sorted(SAVED))
 def test_saved_merged_checkpoint_loads_in_transformers(run, case, tp):
+    from transformers import AutoModelForCausalLM
+
     _, refs, cases, out_dir = run
     ref = refs[case]
     for leader in ((0, 2) if tp == "2" else (0,)):
