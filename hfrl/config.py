@@ -229,11 +229,11 @@ class RolloutConfig:
 
 @dataclass
 class HybridConfig:
-    mode: str = "hybridflow"
+    mode: str | None = None
     """How the actor's weights move between training and generation: 'hybridflow' (all-gather inside
     micro-DP groups, nothing stored twice), 'hybridflow_v' (gather over the training model-parallel
     group; needs roles.actor.grouping=vanilla) or 'ds_chat' (gather the whole model over the role: the
-    DeepSpeed-Chat baseline)."""
+    DeepSpeed-Chat baseline). null follows roles.actor.grouping: hybridflow, or hybridflow_v for vanilla."""
     bucket_mb: float = 64.0
     """Size of each all-gather bucket in MiB (hybridflow mode); the send buffer is one bucket."""
     offload_optimizer: bool = False
@@ -242,7 +242,8 @@ class HybridConfig:
     def validate(self) -> None:
         from hfrl.hybrid_engine.accounting import MODES
 
-        _choice("hybrid.mode", self.mode, MODES)
+        if self.mode is not None:
+            _choice("hybrid.mode", self.mode, MODES)
         _check(math.isfinite(self.bucket_mb) and self.bucket_mb >= 1 / 1024, "hybrid.bucket_mb", self.bucket_mb,
                "must be a finite number of MiB, at least 1/1024 (1 KiB)")
 
@@ -383,7 +384,7 @@ class Config:
                 self.engine_for(role).validate(f"roles.{role}.engine", require_model_path=False)
         for section in (self.data, self.rollout, self.hybrid, self.algorithm, self.trainer):
             section.validate()
-        needs = {"hybridflow": "hybridflow", "hybridflow_v": "vanilla"}.get(self.hybrid.mode)
+        needs = {"hybridflow": "hybridflow", "hybridflow_v": "vanilla"}.get(self.hybrid.mode or "")
         if needs is not None and self.roles.actor.grouping != needs:
             raise ValueError(f"hybrid.mode={self.hybrid.mode!r} generates with the {needs!r} grouping but "
                              f"roles.actor.grouping={self.roles.actor.grouping!r}; set roles.actor.grouping="

@@ -328,7 +328,7 @@ def test_training_needs_models_and_data(tmp_path):
     (["hybrid.mode=zero3"], r"hybrid.mode.*'zero3'"),
     (["hybrid.bucket_mb=0"], r"hybrid.bucket_mb"),
     (["hybrid.mode=hybridflow_v"], r"hybrid.mode='hybridflow_v'.*roles.actor.grouping=vanilla"),
-    (["roles.actor.grouping=vanilla"], r"hybrid.mode='hybridflow'.*'hybridflow' grouping"),
+    (["roles.actor.grouping=vanilla", "hybrid.mode=hybridflow"], r"hybrid.mode='hybridflow'.*'hybridflow' grouping"),
 ])
 def test_hybrid_section_is_checked_against_the_actor_grouping(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -336,3 +336,4 @@ def test_hybrid_section_is_checked_against_the_actor_grouping(overrides, match):
     cfg = load_config(None, ["hybrid.mode=hybridflow_v", "roles.actor.grouping=vanilla"])
     cfg.validate()
     assert load_config(None, ["hybrid.mode=ds_chat", "roles.actor.grouping=vanilla"]).validate() is None
+    assert load_config(None, ["roles.actor.grouping=vanilla"]).validate() is None  # mode null follows the grouping

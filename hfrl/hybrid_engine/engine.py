@@ -176,9 +176,10 @@ class HybridEngine:
 
     @classmethod
     def from_config(cls, engine, hybrid_cfg) -> "HybridEngine":
-        """From ``hfrl.config.HybridConfig`` (the ``hybrid:`` section of a job's YAML)."""
-        return cls(engine, mode=hybrid_cfg.mode, bucket_mb=hybrid_cfg.bucket_mb,
-                   offload_optimizer=hybrid_cfg.offload_optimizer)
+        """From ``hfrl.config.HybridConfig`` (the ``hybrid:`` section of a job's YAML); mode null follows
+        the role's grouping (hybridflow, or hybridflow_v for vanilla)."""
+        mode = hybrid_cfg.mode or ("hybridflow_v" if engine.dims.grouping == "vanilla" else "hybridflow")
+        return cls(engine, mode=mode, bucket_mb=hybrid_cfg.bucket_mb, offload_optimizer=hybrid_cfg.offload_optimizer)
 
     # ---- public API -------------------------------------------------------------------------------
 

@@ -69,3 +69,11 @@ def test_a_failed_entry_restores_the_offloaded_state(engine, monkeypatch):
 def test_bad_arguments_are_named(engine, kwargs, match):
     with pytest.raises(ValueError, match=match):
         HybridEngine(engine, **kwargs)
+
+
+def test_from_config_follows_the_grouping(engine):
+    from hfrl.config import HybridConfig
+
+    hybrid = HybridEngine.from_config(engine, HybridConfig(bucket_mb=1.0, offload_optimizer=True))
+    assert (hybrid.mode, hybrid.bucket_bytes, hybrid.offload_optimizer) == ("hybridflow", 2**20, True)
+    assert HybridEngine.from_config(engine, HybridConfig(mode="ds_chat")).mode == "ds_chat"
