@@ -1,7 +1,8 @@
 """Bucketed DP all-reduce and ZeRO-1 on real gloo processes equal single-process AdamW.
 
 One 4-process run covers dp=2 (two independent pairs) and dp=4; every rank also trains the
-single-process reference on the whole batch itself, so each comparison is local.
+single-process reference on the whole batch itself, so each comparison is local. (The 4 processes
+also run other modules' bodies: see tests.engine.test_train_engine.shared_4rank_run.)
 """
 import copy
 
@@ -16,7 +17,7 @@ from hfrl.distributed.data_parallel import GradBucketer, ZeroOneOptimizer, allre
 from hfrl.engine.optim import MixedPrecisionAdamW, param_groups
 from hfrl.models.config import ModelConfig
 from hfrl.models.llama import CausalLM
-from tests.multiproc import run_ranks
+from tests.engine.test_train_engine import shared_4rank_run
 
 VOCAB, BATCH, SEQ, STEPS, LR, WD = 64, 8, 12, 3, 1e-2, 0.1
 # Adam's first steps move each weight by about lr * g / (|g| + eps): for the few gradient entries
@@ -151,9 +152,14 @@ def _bf16_zero_vs_mixed(group, dp_rank):
                 param_dtype=models[0].lm.norm.weight.dtype, mixed_master_dtype=mixed.master_params[0].dtype)
 
 
+def rank_job(tmp_path_factory):
+    """This module's part of the shared 4-rank run (see tests.engine.test_train_engine.shared_4rank_run)."""
+    return dp_body, (), None
+
+
 @pytest.fixture(scope="module")
-def results():
-    return run_ranks(4, dp_body, init=True)
+def results(request, tmp_path_factory):
+    return shared_4rank_run(request, tmp_path_factory, __name__)[1]
 
 
 @pytest.mark.parametrize("dp", [2, 4])

@@ -5,6 +5,7 @@ bf16. Each step has 3 micro-batches (1 in the last step, so the hooks arm at onc
 parameter that gets no gradient in the last micro-batch (its bucket must still be reduced, by ``finish``)
 and one deferred parameter whose accumulated gradient is changed between backward and ``finish`` (as
 the engine sums a tied embedding's two copies), which a bucket launched too early would miss.
+(The 4 processes also run other modules' bodies: see tests.engine.test_train_engine.shared_4rank_run.)
 """
 import pytest
 import torch
@@ -17,7 +18,7 @@ from hfrl.distributed.grad_overlap import overlapped_allreduce, overlapped_zero_
 from hfrl.engine.optim import MixedPrecisionAdamW, param_groups
 from hfrl.models.config import ModelConfig
 from hfrl.models.llama import CausalLM
-from tests.multiproc import run_ranks
+from tests.engine.test_train_engine import shared_4rank_run
 
 VOCAB, BATCH, SEQ, LR, WD, EPS = 64, 12, 10, 1e-2, 0.1, 1e-4
 MICRO_BATCHES = [3, 1]  # per step
@@ -114,9 +115,14 @@ def overlap_body(rank, world_size):
     return results
 
 
+def rank_job(tmp_path_factory):
+    """This module's part of the shared 4-rank run (see tests.engine.test_train_engine.shared_4rank_run)."""
+    return overlap_body, (), None
+
+
 @pytest.fixture(scope="module")
-def results():
-    return run_ranks(4, overlap_body, init=True)
+def results(request, tmp_path_factory):
+    return shared_4rank_run(request, tmp_path_factory, __name__)[1]
 
 
 CASES = [(dp, kind, str(dtype)) for dp in (2, 4) for kind in ("zero0", "zero1")

@@ -1,8 +1,8 @@
 """Checkpoints of the TrainEngine on real gloo processes: HF export and resumable training state.
 
-One 4-process run: a (pp=2, tp=2) engine exports a merged HF checkpoint for transformers; a
-(tp=2, dp=2) ZeRO-1 engine takes a step, saves its training state, and takes a second step (the
-uninterrupted run); fresh engines then resume from the checkpoint under the same layout and under
+One 4-process run (its processes shared with other modules: see test_train_engine.shared_4rank_run):
+a (pp=2, tp=2) engine exports a merged HF checkpoint for transformers; a (tp=2, dp=2) ZeRO-1 engine
+takes a step, saves its training state, and takes a second step (the uninterrupted run); fresh engines then resume from the checkpoint under the same layout and under
 (pp=2, tp=1, dp=2) with plain DP, and take the same second step. The LR warms up over 2 steps,
 so a resumed step is right only if the schedule's position was restored too. The parent checks
 the HF export against the original transformers model, loads the training state into a single
@@ -19,8 +19,8 @@ import torch
 from hfrl.distributed.parallel_dims import GroupCache, ParallelDims, build_groups
 from hfrl.engine.checkpoint import load_checkpoint, save_checkpoint, save_hf
 from hfrl.engine.train_engine import TrainEngine
-from tests.engine.test_train_engine import VOCAB, dp_share, engine_config, global_batch, policy_loss
-from tests.multiproc import run_ranks
+from tests.engine.test_train_engine import (VOCAB, dp_share, engine_config, global_batch, policy_loss,
+                                            shared_4rank_run)
 
 TOL = 1e-5
 WARMUP = dict(warmup_steps=2)  # step 1 at lr/2, step 2 at lr
@@ -74,8 +74,8 @@ def checkpoint_body(rank, world_size, path, out):
     return results
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def rank_job(tmp_path_factory):
+    """This module's part of the shared 4-rank run (see tests.engine.test_train_engine.shared_4rank_run)."""
     # Imported here, not at the top: the spawned ranks import this module, and need no transformers models.
     from tests.models._hf import build_hf
 
@@ -83,8 +83,13 @@ def run(tmp_path_factory):
     hf_model = build_hf("llama_gqa_tied", vocab_size=VOCAB, num_hidden_layers=4)
     hf_model.save_pretrained(path)
     out = tmp_path_factory.mktemp("out")
-    results = run_ranks(4, checkpoint_body, str(path), str(out), init=True)
-    return results, hf_model, str(path), out
+    return checkpoint_body, (str(path), str(out)), (hf_model, str(path), out)
+
+
+@pytest.fixture(scope="module")
+def run(request, tmp_path_factory):
+    (hf_model, path, out), results = shared_4rank_run(request, tmp_path_factory, __name__)
+    return results, hf_model, path, out
 
 
 def test_save_hf_loads_in_transformers_with_identical_logits(run):

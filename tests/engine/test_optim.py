@@ -2,6 +2,7 @@
 
 Multi-rank checks run in one 4-process gloo run laid out as pp=2 x tp=2 (rank = pp * 2 + tp):
 TP groups {0,1} {2,3}, PP groups {0,2} {1,3}; the same 4 ranks also serve as one dp=4 group.
+(The 4 processes also run other modules' bodies: see tests.engine.test_train_engine.shared_4rank_run.)
 """
 import math
 
@@ -16,7 +17,7 @@ from hfrl.engine.optim import (MixedPrecisionAdamW, OptimConfig, build_optimizer
                                clip_optimizer_grads, lr_multiplier, param_groups, should_skip_step)
 from hfrl.models.config import ModelConfig
 from hfrl.models.llama import CausalLM
-from tests.multiproc import run_ranks
+from tests.engine.test_train_engine import shared_4rank_run
 
 VOCAB = 64
 
@@ -340,9 +341,14 @@ def optim_body(rank, world_size):
             "nonfinite": _nonfinite(rank, tp_group, pp_group)}
 
 
+def rank_job(tmp_path_factory):
+    """This module's part of the shared 4-rank run (see tests.engine.test_train_engine.shared_4rank_run)."""
+    return optim_body, (), None
+
+
 @pytest.fixture(scope="module")
-def results():
-    return run_ranks(4, optim_body, init=True)
+def results(request, tmp_path_factory):
+    return shared_4rank_run(request, tmp_path_factory, __name__)[1]
 
 
 @pytest.mark.parametrize("max_norm", [1.0, 1e6, 0.0])

@@ -2,15 +2,18 @@
 
 The parent saves tiny HF checkpoints (a tied Llama with vocab 101, padded to 102 at tp=2, and a
 Llama critic), runs the reference step (hfrl model loaded from HF, plain torch AdamW, torch's
-clip_grad_norm_, the whole batch in one piece) and hands the results to one 4-process run. Each
-rank then trains every layout below for one step on its DP share of the same batch (DP ranks hold
-different token counts) and reports differences; the tests assert on them. Adam's eps is 1e-4:
+clip_grad_norm_, the whole batch in one piece) and hands the results to one 4-process run (whose
+processes also run other modules' bodies: see shared_4rank_run). Each rank then trains every layout
+below for one step on its DP share of the same batch (DP ranks hold different token counts) and
+reports differences; the tests assert on them. Adam's eps is 1e-4:
 with 1e-8 Adam turns 1e-9 gradient rounding into visible weight differences (see test_optim).
 
 Error cases covered elsewhere (not repeated here): shape mismatch and missing shard file when
 loading (tests/models/test_weights.py), tp not dividing the heads (tests/models/test_parallelize.py),
 unsupported architectures (tests/models/test_config.py). Here: the same errors through the engine.
 """
+import importlib
+import io
 import json
 import logging
 
@@ -217,14 +220,57 @@ def engine_body(rank, world_size, paths, refs):
         states[name] = state
     results["bf16==bf16_overlap"] = _max_diff(states["bf16_overlap"], states["bf16"])
     results["log"] = capture.messages
+    logging.getLogger("hfrl.distributed.tensor_parallel").removeHandler(capture)
     return results
 
 
 # ---- tests ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+# ---- one 4-rank run for several modules ----------------------------------------------------------------
+# Starting 4 ranks (imports, process group) and ending them costs seconds per run. These modules' 4-rank
+# bodies run one after another in one set of processes, each body starting from the default RNG state of a
+# fresh process; only modules with selected tests take part. Each module's ``rank_job(tmp_path_factory)``
+# prepares in the parent and returns (body, body args, parent data); ``shared_4rank_run`` gives the
+# module back (parent data, [body result per rank]). Other process-wide state does carry over: this
+# module's body goes first, as test_padded_vocab_is_announced needs the once-per-process padding warning.
+SHARED_4RANK_MODULES = (__name__, "tests.engine.test_checkpoint", "tests.distributed.test_data_parallel",
+                        "tests.distributed.test_grad_overlap", "tests.engine.test_optim")
+_shared_4rank: dict = {}
+
+
+def run_bodies(rank, world_size, jobs):
+    """Each (body, args) in turn; each result serialised as soon as its body returns."""
+    fresh_seed = torch.initial_seed()
+    out = []
+    for body, args in jobs:
+        torch.manual_seed(fresh_seed)
+        buffer = io.BytesIO()
+        torch.save(body(rank, world_size, *args), buffer)
+        out.append(buffer.getvalue())
+    return out
+
+
+def shared_4rank_run(request, tmp_path_factory, module: str):
+    if module not in _shared_4rank:
+        selected = {item.module.__name__ for item in request.session.items if hasattr(item, "module")}
+        names = [n for n in SHARED_4RANK_MODULES if (n in selected or n == module) and n not in _shared_4rank]
+        jobs = [importlib.import_module(n).rank_job(tmp_path_factory) for n in names]
+        try:
+            per_rank = run_ranks(4, run_bodies, [(body, args) for body, args, _ in jobs], init=True,
+                                 timeout=min(180 * len(jobs), 600))
+        except Exception as err:  # every module of the run gets the failure; none runs it again
+            _shared_4rank.update((n, err) for n in names)
+        else:
+            for i, (n, (_, _, parent)) in enumerate(zip(names, jobs)):
+                _shared_4rank[n] = (parent, [torch.load(io.BytesIO(r[i]), weights_only=False) for r in per_rank])
+    result = _shared_4rank[module]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def rank_job(tmp_path_factory):
     # Imported here, not at the top: the spawned ranks import this module (and test_checkpoint's), and
     # need no transformers model classes.
     from transformers import LlamaForSequenceClassification
@@ -238,7 +284,13 @@ def run(tmp_path_factory):
              pad_token_id=0).save_pretrained(critic_path)
     paths = {False: str(policy_path), True: str(critic_path)}
     refs = {value_head: reference_step(path, value_head, global_batch()) for value_head, path in paths.items()}
-    return run_ranks(4, engine_body, paths, refs, init=True), refs, paths
+    return engine_body, (paths, refs), (refs, paths)
+
+
+@pytest.fixture(scope="module")
+def run(request, tmp_path_factory):
+    (refs, paths), results = shared_4rank_run(request, tmp_path_factory, __name__)
+    return results, refs, paths
 
 
 def test_bf16_step_keeps_tied_copies_equal_and_tracks_fp32(run):
