@@ -1,6 +1,7 @@
 """Pipeline parallelism against the single-process model, on real gloo processes.
 
-One set of 4 processes runs every multi-rank check (start-up dominates the cost): first a pipeline
+One set of 4 processes runs every multi-rank check (start-up dominates the cost; the processes also
+run other modules' bodies: see tests.engine.test_train_engine.shared_4rank_run): first a pipeline
 of 4 stages, then two pipelines of 2 stages (pp=2 x dp=2, stages on global ranks 0-2 and 1-3).
 Each rank loads its stage from a HF checkpoint with ``from_pretrained(..., layer_range=...)`` and
 the full model from the same checkpoint, and reports max abs differences; the tests assert on them.
@@ -19,6 +20,7 @@ from hfrl.distributed.pipeline_parallel import (MODEL_INPUT_KEYS, PipelineSchedu
 from hfrl.models import weights
 from hfrl.models.config import ModelConfig
 from hfrl.models.llama import CausalLM
+from tests.engine.test_train_engine import shared_4rank_run
 from tests.multiproc import run_ranks
 
 TOL = 1e-5
@@ -247,15 +249,30 @@ def pipeline_body(rank, world_size, path: str, tied_path: str) -> dict:
     return report
 
 
+_checkpoints: list[str] = []
+
+
+def make_checkpoints(tmp_path_factory) -> tuple[str, str]:
+    """(untied, tied) checkpoint folders, made once: the shared 4-rank run may need them first."""
+    if not _checkpoints:
+        _checkpoints.extend((save_checkpoint(tmp_path_factory.mktemp("untied"), tie=False),
+                             save_checkpoint(tmp_path_factory.mktemp("tied"), tie=True)))
+    return tuple(_checkpoints)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    return (save_checkpoint(tmp_path_factory.mktemp("untied"), tie=False),
-            save_checkpoint(tmp_path_factory.mktemp("tied"), tie=True))
+    return make_checkpoints(tmp_path_factory)
+
+
+def rank_job(tmp_path_factory):
+    """This module's part of the shared 4-rank run (see tests.engine.test_train_engine.shared_4rank_run)."""
+    return pipeline_body, make_checkpoints(tmp_path_factory), None
 
 
 @pytest.fixture(scope="module")
-def report(checkpoints):
-    return run_ranks(4, pipeline_body, *checkpoints, init=True)
+def report(request, tmp_path_factory):
+    return shared_4rank_run(request, tmp_path_factory, __name__)[1]
 
 
 def last_stages(report, layout):

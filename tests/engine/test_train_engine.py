@@ -235,7 +235,8 @@ def engine_body(rank, world_size, paths, refs):
 # module back (parent data, [body result per rank]). Other process-wide state does carry over: this
 # module's body goes first, as test_padded_vocab_is_announced needs the once-per-process padding warning.
 SHARED_4RANK_MODULES = (__name__, "tests.engine.test_checkpoint", "tests.distributed.test_data_parallel",
-                        "tests.distributed.test_grad_overlap", "tests.engine.test_optim")
+                        "tests.distributed.test_grad_overlap", "tests.engine.test_optim",
+                        "tests.distributed.test_pipeline_parallel", "tests.models.test_parallelize")
 _shared_4rank: dict = {}
 
 

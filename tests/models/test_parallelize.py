@@ -1,7 +1,8 @@
 """Tensor-parallel hfrl models on real gloo processes against transformers and the single-process model.
 
 One 4-process run covers tp = 1 (singleton groups and group=None), 2 ([0 1] [2 3]) and 4 (the world;
-with 2 kv heads this replicates each kv head on 2 ranks). The parent builds the transformers models,
+with 2 kv heads this replicates each kv head on 2 ranks); its processes also run other modules' bodies
+(see tests.engine.test_train_engine.shared_4rank_run). The parent builds the transformers models,
 saves them, and computes the reference outputs; the ranks load with ``tp_from_pretrained`` and
 return their differences (and saved checkpoints) for the parent to assert.
 """
@@ -18,7 +19,7 @@ from hfrl.models.llama import CausalLM
 from hfrl.models.parallelize import (
     check_tp, gather_full_state_dict, parallelize_model, save_tp_pretrained, tp_from_pretrained,
 )
-from tests.multiproc import run_ranks
+from tests.engine.test_train_engine import shared_4rank_run
 
 TOL = 1e-5
 T = 12
@@ -196,8 +197,8 @@ def model_body(rank, world_size, cases, value_case, out_dir):
 # ---- parent side -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def rank_job(tmp_path_factory):
+    """This module's part of the shared 4-rank run (see tests.engine.test_train_engine.shared_4rank_run)."""
     from transformers import LlamaForSequenceClassification
 
     cases, refs = {}, {}
@@ -216,7 +217,12 @@ def run(tmp_path_factory):
         hidden = critic.model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
         ref_values = critic.score(hidden.last_hidden_state).squeeze(-1)
     out_dir = tmp_path_factory.mktemp("saved")
-    results = run_ranks(4, model_body, cases, (str(value_path), ref_values), str(out_dir), init=True)
+    return model_body, (cases, (str(value_path), ref_values), str(out_dir)), (refs, cases, out_dir)
+
+
+@pytest.fixture(scope="module")
+def run(request, tmp_path_factory):
+    (refs, cases, out_dir), results = shared_4rank_run(request, tmp_path_factory, __name__)
     return results, refs, cases, out_dir
 
 
