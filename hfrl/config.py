@@ -384,7 +384,9 @@ class Config:
                 self.engine_for(role).validate(f"roles.{role}.engine", require_model_path=False)
         for section in (self.data, self.rollout, self.hybrid, self.algorithm, self.trainer):
             section.validate()
-        needs = {"hybridflow": "hybridflow", "hybridflow_v": "vanilla"}.get(self.hybrid.mode or "")
+        from hfrl.hybrid_engine.accounting import MODE_GROUPING
+
+        needs = MODE_GROUPING.get(self.hybrid.mode or "")
         if needs is not None and self.roles.actor.grouping != needs:
             raise ValueError(f"hybrid.mode={self.hybrid.mode!r} generates with the {needs!r} grouping but "
                              f"roles.actor.grouping={self.roles.actor.grouping!r}; set roles.actor.grouping="

@@ -24,6 +24,13 @@ from fractions import Fraction
 from hfrl.distributed.parallel_dims import ParallelDims
 
 MODES = ("hybridflow", "hybridflow_v", "ds_chat")
+MODE_GROUPING = {"hybridflow": "hybridflow", "hybridflow_v": "vanilla"}
+"""The generation grouping each mode needs (ds_chat works with either)."""
+
+
+def default_mode(grouping: str) -> str:
+    """The mode a role's grouping implies: hybridflow, or hybridflow_v for the vanilla grouping."""
+    return "hybridflow_v" if grouping == "vanilla" else "hybridflow"
 
 
 @dataclass(frozen=True)

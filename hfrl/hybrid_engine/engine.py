@@ -45,17 +45,14 @@ from torch import nn
 
 from hfrl.distributed.data_parallel import all_gather_flat
 from hfrl.distributed.parallel_dims import Coord, RoleGroups
-from hfrl.distributed.pipeline_parallel import partition_layers
 from hfrl.hybrid_engine import plan
-from hfrl.hybrid_engine.accounting import MODES
+from hfrl.hybrid_engine.accounting import MODE_GROUPING, MODES, default_mode
 from hfrl.hybrid_engine.layers import (
     PieceColumnLinear, PieceEmbedding, PieceLMHead, PieceRowLinear, _PieceModule,
 )
 from hfrl.models.llama import Attention, CausalLM
 from hfrl.models.parallelize import TP_PLAN, _style_for, check_tp, parallelize_model
 
-GROUPING = {"hybridflow": "hybridflow", "hybridflow_v": "vanilla"}
-"""The generation grouping each mode needs (ds_chat works with either)."""
 
 
 @dataclass
@@ -78,8 +75,8 @@ class Transition:
 @dataclass
 class _Bucket:
     specs: list[int]
-    layouts: list[list[tuple[int, int, int]]]
-    """Per micro-DP member: (spec index, piece, element offset) of each tensor it sends, in order."""
+    layouts: list[list[tuple[int, int, tuple[int, ...]]]]
+    """Per micro-DP member: (spec index, element offset, shape) of each tensor it sends, in order."""
     size: int
     """Elements of every member's send buffer (the largest contribution)."""
     real: list[int] = field(default_factory=list)
@@ -134,7 +131,7 @@ class HybridEngine:
                                  "match the engine's training layout and pool; pass groups built for the same pool "
                                  "and (pp, tp, dp)")
         dims, config = (rg.dims if rg is not None else engine.dims), engine.model_config
-        need = GROUPING.get(mode)
+        need = MODE_GROUPING.get(mode)
         if need is not None and dims.grouping != need:
             raise ValueError(f"mode={mode!r} needs the {need!r} generation grouping but the role's layout has "
                              f"grouping={dims.grouping!r}; set the role's grouping to {need!r} or pick another mode")
@@ -155,7 +152,6 @@ class HybridEngine:
         self.element_size = first.element_size()
         self.specs = plan.generation_specs(config, dims, self.coord.gen_pp)
         self.layer_range = plan.generation_range(config, dims, self.coord.gen_pp)
-        self.stages = partition_layers(config.num_layers, dims.pp)
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.active = False
         self.last = Transition()
@@ -178,7 +174,7 @@ class HybridEngine:
     def from_config(cls, engine, hybrid_cfg) -> "HybridEngine":
         """From ``hfrl.config.HybridConfig`` (the ``hybrid:`` section of a job's YAML); mode null follows
         the role's grouping (hybridflow, or hybridflow_v for vanilla)."""
-        mode = hybrid_cfg.mode or ("hybridflow_v" if engine.dims.grouping == "vanilla" else "hybridflow")
+        mode = hybrid_cfg.mode or default_mode(engine.dims.grouping)
         return cls(engine, mode=mode, bucket_mb=hybrid_cfg.bucket_mb, offload_optimizer=hybrid_cfg.offload_optimizer)
 
     # ---- public API -------------------------------------------------------------------------------
@@ -369,10 +365,10 @@ class HybridEngine:
                     # a replicated tensor comes from one rank of its stage, and only if another stage needs it
                     if gs.stage != stage or (not gs.sharded and (u != 0 or sp == 1)):
                         continue
-                    layout.append((i, u, offset))
+                    shape = plan.shard_shape(gs.spec, dims.tp // dims.tg * self.coord.gen_tp + u, dims.tp)
+                    layout.append((i, offset, shape))
                     self._where[(i, u)] = (k, j, offset)
-                    offset += plan.numel(plan.shard_shape(gs.spec, dims.tp // dims.tg * self.coord.gen_tp + u,
-                                                          dims.tp))
+                    offset += plan.numel(shape)
                 layouts.append(layout)
                 real.append(offset)
             self.buckets.append(_Bucket(members, layouts, max(real), real))
@@ -405,8 +401,8 @@ class HybridEngine:
             self._received.append(recv)
             start = 0
             for j in others:
-                for i, u, offset in bucket.layouts[j]:
-                    shape = plan.shard_shape(self.specs[i].spec, st * self.coord.gen_tp + u, dims.tp)
+                u = j % st
+                for i, offset, shape in bucket.layouts[j]:
                     views[(i, u)] = recv[start + offset:start + offset + plan.numel(shape)].view(shape)
                 start += bucket.real[j]
             self.last.received += sum(bucket.real[j] for j in others) * self.element_size

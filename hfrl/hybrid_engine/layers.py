@@ -77,8 +77,8 @@ class PieceColumnLinear(_PieceModule):
             bounds.append((start, start + rows))
             start += rows
         self.bounds = bounds
-        num = max((max(t) for t in self.take if t), default=-1) + 1
-        self._plain = len(self.parts) == 1 and self.take == [list(range(num))]
+        # one part taken from every piece in order: the pieces' outputs side by side
+        self._plain = len(self.parts) == 1 and self.take[0] == list(range(len(self.take[0])))
 
     @property
     def local_out_features(self) -> int:
@@ -89,7 +89,7 @@ class PieceColumnLinear(_PieceModule):
         if len(self.weights) == 1 and all(t == [0] for t in self.take):
             return F.linear(x, self.weights[0], biases[0])
         ys = [F.linear(x, w, b) for w, b in zip(self.weights, biases)]
-        if self._plain:
+        if self._plain and len(ys) == len(self.take[0]):
             return torch.cat(ys, dim=-1)
         return torch.cat([ys[u][..., lo:hi] for (lo, hi), take in zip(self.bounds, self.take) for u in take], dim=-1)
 
