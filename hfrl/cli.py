@@ -1,5 +1,6 @@
-"""Command line: `hfrl layout`, `hfrl config`. Every command works under any launcher.
+"""Command line: `hfrl train`, `hfrl layout`, `hfrl config`. Every command works under any launcher.
 
+    hfrl train [CONFIG.yaml] [section.key=value ...] [--resume | --no-resume]
     hfrl layout [CONFIG.yaml] [section.key=value ...] [--world-size N] [--json]
     hfrl config [CONFIG.yaml] [section.key=value ...] [--describe]
 
@@ -66,6 +67,39 @@ def cmd_layout(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(ns: argparse.Namespace) -> int:
+    """Train: the config file (or the built-in default job) with overrides, on every launched rank."""
+    from hfrl.trainers.job import default_config
+
+    path, overrides = _split_config_args(ns.args)
+    if ns.resume is not None:
+        overrides.append(f"trainer.resume={str(ns.resume).lower()}")
+    config = default_config(overrides) if path is None else load_config(path, overrides, training=True)
+    from hfrl.trainers import train
+
+    summary = train(config)
+    if summary is not None:
+        print(_summary_text(summary, config), flush=True)
+    return 0
+
+
+def _summary_text(summary: dict, config) -> str:
+    lines = [f"hfrl train: {config.algorithm.name} finished at step {config.trainer.total_steps} "
+             f"in {config.trainer.run_dir}"]
+    first, last = summary.get("first") or {}, summary.get("last") or {}
+    for key, name in (("critic/score/mean", "reward"), ("actor/reward_kl_penalty/mean", "kl")):
+        if key in first and key in last:
+            lines.append(f"  {name}: first step {first[key]:.4f} -> last step {last[key]:.4f}")
+    before, after = summary.get("val_before") or {}, last
+    if "val/score/mean" in before and "val/score/mean" in after:
+        lines.append(f"  validation reward (greedy): {before['val/score/mean']:.4f} before -> "
+                     f"{after['val/score/mean']:.4f} after")
+    for key in ("checkpoint", "export", "plot"):
+        if summary.get(key):
+            lines.append(f"  {key}: {summary[key]}")
+    return "\n".join(lines)
+
+
 def cmd_config(ns: argparse.Namespace) -> int:
     if ns.describe:
         print("\n".join(describe(Config)))
@@ -92,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list every group of every axis (default: the first 16 per axis; "
                              "--json always has all)")
     layout.set_defaults(func=cmd_layout)
+
+    train = sub.add_parser("train", help="run an RL job (no config: PPO on the built-in task, the "
+                                         "default job)")
+    _add_config_args(train)
+    train.add_argument("--resume", dest="resume", action="store_true", default=None,
+                       help="continue from the newest checkpoint in trainer.run_dir (the default)")
+    train.add_argument("--no-resume", dest="resume", action="store_false",
+                       help="start over even if trainer.run_dir holds checkpoints")
+    train.set_defaults(func=cmd_train)
 
     config = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(config)

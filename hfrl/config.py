@@ -38,7 +38,13 @@ from hfrl.engine.train_engine import EngineConfig
 BACKENDS = ("auto", "gloo", "nccl")
 MAX_TIMEOUT_S = 365 * 24 * 3600.0
 VALUE_ROLES = ("critic", "reward", "cost")
-ALGORITHMS = ("ppo", "grpo", "remax", "safe_rlhf")
+ALGORITHMS = ("ppo", "grpo", "rloo", "remax", "reinforce_plus_plus", "reinforce_plus_plus_baseline",
+              "safe_rlhf")
+CRITIC_ALGORITHMS = ("ppo", "safe_rlhf")
+GROUP_ALGORITHMS = ("grpo", "rloo", "reinforce_plus_plus_baseline")
+"""Algorithms whose advantages compare the responses of one prompt: they need rollout.n >= 2."""
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+KL_CONTROLLERS = ("fixed", "adaptive")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 TRUNCATIONS = ("error", "left", "right")
 
@@ -158,6 +164,14 @@ class DataConfig:
     """Prompts per training step (each gets rollout.n responses)."""
     shuffle: bool = True
     """Shuffle the prompts every epoch (seeded by trainer.seed)."""
+    reward_fn: str | None = None
+    """Rule reward 'module:function' (or 'file.py:function') called as fn(prompt, response,
+    ground_truth) -> float on the ranks holding the rows; null: the built-in task's verifier, or
+    the reward model when roles.reward is enabled."""
+    task_train_size: int = 4096
+    """Prompts generated for training by a built-in task."""
+    val_size: int = 64
+    """Held-out prompts of a built-in task evaluated every trainer.eval_every steps (greedy)."""
 
     def validate(self) -> None:
         if self.train_files and self.task is not None:
@@ -169,6 +183,11 @@ class DataConfig:
         _choice("data.truncation", self.truncation, TRUNCATIONS)
         _check(self.train_batch_size >= 1, "data.train_batch_size", self.train_batch_size,
                "must be a positive number of prompts")
+        _check(self.reward_fn is None or ":" in self.reward_fn, "data.reward_fn", self.reward_fn,
+               "must be 'module:function' or 'path/to/file.py:function'")
+        for key in ("task_train_size", "val_size"):
+            _check(getattr(self, key) >= 1, f"data.{key}", getattr(self, key),
+                   "must be a positive number of prompts")
 
 
 @dataclass
@@ -251,7 +270,8 @@ class HybridConfig:
 @dataclass
 class AlgorithmConfig:
     name: str = "ppo"
-    """The trainer: 'ppo', 'grpo', 'remax' or 'safe_rlhf'."""
+    """The trainer: 'ppo', 'grpo', 'rloo', 'remax', 'reinforce_plus_plus',
+    'reinforce_plus_plus_baseline' or 'safe_rlhf'."""
     gamma: float = 1.0
     """Discount factor of the advantage estimate, in [0, 1]."""
     lam: float = 1.0
@@ -263,6 +283,18 @@ class AlgorithmConfig:
     variance)."""
     kl_in_reward: bool = True
     """Subtract the KL from the reward (PPO, ReMax); false adds it to the loss (GRPO's way)."""
+    kl_ctrl: str = "fixed"
+    """KL coefficient controller: 'fixed' or 'adaptive' (Ziegler et al.: steers the KL to
+    kl_target over kl_horizon samples)."""
+    kl_target: float = 0.1
+    """Target KL per sequence of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (samples) of the adaptive controller."""
+    loss_agg_mode: str = "token-mean"
+    """How a loss over tokens is averaged: 'token-mean', 'seq-mean-token-sum' or
+    'seq-mean-token-mean'."""
+    dual_clip_c: float | None = 3.0
+    """Dual-clip bound (> 1) on the loss of negative-advantage tokens; null disables it."""
     clip_ratio_low: float = 0.2
     """Policy ratio clipped below at 1 - clip_ratio_low, in (0, 1)."""
     clip_ratio_high: float = 0.2
@@ -289,6 +321,13 @@ class AlgorithmConfig:
     def validate(self) -> None:
         _choice("algorithm.name", self.name, ALGORITHMS)
         _choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("algorithm.kl_ctrl", self.kl_ctrl, KL_CONTROLLERS)
+        _choice("algorithm.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        _check(self.dual_clip_c is None or 1 < self.dual_clip_c < math.inf, "algorithm.dual_clip_c",
+               self.dual_clip_c, "must be null (off) or a finite number > 1")
+        _check(0 < self.kl_target < math.inf, "algorithm.kl_target", self.kl_target,
+               "must be a positive finite number")
+        _check(self.kl_horizon >= 1, "algorithm.kl_horizon", self.kl_horizon, "must be >= 1")
         for key, lo, hi, closed in (("gamma", 0, 1, True), ("lam", 0, 1, True),
                                     ("clip_ratio_low", 0, 1, False)):
             value = getattr(self, key)
@@ -326,6 +365,12 @@ class TrainerConfig:
     """Seed of data order, sampling and any random init, in [0, 2^63)."""
     resume: bool = True
     """Continue from the newest checkpoint in run_dir if there is one."""
+    export_hf: bool = True
+    """At the end, write the actor as a merged HF checkpoint (and its tokenizer) to run_dir/actor_hf."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0 (reward, KL, throughput)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept in run_dir/checkpoints; older ones are deleted (0 keeps all)."""
 
     def validate(self) -> None:
         _check(self.total_steps >= 1, "trainer.total_steps", self.total_steps,
@@ -336,6 +381,40 @@ class TrainerConfig:
         _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
         _check(bool(self.run_dir), "trainer.run_dir", self.run_dir, "must not be empty")
         _check(0 <= self.seed < 2 ** 63, "trainer.seed", self.seed, "must be in [0, 2^63)")
+        _check(self.keep_checkpoints >= 0, "trainer.keep_checkpoints", self.keep_checkpoints,
+               "must be >= 0 (0 keeps all)")
+
+
+@dataclass
+class InitModelConfig:
+    """The fresh model a run starts from when engine.model_path is empty and data.task is set: a
+    Llama of this shape with the task tokenizer's vocabulary, random weights (seeded), written to
+    run_dir/init_model and used by every role."""
+
+    hidden_size: int = 64
+    """Width of the model."""
+    num_layers: int = 2
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (GQA); must divide num_heads."""
+    intermediate_size: int = 256
+    """MLP width."""
+    max_position_embeddings: int = 64
+    """Longest sequence (prompt + response) in tokens."""
+    seed: int = 0
+    """Seed of the random weights."""
+
+    def validate(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                    "max_position_embeddings"):
+            _check(getattr(self, key) >= 1, f"init_model.{key}", getattr(self, key),
+                   "must be a positive integer")
+        _check(self.hidden_size % self.num_heads == 0, "init_model.hidden_size", self.hidden_size,
+               f"must be a multiple of init_model.num_heads={self.num_heads}")
+        _check(self.num_heads % self.num_kv_heads == 0, "init_model.num_kv_heads", self.num_kv_heads,
+               f"must divide init_model.num_heads={self.num_heads}")
 
 
 @dataclass
@@ -359,6 +438,8 @@ class Config:
     """The RL algorithm and its coefficients."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Length of the run, checkpoints, evaluation, run directory, seed."""
+    init_model: InitModelConfig = field(default_factory=InitModelConfig)
+    """Shape of the fresh model used when engine.model_path is empty and data.task is set."""
 
     def engine_for(self, role: str) -> EngineConfig:
         """The role's engine: `engine`, then value_head=true for critic/reward/cost, then
@@ -382,7 +463,8 @@ class Config:
             getattr(self.roles, role).validate(f"roles.{role}")
             if getattr(self.roles, role).engine:
                 self.engine_for(role).validate(f"roles.{role}.engine", require_model_path=False)
-        for section in (self.data, self.rollout, self.hybrid, self.algorithm, self.trainer):
+        for section in (self.data, self.rollout, self.hybrid, self.algorithm, self.trainer,
+                        self.init_model):
             section.validate()
         from hfrl.hybrid_engine.accounting import MODE_GROUPING
 
@@ -401,24 +483,45 @@ class Config:
     def _validate_training(self) -> None:
         enabled = [r for r in ROLE_NAMES if getattr(self.roles, r).enabled]
         name = self.algorithm.name
-        needs = {"ppo": ("critic",), "safe_rlhf": ("critic", "cost")}.get(name, ())
+        needs = {"ppo": ("critic",), "safe_rlhf": ("critic", "reward", "cost")}.get(name, ())
         for role in needs:
             if role not in enabled:
                 raise ValueError(f"algorithm.name={name!r} needs a {role}: set "
                                  f"roles.{role}.enabled=true")
-        if name in ("grpo", "remax") and "critic" in enabled:
+        if name not in CRITIC_ALGORITHMS and "critic" in enabled:
             raise ValueError(f"algorithm.name={name!r} trains without a critic: set "
                              "roles.critic.enabled=false")
-        if name == "grpo" and self.rollout.n < 2:
-            raise ValueError(f"rollout.n={self.rollout.n}: algorithm.name='grpo' compares the "
+        if name in GROUP_ALGORITHMS and self.rollout.n < 2:
+            raise ValueError(f"rollout.n={self.rollout.n}: algorithm.name={name!r} compares the "
                              "responses to each prompt, it needs rollout.n >= 2")
-        missing = [r for r in enabled if not self.engine_for(r).model_path]
+        if "cost" in enabled and name != "safe_rlhf":
+            raise ValueError(f"roles.cost is enabled but algorithm.name={name!r} does not use a cost "
+                             "model: set roles.cost.enabled=false or algorithm.name=safe_rlhf")
+        if self.algorithm.kl_coef > 0 and "ref" not in enabled:
+            raise ValueError(f"algorithm.kl_coef={self.algorithm.kl_coef} needs the reference policy: "
+                             "set roles.ref.enabled=true, or algorithm.kl_coef=0")
+        has_rm = "reward" in enabled
+        if not has_rm and self.data.reward_fn is None and self.data.task is None:
+            raise ValueError("no reward: enable roles.reward (a reward model), set data.reward_fn "
+                             "('module:function') or use a built-in data.task")
+        if has_rm and self.data.reward_fn is not None:
+            raise ValueError(f"roles.reward is enabled and data.reward_fn={self.data.reward_fn!r} is "
+                             "set: give one source of rewards (roles.reward.enabled=false for rules)")
+        fresh = self.data.task is not None   # an empty model_path means init_model's fresh model
+        for role in ("reward", "cost"):
+            if role in enabled and fresh and not self.engine_for(role).model_path:
+                raise ValueError(f"roles.{role} is enabled but has no model: a fresh random {role} "
+                                 f"model scores nothing; set roles.{role}.engine.model_path, or "
+                                 f"roles.{role}.enabled=false to use the task's rule reward")
+        missing = [r for r in enabled if not self.engine_for(r).model_path and not fresh]
         if missing:
             raise ValueError(f"engine.model_path is empty but roles {', '.join(missing)} need a "
                              "model: set engine.model_path (and roles.<role>.engine.model_path "
                              "for a role with its own model)")
         for role in enabled:
             path = self.engine_for(role).model_path
+            if not path:
+                continue
             key = (f"roles.{role}.engine.model_path" if "model_path" in
                    getattr(self.roles, role).engine else "engine.model_path")
             _check((Path(path) / "config.json").is_file(), key, path,

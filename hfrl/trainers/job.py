@@ -1,0 +1,98 @@
+"""The job around a trainer: the built-in default job, and the checks every rank runs before
+`hfrl.run` (a bad job fails on every rank the same way, before the first collective)."""
+from __future__ import annotations
+
+import math
+
+DEFAULT_JOB = """\
+# hfrl train with no config: PPO on the built-in max_digit task ("max(3,7,2,5)=" -> "7"), a fresh
+# 2-layer Llama with the task's own tokenizer, every role colocated on 2 local ranks.
+data:
+  task: max_digit
+  train_batch_size: 64
+  max_prompt_length: 32
+  val_size: 128
+rollout:
+  max_new_tokens: 4
+  temperature: 1.0
+  n: 1
+  kv_cache_bytes: 16777216
+engine:
+  optim: {lr: 2.0e-3, weight_decay: 0.0, grad_clip: 1.0}
+roles:
+  reward: {enabled: false}
+  critic: {engine: {optim: {lr: 2.0e-3, weight_decay: 0.0}}}
+algorithm:
+  name: ppo
+  kl_coef: 0.001
+  mini_batch_size: 32
+  ppo_epochs: 1
+trainer:
+  total_steps: 60
+  eval_every: 10
+  save_every: 20
+  run_dir: runs/default
+"""
+
+
+def default_config(overrides=()):
+    """The built-in job's Config, with `section.key=value` overrides applied."""
+    import yaml
+
+    from hfrl.config import Config, from_dict, load_config, parse_override, _set_path
+
+    data = yaml.safe_load(DEFAULT_JOB)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_path(data, keys, value)
+    config = from_dict(Config, data)
+    config.validate(training=True)
+    return config
+
+
+def check_job(config, world_size: int | None = None) -> None:
+    """What a training run needs beyond the config's own checks: rows that divide evenly over each
+    trainable role's data-parallel ranks and mini-batches, whole prompt groups per rank for group
+    estimators, and prompts + responses that fit the model's context. Pure; ValueError otherwise."""
+    from hfrl.config import GROUP_ALGORITHMS, resolve_for_run
+    from hfrl.distributed.resource_pool import plan_for_config
+
+    config.validate(training=True)
+    if world_size is None:
+        from hfrl.distributed.env import detect_env
+
+        world_size = detect_env().world_size
+    plan = plan_for_config(config, world_size)
+    data, algo, rollout = config.data, config.algorithm, config.rollout
+    rows = data.train_batch_size * rollout.n
+    num_mini = data.train_batch_size // algo.mini_batch_size
+    for placement in plan.roles:
+        if placement.role not in ("actor", "critic"):
+            continue
+        dp = placement.dims.dp
+        if rows % (dp * num_mini):
+            raise ValueError(
+                f"data.train_batch_size={data.train_batch_size} x rollout.n={rollout.n} = {rows} responses "
+                f"per step cannot be cut into {num_mini} mini-batches (train_batch_size / "
+                f"algorithm.mini_batch_size) on each of roles.{placement.role}'s dp={dp} ranks: make "
+                f"{rows} a multiple of {dp * num_mini}")
+        if placement.role == "actor" and algo.name in GROUP_ALGORITHMS and data.train_batch_size % dp:
+            raise ValueError(f"algorithm.name={algo.name!r} compares the responses of a prompt on one rank: "
+                             f"data.train_batch_size={data.train_batch_size} must be a multiple of the "
+                             f"actor's dp={dp}")
+    context = _context_length(config)
+    need = data.max_prompt_length + rollout.max_new_tokens
+    limit = min(context, rollout.max_model_len or context)
+    if need > limit:
+        raise ValueError(f"data.max_prompt_length={data.max_prompt_length} + rollout.max_new_tokens="
+                         f"{rollout.max_new_tokens} = {need} tokens exceed the context of {limit} tokens "
+                         "(the model's max_position_embeddings or rollout.max_model_len): lower one of them")
+
+
+def _context_length(config) -> int:
+    path = config.engine_for("actor").model_path
+    if not path:
+        return config.init_model.max_position_embeddings
+    from hfrl.models.config import ModelConfig
+
+    return ModelConfig.from_pretrained(path).max_position_embeddings or math.inf

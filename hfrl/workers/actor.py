@@ -1,0 +1,246 @@
+"""The policy roles: the actor (generate, log-probs, advantages, PPO update) and the reference.
+
+The actor's methods, as the trainers call them (every Batch stays on the ranks that computed it
+unless a method on another pool needs its rows; see hfrl.controller):
+
+    generate(prompts)              MICRO_DP_COMPUTE: each generation replica samples its prompts'
+                                   responses through the 3D-HybridEngine (training weights ->
+                                   generation layout -> back), n rows per prompt
+    compute_log_probs(gen)         DP_COMPUTE: log-probs of the response tokens (actor: the "old"
+                                   policy of the PPO ratio; reference: the KL anchor)
+    compute_advantages(gen, ...)   DP_COMPUTE: scores -> token rewards (minus the KL penalty) ->
+                                   the algorithm's advantage estimator -> the training columns
+    update(data)                   DP_COMPUTE: ppo_epochs x mini-batches of clipped policy-gradient
+                                   steps (plus entropy bonus and KL loss where configured)
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from hfrl.algorithms import (agg_loss, apply_kl_in_reward, get_advantage, kl_loss, kl_penalty,
+                             ppo_clip_loss, safe_rlhf_advantages, scores_to_token_rewards)
+from hfrl.controller import DP_COMPUTE, MICRO_DP_COMPUTE, Batch, register
+from hfrl.workers.common import (EngineWorker, MetricSums, prompt_width, response_from_shifted,
+                                 timed, to_token_columns)
+
+GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus_baseline")
+"""Estimators that compare the responses of one prompt: a rank must hold every one of them."""
+
+
+class PolicyWorker(EngineWorker):
+    """A CausalLM role: log-probs of responses (the reference policy is just this)."""
+
+    def __init__(self, engine_cfg, temperature: float = 1.0):
+        self.build_engine(engine_cfg)
+        self.temperature = temperature if temperature > 0 else 1.0   # greedy rollouts: plain logits
+
+    @register(protocol=DP_COMPUTE)
+    def compute_log_probs(self, gen: Batch, key: str = "old_log_probs") -> Batch | None:
+        """{key: (N, R)} log-probs of the response tokens under logits / rollout temperature."""
+        meta: dict = {}
+        with timed(meta, f"timing_s/{key}"):
+            log_probs = self.engine.compute_log_probs(
+                {"input_ids": gen["input_ids"], "attention_mask": gen["attention_mask"]},
+                temperature=self.temperature)
+        if log_probs is None:   # not the last pipeline stage: not an output rank
+            return None
+        return self.output_batch({key: response_from_shifted(log_probs, gen)}, meta)
+
+
+class ActorWorker(PolicyWorker):
+    def __init__(self, engine_cfg, rollout_cfg, hybrid_cfg, algo_cfg, *, eos_token_id: int,
+                 pad_token_id: int, num_mini_batches: int):
+        from hfrl.hybrid_engine import HybridEngine
+
+        super().__init__(engine_cfg, rollout_cfg.temperature)
+        self.rollout_cfg, self.algo = rollout_cfg, algo_cfg
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.num_mini_batches = num_mini_batches
+        self.hybrid = HybridEngine.from_config(self.engine, hybrid_cfg)
+        self.rollout = self.hybrid.rollout_engine(rollout_cfg)
+
+    # ---- generation ---------------------------------------------------------------------------
+    @register(protocol=MICRO_DP_COMPUTE)
+    def generate(self, prompts: Batch, greedy: bool = False, repeat: int = 1) -> Batch:
+        """prompts: prompt_ids/prompt_mask (B, P) left-padded, seed (B,) (-1: unseeded), index (B,)
+        and non-tensor columns that are carried along. Returns B * n rows (n = rollout.n, or 1 and
+        each row `repeat` times for a greedy baseline), prompt-major."""
+        from hfrl.rollout import RolloutEngine
+
+        overrides = dict(stop_token_ids=[self.eos_token_id])
+        if greedy:
+            overrides.update(temperature=0.0, n=1)
+        base = RolloutEngine.sampling_params(self.rollout_cfg, **overrides)
+        seeds = prompts["seed"].tolist()
+        params = [dataclasses.replace(base, seed=None if s < 0 else s) for s in seeds]
+        mask = prompts["prompt_mask"].bool()
+        token_lists = [row[m].tolist() for row, m in zip(prompts["prompt_ids"], mask)]
+        meta: dict = {}
+        start = time.perf_counter()
+        with self.hybrid.generation():
+            out = self.rollout.generate(token_lists, params)
+        meta["timing_s/gen"] = time.perf_counter() - start
+        meta.update({f"hybrid/{k}": v for k, v in self.hybrid.metrics().items()
+                     if k.startswith("timing_s/")})
+        samples_per_prompt = base.n if not greedy else repeat
+        return self._rows(prompts, out, samples_per_prompt, repeat if greedy else 1, meta)
+
+    def _rows(self, prompts: Batch, out, per_prompt: int, repeat: int, meta: dict) -> Batch:
+        R = self.rollout_cfg.max_new_tokens
+        padded = out.padded(self.pad_token_id)
+        width = padded["responses"].shape[1]
+        responses = torch.nn.functional.pad(padded["responses"], (0, R - width), value=self.pad_token_id)
+        response_mask = torch.nn.functional.pad(padded["response_mask"], (0, R - width))
+        log_probs = torch.nn.functional.pad(padded["response_log_probs"], (0, R - width))
+        if repeat > 1:
+            responses, response_mask, log_probs = (t.repeat_interleave(repeat, 0)
+                                                   for t in (responses, response_mask, log_probs))
+        rows = prompts.repeat(per_prompt)   # prompt-major, as the engine returns samples
+        tensors = {"input_ids": torch.cat([rows["prompt_ids"], responses], 1),
+                   "attention_mask": torch.cat([rows["prompt_mask"], response_mask], 1),
+                   "response_mask": response_mask, "rollout_log_probs": log_probs,
+                   "uid": rows["index"]}
+        return Batch(tensors, {k: rows[k] for k in rows.non_tensors}, meta=meta)
+
+    # ---- advantages ---------------------------------------------------------------------------
+    @register(protocol=DP_COMPUTE)
+    def compute_advantages(self, gen: Batch, scores: Batch, old: Batch, ref: Batch | None = None,
+                           values: Batch | None = None, costs: Batch | None = None,
+                           cost_values: Batch | None = None, baseline: Batch | None = None, *,
+                           estimator: str, kl_coef: float = 0.0, lagrange: float = 0.0,
+                           group_size: int = 1) -> Batch:
+        """The training columns of this rank's rows, and the step's reward metrics in meta."""
+        algo, meta = self.algo, {}
+        with timed(meta, "timing_s/adv"):
+            mask = gen["response_mask"].float()
+            if estimator in GROUP_ESTIMATORS:
+                _check_whole_groups(gen["uid"], group_size)
+            token_scores = scores_to_token_rewards(scores["scores"].float(), mask)
+            kl = None
+            if ref is not None:
+                kl = kl_penalty(old["old_log_probs"], ref["ref_log_probs"], algo.kl_estimator) * mask
+            if ref is not None and algo.kl_in_reward and kl_coef > 0:
+                token_rewards, _ = apply_kl_in_reward(token_scores, old["old_log_probs"],
+                                                      ref["ref_log_probs"], mask, kl_coef,
+                                                      algo.kl_estimator)
+            else:
+                token_rewards = token_scores
+            advantages, returns = get_advantage(estimator)(
+                token_rewards, mask, values=None if values is None else values["values"],
+                group_index=gen["uid"], baseline=None if baseline is None else baseline["scores"],
+                gamma=algo.gamma, lam=algo.lam, norm_by_std=algo.group_norm_by_std)
+            columns = {"input_ids": gen["input_ids"], "attention_mask": gen["attention_mask"],
+                       "loss_mask": to_token_columns(mask, gen),
+                       "old_log_probs": to_token_columns(old["old_log_probs"], gen)}
+            if costs is not None:
+                cost_rewards = scores_to_token_rewards(costs["scores"].float(), mask)
+                cost_adv, cost_returns = get_advantage("gae")(
+                    cost_rewards, mask, values=cost_values["values"], gamma=algo.gamma, lam=algo.lam)
+                advantages = safe_rlhf_advantages(advantages, cost_adv, lagrange)
+                columns["cost_values"] = to_token_columns(cost_values["values"], gen)
+                columns["cost_returns"] = to_token_columns(cost_returns, gen)
+            columns["advantages"] = to_token_columns(advantages, gen)
+            if values is not None:
+                columns["values"] = to_token_columns(values["values"], gen)
+                columns["returns"] = to_token_columns(returns, gen)
+            if ref is not None and not algo.kl_in_reward:
+                columns["ref_log_probs"] = to_token_columns(ref["ref_log_probs"], gen)
+        metrics = MetricSums()
+        seq = torch.ones(len(gen))
+        metrics.add("critic/score", scores["scores"], extremes=True)
+        metrics.add("critic/rewards", token_rewards.sum(-1), seq, extremes=True)
+        metrics.add("critic/advantages", advantages, mask, extremes=True)
+        metrics.add("critic/returns", returns, mask, extremes=True)
+        if values is not None:
+            metrics.add("critic/values", values["values"], mask, extremes=True)
+        if costs is not None:
+            metrics.add("critic/cost", costs["scores"], extremes=True)
+        if kl is not None:
+            metrics.add("actor/reward_kl_penalty", kl, mask)
+            metrics.add("actor/kl_seq", kl.sum(-1), seq)
+        response_lengths = mask.sum(-1)
+        prompt_lengths = gen["attention_mask"].sum(-1) - response_lengths
+        metrics.add("response_length", response_lengths, seq, extremes=True)
+        metrics.add("prompt_length", prompt_lengths, seq, extremes=True)
+        metrics.add("response_length/clip_ratio", (response_lengths == mask.shape[1]).float(), seq)
+        metrics.total("perf/total_tokens", float(gen["attention_mask"].sum()))
+        metrics.total("perf/num_sequences", float(len(gen)))
+        meta.update(metrics.reduce(self.dp_group))
+        return self.output_batch(columns, meta)
+
+    # ---- training -----------------------------------------------------------------------------
+    @register(protocol=DP_COMPUTE)
+    def update(self, data: Batch, kl_coef: float = 0.0) -> dict:
+        """ppo_epochs passes of num_mini_batches optimizer steps over this rank's rows."""
+        algo = self.algo
+        seq_mode = algo.loss_agg_mode != "token-mean"
+        if seq_mode and self.engine.cfg.pack_sequences:
+            raise ValueError(f"algorithm.loss_agg_mode={algo.loss_agg_mode!r} averages over sequences, which "
+                             "packed micro-batches (engine.pack_sequences=true) merge into one row: use "
+                             "loss_agg_mode=token-mean or turn packing off")
+        tensors = dict(data.tensors)
+        if seq_mode:   # micro-batches and DP ranks weighted by sequences, not tokens
+            first = tensors["loss_mask"].cumsum(1) == 1
+            tensors["seq_mask"] = (first & tensors["loss_mask"].bool()).long()
+        use_kl_loss = "ref_log_probs" in tensors and kl_coef > 0
+        temperature = self.temperature
+
+        def loss_fn(logits, mb):
+            if temperature != 1.0:
+                logits = logits / temperature
+            log_probs = self.engine.token_log_probs(logits, mb["input_ids"])   # (b, t-1)
+            mask = mb["loss_mask"][:, 1:].float()
+            loss, m = ppo_clip_loss(log_probs, mb["old_log_probs"][:, 1:], mb["advantages"][:, 1:], mask,
+                                    clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high,
+                                    dual_clip_c=algo.dual_clip_c, agg_mode=algo.loss_agg_mode)
+            metrics = {"pg_loss": loss.detach(), **m}
+            if algo.entropy_coef > 0:
+                entropy = agg_loss(self.engine.token_entropy(logits), mask, algo.loss_agg_mode)
+                loss = loss - algo.entropy_coef * entropy
+                metrics["entropy"] = entropy.detach()
+            if use_kl_loss:
+                kl = kl_loss(log_probs, mb["ref_log_probs"][:, 1:], mask, algo.kl_estimator,
+                             algo.loss_agg_mode)
+                loss = loss + kl_coef * kl
+                metrics["kl_loss"] = kl.detach()
+            return loss, metrics
+
+        meta: dict = {}
+        with timed(meta, "timing_s/update_actor"):
+            result = run_mini_batches(self.engine, tensors, loss_fn, self.num_mini_batches, algo.ppo_epochs,
+                                      "seq_mask" if seq_mode else "loss_mask")
+        return {**{f"actor/{k}": v for k, v in result.items()}, **meta}
+
+
+def run_mini_batches(engine, tensors: dict, loss_fn, num_mini_batches: int, epochs: int,
+                     loss_mask_key: str) -> dict[str, float]:
+    """`epochs` passes of `num_mini_batches` train_steps over contiguous row ranges; metrics averaged
+    over the steps (each step's are already global over DP)."""
+    rows = len(next(iter(tensors.values())))
+    if rows % num_mini_batches:
+        raise ValueError(f"{rows} rows on this data-parallel rank cannot be cut into {num_mini_batches} "
+                         "mini-batches: make data.train_batch_size * rollout.n divisible by the role's dp "
+                         "* (data.train_batch_size / algorithm.mini_batch_size)")
+    size = rows // num_mini_batches
+    sums: dict[str, float] = {}
+    steps = 0
+    for _ in range(epochs):
+        for i in range(num_mini_batches):
+            mini = {k: v[i * size:(i + 1) * size] for k, v in tensors.items()}
+            metrics = engine.train_step(mini, loss_fn, loss_mask_key=loss_mask_key)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            steps += 1
+    return {k: v / steps for k, v in sums.items()}
+
+
+def _check_whole_groups(uid: torch.Tensor, group_size: int) -> None:
+    """Group estimators compare a prompt's responses: this rank must hold all group_size of each."""
+    _, counts = torch.unique(uid, return_counts=True)
+    if (counts != group_size).any():
+        raise ValueError(f"this rank holds {counts.tolist()} responses of its prompts, not all "
+                         f"rollout.n={group_size} of each: make data.train_batch_size divisible by the "
+                         "actor's data-parallel size so each rank gets whole prompts")
