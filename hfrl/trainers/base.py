@@ -298,6 +298,7 @@ class RLTrainer:
             bar.close()
             log.close()
         summary["plot"] = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        summary["transport"] = self.runtime.transport.stats.snapshot()   # rank 0's byte counters
         return summary
 
     def export(self) -> str:

@@ -24,13 +24,14 @@ roles:
   critic: {engine: {optim: {lr: 2.0e-3, weight_decay: 0.0}}}
 algorithm:
   name: ppo
-  kl_coef: 0.001
+  kl_coef: 0.05
+  entropy_coef: 0.02
   mini_batch_size: 32
   ppo_epochs: 1
 trainer:
-  total_steps: 60
-  eval_every: 10
-  save_every: 20
+  total_steps: 200
+  eval_every: 20
+  save_every: 50
   run_dir: runs/default
 """
 
@@ -80,6 +81,7 @@ def check_job(config, world_size: int | None = None) -> None:
             raise ValueError(f"algorithm.name={algo.name!r} compares the responses of a prompt on one rank: "
                              f"data.train_batch_size={data.train_batch_size} must be a multiple of the "
                              f"actor's dp={dp}")
+    _check_prompt_files(config.data)
     context = _context_length(config)
     need = data.max_prompt_length + rollout.max_new_tokens
     limit = min(context, rollout.max_model_len or context)
@@ -96,3 +98,19 @@ def _context_length(config) -> int:
     from hfrl.models.config import ModelConfig
 
     return ModelConfig.from_pretrained(path).max_position_embeddings or math.inf
+
+
+def _check_prompt_files(data) -> None:
+    """Every row of every prompt file has a prompt (read on every rank: cheap next to a run, and a
+    bad row then fails every rank alike instead of rank 0 alone)."""
+    from hfrl.data import read_rows
+
+    for key in ("train_files", "val_files"):
+        for path in getattr(data, key):
+            for i, row in enumerate(read_rows(path)):
+                prompt = row.get(data.prompt_key)
+                if prompt is None or (isinstance(prompt, str) and not prompt.strip()) or \
+                        (not isinstance(prompt, (str, list))):
+                    raise ValueError(f"data.{key}: {path} row {i} has no usable {data.prompt_key!r} "
+                                     f"(got {prompt!r}; the row's keys: {sorted(row)}): give every row a "
+                                     f"prompt, or set data.prompt_key to the column that holds it")

@@ -161,6 +161,10 @@ class ActorWorker(PolicyWorker):
         if kl is not None:
             metrics.add("actor/reward_kl_penalty", kl, mask)
             metrics.add("actor/kl_seq", kl.sum(-1), seq)
+        # The generation engine's log-probs against the training engine's, same weights and
+        # temperature: their gap is what the PPO ratio's first step sees besides the policy change.
+        metrics.add("actor/rollout_log_prob_diff", (gen["rollout_log_probs"] - old["old_log_probs"]).abs(), mask,
+                    extremes=True)
         response_lengths = mask.sum(-1)
         prompt_lengths = gen["attention_mask"].sum(-1) - response_lengths
         metrics.add("response_length", response_lengths, seq, extremes=True)

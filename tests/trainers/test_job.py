@@ -1,0 +1,72 @@
+"""The checks every rank runs before a training run starts (pure: no process group)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hfrl.config import Config, from_dict
+from hfrl.trainers.job import check_job, default_config
+
+
+def _config(tmp_path, **sections):
+    data = {"data": {"task": "max_digit", "max_prompt_length": 32},
+            "roles": {"reward": {"enabled": False}}, "trainer": {"run_dir": str(tmp_path)}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return from_dict(Config, data)
+
+
+def test_default_job_is_valid_for_two_ranks():
+    config = default_config()
+    check_job(config, world_size=2)
+    assert config.algorithm.name == "ppo" and config.data.task == "max_digit"
+    assert not config.roles.reward.enabled and config.roles.critic.enabled
+
+
+def test_a_critic_in_grpo_is_refused(tmp_path):
+    config = _config(tmp_path, algorithm={"name": "grpo", "mini_batch_size": 16}, rollout={"n": 4})
+    with pytest.raises(ValueError, match=r"algorithm.name='grpo' trains without a critic: set roles.critic.enabled=false"):
+        check_job(config, world_size=2)
+
+
+def test_prompt_and_response_longer_than_the_context(tmp_path):
+    config = _config(tmp_path, data={"max_prompt_length": 60}, rollout={"max_new_tokens": 8},
+                     algorithm={"mini_batch_size": 16})
+    with pytest.raises(ValueError, match=r"max_prompt_length=60 \+ rollout.max_new_tokens=8 = 68 tokens exceed "
+                                         r"the context of 64"):
+        check_job(config, world_size=2)
+
+
+def test_a_row_without_a_prompt_is_named(tmp_path):
+    rows = tmp_path / "train.jsonl"
+    rows.write_text(json.dumps({"prompt": "1+1=", "ground_truth": "2"}) + "\n"
+                    + json.dumps({"question": "2+2=", "ground_truth": "4"}) + "\n")
+    config = _config(tmp_path, data={"task": None, "train_files": [str(rows)], "reward_fn": "a.b:c"},
+                     engine={"model_path": ""}, algorithm={"mini_batch_size": 16})
+    config.data.task = None
+    with pytest.raises(ValueError, match=r"train.jsonl row 1 has no usable 'prompt' .*keys: \['ground_truth', "
+                                         r"'question'\]"):
+        from hfrl.trainers.job import _check_prompt_files
+
+        _check_prompt_files(config.data)
+
+
+def test_rows_must_divide_over_data_parallel_ranks_and_mini_batches(tmp_path):
+    config = _config(tmp_path, data={"train_batch_size": 6}, algorithm={"mini_batch_size": 3})
+    with pytest.raises(ValueError, match=r"6 responses per step cannot be cut into 2 mini-batches .* "
+                                         r"dp=2 ranks: make 6 a multiple of 4"):
+        check_job(config, world_size=2)
+
+
+def test_group_algorithms_need_whole_groups_per_rank(tmp_path):
+    config = _config(tmp_path, data={"train_batch_size": 3}, algorithm={"name": "grpo", "mini_batch_size": 3},
+                     rollout={"n": 4}, roles={"critic": {"enabled": False}})
+    with pytest.raises(ValueError, match=r"train_batch_size=3 must be a multiple of the actor's dp=2"):
+        check_job(config, world_size=2)
+
+
+def test_reward_model_and_rule_reward_together_are_refused(tmp_path):
+    config = _config(tmp_path, data={"reward_fn": "m:f"}, roles={"reward": {"enabled": True}})
+    with pytest.raises(ValueError, match="give one source of rewards"):
+        config.validate(training=True)
