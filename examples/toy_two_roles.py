@@ -36,7 +36,10 @@ def main():
     doubler = WorkerGroup(Doubler, ResourcePool("doubler", pools[0]))
     summer = WorkerGroup(Summer, ResourcePool("summer", pools[1]))
     batch = Batch({"x": torch.arange(10, dtype=torch.float32)})
+    # A Future: the doubled rows stay on the doubler's ranks (rank 0 included) ...
     doubled = doubler.double(batch, blocking=False)
+    # ... and the summer's ranks fetch their rows straight from them; only this blocking
+    # call's result comes back to rank 0.
     out = summer.total(doubled)
     return {"world_size": world, "x": out["x"].tolist(), "pool_sum": out["pool_sum"].tolist()}
 

@@ -45,7 +45,8 @@ class Protocol:
     balance_key: str | None = None
     """Balance the pieces by tokens: rows are regrouped so every piece holds the same number of
     rows and near-equal totals of this (B, T) mask column (Karmarkar-Karp), and outputs are put
-    back in input order. Applies to Batches rank 0 holds; a chained Future is split in order."""
+    back in input order. Applies to Batches rank 0 holds and to chained Futures (by the token
+    counts their producers reported)."""
 
 
 _PROTOCOLS: dict[str, Protocol] = {}

@@ -9,9 +9,19 @@ A call on a worker group, step by step:
     encode    every message of the call, before any is sent: an argument that cannot be sent
               fails here, on rank 0, with no rank having started the call
     post      producers' send orders, relayed pieces, then one command per rank of the pool
-    own share if rank 0 is in the pool, it runs its piece inline
+    own rows  if rank 0 produced rows of a chained Future, it sends them now, before it
+              receives anything (sends are asynchronous; rows for itself are a slice, kept)
+    own share if rank 0 is in the pool, it runs its piece inline (assembling a chained argument
+              from its own rows and those producer ranks send it, as any consumer rank does)
     collect   blocking calls wait for every rank's status (outputs come with it); others
               return a Future
+
+A non-blocking call leaves every output where it was made, rank 0's own share included (kept in
+its store, with the same status other ranks report: rows, mask lengths, meta). So rows flow
+producer -> consumer whatever the pools, rank 0 being just another producer or consumer, and
+between colocated roles of the same layout they do not move at all. `Future.result()` gathers
+the rows on rank 0; `Future.meta` gives the joined output's meta (per-step scalars a worker put
+there) from the statuses alone, without moving any row.
 
 Replies arrive in each rank's order; those not yet waited for are kept (`_stash`), so futures
 resolve in any order. A dropped Future's replies are discarded when they arrive, but an error
@@ -22,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +41,7 @@ from hfrl.controller.batch import Batch
 from hfrl.controller.dispatch import (Protocol, balanced_order, balanced_order_from_lengths,
                                       join_outputs, ordered_chunks, padded_chunks, placement)
 from hfrl.controller.errors import RemoteError, WorkerLostError
-from hfrl.controller.runtime import GroupState, Remote, Runtime
+from hfrl.controller.runtime import GroupState, Remote, Runtime, output_status
 from hfrl.controller.transport import CMD, RELAY, REPLY, Message
 from hfrl.controller.watchdog import Watchdog
 from hfrl.distributed.parallel_dims import ParallelDims
@@ -51,7 +60,7 @@ class Call:
     method: str
     proto: Protocol
     eager: bool
-    """Outputs come back with the status (blocking calls, or pools that include rank 0)."""
+    """Outputs come back with the status (blocking calls)."""
     pad: int = 0
     num_input_rows: int | None = None
     order: list[int] | None = None
@@ -81,9 +90,10 @@ class ChainPlan:
 
 
 class Future:
-    """The pending result of a non-blocking call. `result()` collects it on rank 0; passing the
-    Future to another call lets that call's ranks fetch their rows straight from this call's
-    ranks instead."""
+    """The pending result of a non-blocking call, left on the ranks that made it (rank 0's own
+    share too). `result()` collects it on rank 0; passing the Future to another call lets that
+    call's ranks fetch their rows straight from this call's ranks instead; `meta` reads the
+    joined output's meta without moving any row."""
 
     def __init__(self, driver: "Driver", call: Call):
         self._driver = driver
@@ -95,6 +105,13 @@ class Future:
 
     def result(self) -> Any:
         return self._driver.resolve(self._call)
+
+    @property
+    def meta(self) -> dict:
+        """The `meta` of the joined output (a copy): the first output rank's Batch meta, which
+        the joined Batch carries. Waits for the call's statuses only, no row is fetched: read
+        a worker's per-step scalars this way. TypeError if that rank returned no Batch."""
+        return self._driver.output_meta(self._call)
 
     def wait(self) -> None:
         """Block until every rank of the call has finished (raises its RemoteError if any)."""
@@ -161,26 +178,28 @@ class Driver(Runtime):
         self.check_orphans()
         state = self.groups[group.gid]
         ranks = state.pool.ranks
-        include_self = 0 in ranks
-        if include_self:   # rank 0 computes too: it needs the values itself
-            args, kwargs = self._resolve_local_futures(args, kwargs)
-        call = Call(cid=self._next_cid, group=state, method=method, proto=proto,
-                    eager=blocking or include_self)
+        call = Call(cid=self._next_cid, group=state, method=method, proto=proto, eager=blocking)
         layout = placement(proto, state.dims)
         call.chunks = layout.chunks
         call.output_ranks = [ranks[p] for p in layout.output_positions]
         per_rank, plans, relays = self._distribute(call, args, kwargs)
-        messages = self._encode_call(call, per_rank, plans, relays)
+        orders = [_send_orders(plan) for plan in plans]
+        messages = self._encode_call(call, per_rank, plans, orders, relays)
         self._next_cid += 1
         self._names[call.cid] = call.what
         for rank, channel, msg in messages:   # nothing is sent before everything encoded
             self.transport.post(msg, rank, channel)
-        if include_self:
+        # Rank 0's rows of chained futures go out before its own share receives anything:
+        # consumers may wait for them while rank 0 waits for theirs (sends are asynchronous).
+        for plan, by_src in zip(plans, orders):
+            if 0 in by_src:
+                self.send_rows(plan.producer.cid, call.cid, plan.key, by_src[0])
+        if 0 in ranks:
             self._run_own_share(call, per_rank[ranks.index(0)])
         future = Future(self, call)
         return future.result() if blocking else future
 
-    def _encode_call(self, call: Call, per_rank: list, plans: list[ChainPlan],
+    def _encode_call(self, call: Call, per_rank: list, plans: list[ChainPlan], orders: list,
                      relays: list) -> list[tuple[int, int, Message]]:
         """Every message of the call, encoded; only then are reply counts and releases noted.
         Ranks whose commands are equal (same piece, nothing rank-specific) share one encoding:
@@ -188,8 +207,11 @@ class Driver(Runtime):
         ranks = call.group.pool.ranks
         messages, called, encoded = [], [], {}
         try:
-            for plan in plans:
-                messages += self._send_orders(plan, call)
+            for plan, by_src in zip(plans, orders):   # rank 0 carries out its own orders
+                messages += [(src, CMD, self.transport.encode_message(
+                                 {"op": "send", "fid": plan.producer.cid, "dst_cid": call.cid,
+                                  "key": plan.key, "pieces": pieces}))
+                             for src, pieces in by_src.items() if src != 0]
             for root, data in relays:
                 messages.append((root, RELAY, self.transport.encode_message(data)))
             for position, rank in enumerate(ranks):
@@ -216,12 +238,19 @@ class Driver(Runtime):
         return messages
 
     def _run_own_share(self, call: Call, share: tuple) -> None:
-        cmd_args, cmd_kwargs, _, _ = share
+        """Rank 0's piece, inline; its output stays in its store, with the status any output
+        rank reports, so planning treats rank 0 as one producer among others."""
+        cmd_args, cmd_kwargs, assemble, _ = share
+        cmd = {"cid": call.cid, "args": cmd_args, "kwargs": cmd_kwargs, "assemble": assemble}
         try:
-            value = getattr(call.group.worker, call.method)(*cmd_args, **cmd_kwargs)
+            args, kwargs = self.assemble_arguments(cmd)
+            value = getattr(call.group.worker, call.method)(*args, **kwargs)
         except Exception as local_error:
             self._raise_root_cause(call, local_error)
-        if 0 in call.output_ranks:
+        output = 0 in call.output_ranks
+        call.statuses[0] = {"ok": True, "rank": 0,
+                            **output_status(value, stored=output and not call.eager)}
+        if output:
             self.store[call.cid] = value
 
     def _raise_root_cause(self, call: Call, local_error: Exception) -> None:
@@ -254,11 +283,6 @@ class Driver(Runtime):
             logger.error("rank 0 failed inside %s; ranks still inside it ended: %s", call.what,
                          lost)
         raise local_error
-
-    def _resolve_local_futures(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        def value(a):
-            return a.result() if isinstance(a, Future) else a
-        return tuple(value(a) for a in args), {k: value(v) for k, v in kwargs.items()}
 
     # ---- splitting a call's arguments ------------------------------------------------------
     def _distribute(self, call: Call, args: tuple, kwargs: dict):
@@ -325,7 +349,7 @@ class Driver(Runtime):
 
     def _split_batches(self, call: Call, named: dict) -> dict:
         n = call.proto.num_chunks(call.group.dims)
-        # A future whose outputs already came to rank 0 (its pool includes rank 0) is a value.
+        # A future whose outputs already came to rank 0 (an eager call's) is a value.
         named = {k: (v.result() if isinstance(v, Future) and v._call.eager else v)
                  for k, v in named.items()}
         producers = {k: self.producer_rows(v._call) for k, v in named.items()
@@ -402,17 +426,6 @@ class Driver(Runtime):
         meta = producer.statuses[producer.output_ranks[0]].get("meta") or {}
         return ChainPlan(key=key, producer=producer, runs=plan_runs, meta=meta)
 
-    def _send_orders(self, plan: ChainPlan, consumer: Call) -> list[tuple[int, int, Message]]:
-        """One command per producer rank: the runs to send, to which consumer, in order."""
-        orders: dict[int, list] = defaultdict(list)
-        for dst, dst_runs in plan.runs.items():
-            for src, lo, hi in dst_runs:
-                orders[src].append((dst, lo, hi))
-        return [(src, CMD, self.transport.encode_message(
-                    {"op": "send", "fid": plan.producer.cid, "dst_cid": consumer.cid,
-                     "key": plan.key, "pieces": pieces}))
-                for src, pieces in orders.items()]
-
     # ---- collecting ----------------------------------------------------------------------
     def _reply(self, src: int, cid: int, kind: str) -> dict:
         """The reply (cid, kind) from `src`, receiving and keeping earlier ones as they come."""
@@ -457,10 +470,11 @@ class Driver(Runtime):
             raise first
 
     def wait_status(self, call: Call) -> None:
+        """Every rank's status (rank 0's was recorded when it ran its share)."""
         for rank in call.group.pool.ranks:
-            if rank != 0 and rank not in call.statuses:
+            if rank not in call.statuses:
                 call.statuses[rank] = self._reply(rank, call.cid, "status")
-            if rank != 0 and not call.statuses[rank]["ok"]:
+            if not call.statuses[rank]["ok"]:
                 call.error_seen = True    # the other ranks' errors of this call are not news
                 self._errors_seen.add(call.cid)
                 self._check(call.statuses[rank], call.group.name, call.method)
@@ -484,20 +498,38 @@ class Driver(Runtime):
         call.result = join_outputs(values, call.proto.join, call.pad, call.num_input_rows,
                                    call.order)
         call.has_result = True
-        self.store.pop(call.cid, None)
+        # Rank 0's share stays stored, as the other ranks' do: the Future may still be chained.
+        # `forget` frees it.
         return call.result
 
+    def output_meta(self, call: Call) -> dict:
+        """`Future.meta`: the first output rank's Batch meta, from its status (eager calls:
+        from the result, which came back anyway)."""
+        if call.eager or call.has_result:
+            value = self.resolve(call)
+            first = value[0] if isinstance(value, list) and value else value
+            meta = first.meta if isinstance(first, Batch) else None
+        else:
+            self.check_orphans()
+            self.wait_status(call)
+            meta = call.statuses[call.output_ranks[0]].get("meta")
+        if meta is None:
+            raise TypeError(f"{call.what} did not return a Batch on rank "
+                            f"{call.output_ranks[0]}, so its Future has no meta; use "
+                            "future.result() instead")
+        return dict(meta)
+
     def forget(self, call: Call) -> None:
-        """A Future was dropped: its ranks may free the stored output (told with the next
-        command), and late replies are discarded, errors kept for `check_orphans`."""
+        """A Future was dropped: its ranks may free the stored output (rank 0 at once, the
+        others told with their next command), and late replies are discarded, errors kept for
+        `check_orphans`."""
+        self.store.pop(call.cid, None)
         if not call.eager:
             for rank in call.output_ranks:
                 if rank != 0:
                     self._release[rank].append(call.cid)
         for rank in call.group.pool.ranks:
-            if rank == 0:
-                continue
-            if rank in call.statuses:
+            if rank in call.statuses:   # rank 0's always is
                 continue
             seen = call.error_seen or call.has_result
             status = self._stash.pop((rank, call.cid, "status"), None)
@@ -541,6 +573,15 @@ class Driver(Runtime):
             except Exception:  # noqa: BLE001 - a dead peer must not stop the others' abort
                 pass
         time.sleep(0.2)   # let gloo put the messages on the wire before the process exits
+
+
+def _send_orders(plan: ChainPlan) -> dict[int, list[tuple[int, int, int]]]:
+    """Per producer rank: the runs to send, as (consumer rank, start, end), in order."""
+    orders: dict[int, list] = defaultdict(list)
+    for dst, dst_runs in plan.runs.items():
+        for src, lo, hi in dst_runs:
+            orders[src].append((dst, lo, hi))
+    return orders
 
 
 def _remote_error(status: dict, what: str) -> RemoteError:

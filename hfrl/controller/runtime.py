@@ -1,17 +1,23 @@
 """What every rank of a single-controller job holds: the transport, process groups, workers.
 
-`Driver` (rank 0, driver.py) and `Server` (every other rank, serve.py) extend `Runtime`; the
-worker-group creation they share runs here, on every rank, in the order rank 0 issued it.
+`Driver` (rank 0, driver.py) and `Server` (every other rank, serve.py) extend `Runtime`. What
+they share runs here, the same way on every rank, rank 0 included: worker-group creation, the
+status an output rank reports (`output_status`), and both ends of a chained Future (a producer
+sending rows of its stored output, `send_rows`; a consumer assembling its argument from the
+producers' pieces, `assemble_arguments`).
 """
 from __future__ import annotations
 
 import datetime
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
-from hfrl.controller.transport import Transport
+from hfrl.controller.batch import Batch
+from hfrl.controller.dispatch import row_lengths
+from hfrl.controller.transport import DATA, Transport
 from hfrl.distributed.env import DistContext
 from hfrl.distributed.parallel_dims import GroupCache, ParallelDims, RoleGroups, build_groups
 from hfrl.distributed.resource_pool import ResourcePool
@@ -91,6 +97,8 @@ class Runtime:
         self.groups: dict[int, GroupState] = {}
         self.store: dict[int, Any] = {}
         """Outputs of non-eager calls kept on this rank until fetched, sent on, or released."""
+        self.inbox: dict[tuple[int, str], list] = defaultdict(list)
+        """Pieces this rank sent itself (producer and consumer on one rank), per (call, key)."""
 
     def create_local(self, cmd: dict) -> None:
         """Build the role's process groups (collective over the world) and, on the pool's
@@ -108,3 +116,70 @@ class Runtime:
             worker.ctx = ctx
             worker.__init__(*cmd["args"], **cmd["kwargs"])
             state.worker = worker
+
+    # ---- chained futures: both ends ---------------------------------------------------------
+    def send_rows(self, fid: int, dst_cid: int, key: str, pieces: list) -> None:
+        """Send rows [lo, hi) of stored output `fid` to each consumer rank `dst` of call
+        `dst_cid`, in order (to itself: into the inbox, no transport); a consumer gets an error
+        piece instead when they cannot be sent, so it never waits for rows that will not come."""
+        output = self.store.get(fid)
+        for dst, lo, hi in pieces:
+            if isinstance(output, Batch):
+                piece = output[lo:hi]
+            else:
+                piece = {"error": f"no stored Batch output of call {fid} on rank {self.rank} "
+                                  "(the producing call failed or was released)"}
+            if dst == self.rank:
+                self.inbox[(dst_cid, key)].append(piece)
+                continue
+            try:
+                msg = self.transport.encode_message(piece)
+            except Exception as err:  # noqa: BLE001 - the consumer must get its piece or why
+                msg = self.transport.encode_message(
+                    {"error": f"rows {lo}:{hi} cannot be encoded: {type(err).__name__}: {err}"})
+            self.transport.post(msg, dst, DATA)
+
+    def assemble_arguments(self, cmd: dict, relayed: dict | None = None) -> tuple[tuple, dict]:
+        """A call's arguments with each `Remote` placeholder filled: relayed ones from
+        `relayed`, chained ones concatenated from the producers' pieces (`cmd["assemble"]`: per
+        key, the runs and the meta the joined value carries). Every piece sent for this call is
+        read, even after one turned out to be an error, so none is left for the next call."""
+        chained, errors = {}, []
+        for key, spec in cmd["assemble"].items():
+            pieces = []
+            for src, lo, hi in spec["runs"]:
+                if src == self.rank:
+                    piece = self.inbox[(cmd["cid"], key)].pop(0)
+                else:
+                    piece = self.transport.recv(src, DATA)
+                if isinstance(piece, dict):   # the producer could not send its rows
+                    errors.append(f"rank {src} could not send rows {lo}:{hi} of argument "
+                                  f"{key!r}: {piece['error']}")
+                pieces.append(piece)
+            self.inbox.pop((cmd["cid"], key), None)
+            if not errors:
+                chained[key] = (Batch.concat(pieces, check_meta=False) if len(pieces) > 1
+                                else pieces[0])
+                chained[key].meta = dict(spec["meta"])   # as in the joined value
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+        def value(key: str, v: Any) -> Any:
+            if not isinstance(v, Remote):
+                return v
+            return relayed[key] if v.kind == "relayed" else chained[key]
+
+        args = tuple(value(f"#{i}", a) for i, a in enumerate(cmd["args"]))
+        return args, {k: value(k, v) for k, v in cmd["kwargs"].items()}
+
+
+def output_status(value: Any, stored: bool) -> dict:
+    """What a rank reports about its output with its status: its rows and, for an output kept
+    on the rank (`stored`), the token counts of its mask columns (a balanced consumer regroups
+    by them) and its meta (small; a chained consumer's pieces and `Future.meta` carry it)."""
+    status: dict[str, Any] = {"rows": len(value) if isinstance(value, Batch) else None}
+    if stored and isinstance(value, Batch):
+        status["lengths"] = {k: row_lengths(t) for k, t in value.tensors.items()
+                             if k.endswith("mask") and t.dim() >= 2}
+        status["meta"] = value.meta
+    return status

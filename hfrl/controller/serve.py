@@ -12,19 +12,17 @@ Commands (CMD channel, from rank 0):
 Every failure is turned into an error reply naming the method: an exception in the method, an
 argument that cannot be assembled, an output that cannot be encoded. The rank stays up for the
 next command. A failed call still reads every piece sent to it, so the next call finds its
-channels clean.
+channels clean. Rank 0 plays both ends of a chained Future the same way, inline: the code for
+them is `Runtime`'s.
 """
 from __future__ import annotations
 
 import logging
 import traceback
-from collections import defaultdict
 from typing import Any, Callable
 
-from hfrl.controller.batch import Batch
-from hfrl.controller.dispatch import row_lengths
-from hfrl.controller.runtime import Remote, Runtime
-from hfrl.controller.transport import CMD, DATA, RELAY, REPLY
+from hfrl.controller.runtime import Runtime, output_status
+from hfrl.controller.transport import CMD, RELAY, REPLY
 from hfrl.controller.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
@@ -36,8 +34,6 @@ class Server(Runtime):
     def __init__(self, ctx, config=None, watchdog: Watchdog | None = None):
         super().__init__(ctx, config)
         self.watchdog = watchdog
-        self.inbox: dict[tuple[int, str], list] = defaultdict(list)
-        """Pieces this rank sent itself (producer and consumer on one rank), per (call, key)."""
         self._outputs: dict[tuple[int, str], bool] = {}
 
     def serve(self) -> int:
@@ -61,7 +57,7 @@ class Server(Runtime):
                 logger.error("rank %d: aborting because rank 0 failed", self.rank)
                 return self._ending(1)
             if op == "send":
-                self._serve_send(cmd)
+                self.send_rows(cmd["fid"], cmd["dst_cid"], cmd["key"], cmd["pieces"])
             elif op == "fetch":
                 self._reply(cmd["cid"], "data", "fetch",
                             lambda: {"value": self.store[cmd["cid"]]})
@@ -90,16 +86,12 @@ class Server(Runtime):
         finally:
             if self.watchdog is not None:
                 self.watchdog.current_call = None
-        reply: dict[str, Any] = {"rows": len(value) if isinstance(value, Batch) else None}
-        if self._is_output_rank(cmd["gid"], cmd["method"]):
-            if cmd["eager"]:
-                reply["value"] = value
-            else:
-                self.store[cmd["cid"]] = value
-                if isinstance(value, Batch):   # lets a balanced consumer regroup by tokens
-                    reply["lengths"] = {k: row_lengths(t) for k, t in value.tensors.items()
-                                        if k.endswith("mask") and t.dim() >= 2}
-                    reply["meta"] = value.meta   # small; a chained consumer's pieces carry it
+        output = self._is_output_rank(cmd["gid"], cmd["method"])
+        reply = output_status(value, stored=output and not cmd["eager"])
+        if output and cmd["eager"]:
+            reply["value"] = value
+        elif output:
+            self.store[cmd["cid"]] = value
         return reply
 
     def _is_output_rank(self, gid: int, method: str) -> bool:
@@ -113,8 +105,7 @@ class Server(Runtime):
         return self._outputs[key]
 
     def _receive_arguments(self, cmd: dict) -> tuple[tuple, dict]:
-        """Relayed and chained arguments; every piece sent for this call is read, even after
-        one turned out to be an error, so none is left for the next call to read."""
+        """The relayed piece (forwarded down this rank's tree), then the chained pieces."""
         relayed: dict[str, Any] = {}
         if cmd.get("relay"):
             relay = cmd["relay"]
@@ -124,53 +115,7 @@ class Server(Runtime):
                     self.transport.post(msg, child, RELAY)
             else:    # a leaf: nothing to forward, so no copy to decode from
                 relayed = self.transport.recv(relay["parent"], RELAY)
-        chained, errors = {}, []
-        for key, spec in cmd["assemble"].items():
-            chained[key] = []
-            for src, lo, hi in spec["runs"]:
-                if src == self.rank:
-                    piece = self.inbox[(cmd["cid"], key)].pop(0)
-                else:
-                    piece = self.transport.recv(src, DATA)
-                if isinstance(piece, dict):   # the producer could not send its rows
-                    errors.append(f"rank {src} could not send rows {lo}:{hi} of argument "
-                                  f"{key!r}: {piece['error']}")
-                chained[key].append(piece)
-            self.inbox.pop((cmd["cid"], key), None)
-        if errors:
-            raise RuntimeError("; ".join(errors))
-
-        def value(key: str, v: Any) -> Any:
-            if not isinstance(v, Remote):
-                return v
-            if v.kind == "relayed":
-                return relayed[key]
-            pieces = chained[key]
-            batch = Batch.concat(pieces, check_meta=False) if len(pieces) > 1 else pieces[0]
-            batch.meta = dict(cmd["assemble"][key]["meta"])   # as in the joined value
-            return batch
-
-        args = tuple(value(f"#{i}", a) for i, a in enumerate(cmd["args"]))
-        return args, {k: value(k, v) for k, v in cmd["kwargs"].items()}
-
-    def _serve_send(self, cmd: dict) -> None:
-        """Send rows of a stored output to consumers; an error piece if they cannot be sent."""
-        output = self.store.get(cmd["fid"])
-        for dst, lo, hi in cmd["pieces"]:
-            if isinstance(output, Batch):
-                piece = output[lo:hi]
-            else:
-                piece = {"error": f"no stored Batch output of call {cmd['fid']} on rank "
-                                  f"{self.rank} (the producing call failed or was released)"}
-            if dst == self.rank:
-                self.inbox[(cmd["dst_cid"], cmd["key"])].append(piece)
-                continue
-            try:
-                msg = self.transport.encode_message(piece)
-            except Exception as err:  # noqa: BLE001 - the consumer must get its piece or why
-                msg = self.transport.encode_message(
-                    {"error": f"rows {lo}:{hi} cannot be encoded: {type(err).__name__}: {err}"})
-            self.transport.post(msg, dst, DATA)
+        return self.assemble_arguments(cmd, relayed)
 
     # ---- replies -------------------------------------------------------------------------------
     def _reply(self, cid: int, kind: str, what: str, fn: Callable[[], dict],

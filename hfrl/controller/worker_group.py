@@ -19,7 +19,7 @@ registered protocol says (see dispatch.py). `self.ctx` tells a worker where it i
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 from hfrl.controller.dispatch import Protocol, get_protocol
 from hfrl.controller.entry import get_runtime
