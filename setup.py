@@ -42,13 +42,14 @@ setup(
         "transformers>=4.45",
         "pyyaml",
         "tqdm",
+        "matplotlib",   # the run's curves (PNG) at the end of hfrl train
         _triton,
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout", "hypothesis", "mpi4py>=3.1",
-                 "mpich; platform_system == 'Linux'"],
-        "plot": ["matplotlib"],
+                 "mpich; platform_system == 'Linux'", "pyarrow"],
+        "parquet": ["pyarrow"],   # Parquet prompt files
     },
     entry_points={"console_scripts": ["hfrl = hfrl.cli:main"]},
 )

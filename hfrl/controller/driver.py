@@ -40,7 +40,7 @@ from hfrl.controller import planning
 from hfrl.controller.batch import Batch
 from hfrl.controller.dispatch import (Protocol, balanced_order, balanced_order_from_lengths,
                                       join_outputs, ordered_chunks, padded_chunks, placement)
-from hfrl.controller.errors import RemoteError, WorkerLostError
+from hfrl.controller.errors import NotRunError, RemoteError, WorkerLostError
 from hfrl.controller.runtime import GroupState, Remote, Runtime, output_status
 from hfrl.controller.transport import CMD, RELAY, REPLY, Message
 from hfrl.controller.watchdog import Watchdog
@@ -257,8 +257,9 @@ class Driver(Runtime):
         """Rank 0's own share failed. Other ranks may be waiting for rank 0 inside a collective
         of this call: the watchdog tells them, and those still inside it after its grace period
         end themselves. Rank 0's failure may also be a consequence (a collective timed out
-        because another rank failed first): report another rank's non-timeout failure of the
-        same call if there is one, else the local error."""
+        because another rank failed first): report another rank's failure of the same call if
+        there is one that is neither a timeout nor a share skipped because of rank 0's failure
+        (NotRunError), else the local error."""
         call.error_seen = True
         self._errors_seen.add(call.cid)
         if self.watchdog is not None:
@@ -272,7 +273,8 @@ class Driver(Runtime):
             except WorkerLostError as err:
                 lost = lost or err
                 continue
-            if not status["ok"] and root is None and not _is_timeout(status["error"][1]):
+            if not status["ok"] and root is None and not _is_timeout(status["error"][1]) \
+                    and status["error"][0] != NotRunError.__name__:
                 root = status
         if root is not None:
             try:

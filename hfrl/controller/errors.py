@@ -20,3 +20,8 @@ class RemoteError(RuntimeError):
 
 class WorkerLostError(RuntimeError):
     """A rank stopped answering: its process died or its connection broke."""
+
+
+class NotRunError(RuntimeError):
+    """A rank skipped its share of a call because rank 0's share of the same call had already
+    failed: a consequence of that failure, never its cause (rank 0 reports its own error)."""

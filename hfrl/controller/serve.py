@@ -81,7 +81,7 @@ class Server(Runtime):
             args, kwargs = self._receive_arguments(cmd)
             if self.watchdog is not None and cmd["cid"] in self.watchdog.interrupted:
                 # Rank 0's share already failed: running ours could wait for it forever.
-                raise RuntimeError(f"not run: rank 0's own share of {what} failed first")
+                raise NotRunError(f"not run: rank 0's own share of {what} failed first")
             value = getattr(self.groups[cmd["gid"]].worker, cmd["method"])(*args, **kwargs)
         finally:
             if self.watchdog is not None:

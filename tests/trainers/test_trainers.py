@@ -40,7 +40,7 @@ def job(run_dir: Path, assets: Path, algorithm: str, **overrides):
     data = {
         "engine": {"model_path": str(assets / "policy"), "optim": {"lr": 1e-3, "weight_decay": 0.0}},
         "data": {"train_files": [str(assets / "add_train.jsonl")], "max_prompt_length": 16,
-                 "train_batch_size": 4, "reward_fn": "examples.reward_fns:exact_answer"},
+                 "train_batch_size": 4, "reward_fn": "tests.trainers.rewards:digits"},
         "roles": {"critic": {"enabled": algorithm in ("ppo", "safe_rlhf")}, "reward": {"enabled": False}},
         "rollout": {"n": n, "max_new_tokens": 4, "kv_cache_bytes": 1 << 22},
         "algorithm": {"name": algorithm, "mini_batch_size": 2, "kl_coef": 0.01},
@@ -170,8 +170,8 @@ def _failing_run(rank, world_size, config):
 
 def test_a_reward_function_that_raises_stops_every_rank(assets, tmp_path):
     """The error names the function and the sample; rank 1 (scoring its own rows) ends too."""
-    config = job(tmp_path / "bad", assets, "grpo", data__reward_fn="tests.trainers.bad_rewards:raises")
+    config = job(tmp_path / "bad", assets, "grpo", data__reward_fn="tests.trainers.rewards:raises")
     outcome = run_ranks(2, _failing_run, config, timeout=120)
-    assert "tests.trainers.bad_rewards:raises" in outcome[0] and "sample" in outcome[0], outcome
+    assert "tests.trainers.rewards:raises" in outcome[0] and "sample" in outcome[0], outcome
     assert "cannot grade" in outcome[0]
     assert outcome[1] != "no error", outcome
