@@ -86,6 +86,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def _summary_text(summary: dict, config) -> str:
     lines = [f"hfrl train: {config.algorithm.name} finished at step {config.trainer.total_steps} "
              f"in {config.trainer.run_dir}"]
+    start = summary.get("start_step", 0)
+    if start >= config.trainer.total_steps:
+        lines.append(f"  nothing to train: {config.trainer.run_dir} holds a checkpoint at step {start}; "
+                     "--no-resume starts over, a larger trainer.total_steps goes on")
+    elif start:
+        lines.append(f"  resumed at step {start}")
     first, last = summary.get("first") or {}, summary.get("last") or {}
     for key, name in (("critic/score/mean", "reward"), ("actor/reward_kl_penalty/mean", "kl")):
         if key in first and key in last:
