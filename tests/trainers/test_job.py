@@ -70,3 +70,15 @@ def test_reward_model_and_rule_reward_together_are_refused(tmp_path):
     config = _config(tmp_path, data={"reward_fn": "m:f"}, roles={"reward": {"enabled": True}})
     with pytest.raises(ValueError, match="give one source of rewards"):
         config.validate(training=True)
+
+
+@pytest.mark.parametrize("name", ["grpo_rule_reward.yaml", "safe_rlhf.yaml"])
+def test_example_configs_load(name):
+    """Every key of the example configs exists and every value is valid (the model folders are
+    checked when they run: tests/trainers/test_trainers.py runs the same roles on the same assets)."""
+    from pathlib import Path
+
+    from hfrl.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[2] / "examples" / name)
+    assert config.algorithm.name == name.split("_rule")[0].replace(".yaml", "")

@@ -53,7 +53,8 @@ def job(run_dir: Path, assets: Path, algorithm: str, **overrides):
                               "cost": {"enabled": True, "engine": {"model_path": str(assets / "cost")}}})
     for key, value in overrides.items():
         section, name = key.split("__")
-        data.setdefault(section, {})[name] = value
+        current = data.setdefault(section, {}).get(name)
+        data[section][name] = {**current, **value} if isinstance(current, dict) else value
     config = from_dict(Config, data)
     config.validate(training=True)
     return config
@@ -175,3 +176,23 @@ def test_a_reward_function_that_raises_stops_every_rank(assets, tmp_path):
     assert "tests.trainers.rewards:raises" in outcome[0] and "sample" in outcome[0], outcome
     assert "cannot grade" in outcome[0]
     assert outcome[1] != "no error", outcome
+
+
+def _four_rank_jobs(rank, world_size, jobs):
+    return _run_jobs(rank, world_size, jobs)
+
+
+def test_colocate_and_split_placements_on_4_ranks(assets, tmp_path):
+    """PPO colocated with the actor at tp=2 generating at tg=1 (the hybrid engine regroups), and
+    split: actor + reference on ranks 0-1, critic on 2-3 (rows cross pools, never via rank 0)."""
+    four = dict(data__train_batch_size=8, algorithm__mini_batch_size=4)
+    colocate = job(tmp_path / "colocate", assets, "ppo", roles__actor={"tp": 2, "tg": 1}, **four)
+    split = job(tmp_path / "split", assets, "ppo", placement__mode="split", **four)
+    results = run_ranks(4, _four_rank_jobs, [("colocate", colocate), ("split", split)], init=True, timeout=300)[0]
+    for name in ("colocate", "split"):
+        last = results[name]["last"]
+        assert math.isfinite(last["actor/pg_loss"]) and math.isfinite(last["critic/vf_loss"]), (name, last)
+        assert last["actor/rollout_log_prob_diff/max"] < 1e-4, (name, last)
+        assert results[name]["transport"]["payload_recv"].get("reply", 0) == 0, (name, results[name]["transport"])
+    # split: the critic's pool got its rows straight from the actor's ranks (rank 0 sent its share)
+    assert results["split"]["transport"]["payload_sent"].get("data", 0) > 0
