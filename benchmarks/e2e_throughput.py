@@ -137,7 +137,7 @@ def summarise(name, algorithm, ranks, placement, result, num_params) -> dict:
            "iteration_s": mean("timing_s/step"), "tokens_per_iteration": mean("perf/total_tokens"),
            "rank0_payload_recv_bytes": result["transport"]["payload_recv"]}
     keys = sorted({k for r in rows for k in r if k.startswith(("timing_s/", "hybrid/timing_s"))})
-    out["timing_s"] = {k.split("/", 1)[1]: round(mean(k), 4) for k in keys}
+    out["timing_s"] = {k.rsplit("/", 1)[1]: round(mean(k), 4) for k in keys}
     if num_params:
         generated = mean("response_length/mean") * mean("perf/num_sequences")
         trained = mean("perf/total_tokens")

@@ -185,7 +185,8 @@ class ActorWorker(PolicyWorker):
             raise ValueError(f"algorithm.loss_agg_mode={algo.loss_agg_mode!r} averages over sequences, which "
                              "packed micro-batches (engine.pack_sequences=true) merge into one row: use "
                              "loss_agg_mode=token-mean or turn packing off")
-        tensors = dict(data.tensors)
+        keys = ["input_ids", "attention_mask", "loss_mask", "old_log_probs", "advantages"]
+        tensors = {k: data[k] for k in keys + (["ref_log_probs"] if "ref_log_probs" in data else [])}
         if seq_mode:   # micro-batches and DP ranks weighted by sequences, not tokens
             first = tensors["loss_mask"].cumsum(1) == 1
             tensors["seq_mask"] = (first & tensors["loss_mask"].bool()).long()
