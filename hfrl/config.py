@@ -32,7 +32,7 @@ import yaml
 
 from hfrl.distributed.parallel_dims import GROUPINGS
 from hfrl.distributed.resource_pool import MAX_WORLD_SIZE, PLACEMENT_MODES, ROLE_NAMES
-from hfrl.engine.train_engine import EngineConfig
+from hfrl.engine.config import EngineConfig
 
 # What hfrl.distributed.env.pick_backend accepts (tests/test_config.py checks they agree).
 BACKENDS = ("auto", "gloo", "nccl")

@@ -37,3 +37,26 @@ def test_kernels_package_is_not_named_kernels():
 def test_console_script_entry_point():
     out = subprocess.run(["hfrl", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "layout" in out.stdout
+
+
+def test_config_and_cli_import_without_torch():
+    # Every `hfrl` process loads the config schema: without torch (about 2.5 s of each process)
+    # `hfrl config --describe` and a config error answer in a fraction of a second.
+    out = run_python("import sys\n"
+                     "import hfrl.config, hfrl.cli, hfrl.engine.config\n"
+                     "print('torch' in sys.modules)\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "importing hfrl.config or hfrl.cli loads torch again"
+
+
+def test_torch_free_engine_config_matches_the_engine():
+    # hfrl.engine.config restates the pipeline schedules (their module imports torch) and names the
+    # dtypes; the engine and its re-exports must agree with it.
+    from hfrl.distributed.pipeline_parallel import SCHEDULES
+    from hfrl.engine import EngineConfig, OptimConfig, config, optim, train_engine
+
+    assert config.PP_SCHEDULES == SCHEDULES
+    assert list(train_engine.DTYPES) == list(config.DTYPE_NAMES)
+    assert optim.SCHEDULES == config.LR_SCHEDULES
+    assert train_engine.EngineConfig is EngineConfig is config.EngineConfig
+    assert optim.OptimConfig is OptimConfig is config.OptimConfig

@@ -21,7 +21,6 @@ the master weights are the parameters themselves and the mixed-precision path do
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -31,67 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from hfrl.distributed.data_parallel import (LOW_PRECISION, GradBucketer, ZeroOneOptimizer,
                                             group_size_rank, unique_params)
 from hfrl.distributed.tensor_parallel import DUPLICATE_ATTR, REPLICATED_ROWS_ATTR, SHARD_ATTR
-
-SCHEDULES = ("constant", "cosine", "linear")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-6
-    """Peak learning rate (reached at the end of warmup)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW (beta1, beta2)."""
-    eps: float = 1e-8
-    """AdamW epsilon, added to the square root of the second moment."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay of matrices and embeddings; 1-D parameters (norms, biases) get none."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup: step s < warmup_steps uses lr * (s + 1) / warmup_steps."""
-    total_steps: int = 0
-    """Optimizer steps of the whole run; cosine/linear decay from warmup_steps to here (needs > warmup_steps)."""
-    min_lr_ratio: float = 0.0
-    """Final LR of cosine/linear decay as a fraction of lr (held after total_steps)."""
-    schedule: str = "constant"
-    """LR after warmup: 'constant', 'cosine' or 'linear'."""
-    grad_clip: float = 1.0
-    """Max global gradient norm (over every DP/TP/PP rank); 0 disables clipping (the norm is still computed)."""
-    zero_stage: int = 0
-    """0: every DP rank keeps full optimizer state (bucketed all-reduce); 1: state sharded over DP (ZeRO-1)."""
-    bucket_mb: float = 25.0
-    """Size of each gradient all-reduce bucket in MiB (zero_stage 0)."""
-    skip_nonfinite: bool = True
-    """Skip the step (on every rank) when the gradient norm is inf/NaN; if False such a step raises."""
-
-    def validate(self, where: str = "optim") -> None:
-        """Raise ValueError naming the bad field; run on every rank before the first collective.
-
-        `where` is the section's key in the config (hfrl.config: "engine.optim", ...). NaN and inf
-        are refused wherever a finite number is meant (NaN passes every `<` check).
-        """
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"{where}.lr={self.lr!r} must be a positive finite number")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"{where}.betas={self.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
-        if not 0 < self.eps < math.inf:
-            raise ValueError(f"{where}.eps={self.eps!r} must be a positive finite number")
-        if not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"{where}.weight_decay={self.weight_decay!r} must be a finite number >= 0")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{where}.schedule={self.schedule!r}: expected one of {SCHEDULES}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"{where}.warmup_steps={self.warmup_steps!r} must be >= 0")
-        if self.schedule != "constant" and self.total_steps <= self.warmup_steps:
-            raise ValueError(f"{where}.schedule={self.schedule!r} decays from warmup_steps={self.warmup_steps} to "
-                             f"total_steps={self.total_steps}: set total_steps to the run's number of optimizer "
-                             "steps (> warmup_steps), or use schedule='constant'")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"{where}.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-        if not 0 <= self.grad_clip < math.inf:
-            raise ValueError(f"{where}.grad_clip={self.grad_clip!r} must be a finite number >= 0 (0 disables clipping)")
-        if self.zero_stage not in (0, 1):
-            raise ValueError(f"{where}.zero_stage={self.zero_stage!r}: hfrl implements 0 (plain DP) and 1 (ZeRO-1)")
-        if not 0 < self.bucket_mb < math.inf:
-            raise ValueError(f"{where}.bucket_mb={self.bucket_mb!r} must be a positive finite number")
+from hfrl.engine.config import LR_SCHEDULES as SCHEDULES, OptimConfig  # noqa: F401 (re-exported)
 
 
 # ---- optimizers ---------------------------------------------------------------------------------

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -60,78 +59,23 @@ import torch.nn.functional as F
 from hfrl.distributed.data_parallel import ZeroOneOptimizer, group_size_rank
 from hfrl.distributed.grad_overlap import OverlappedGradReduce, overlapped_allreduce, overlapped_zero_one
 from hfrl.distributed.parallel_dims import ParallelDims, RoleGroups
-from hfrl.distributed.pipeline_parallel import SCHEDULES, PipelineSchedule, partition_layers
+from hfrl.distributed.pipeline_parallel import PipelineSchedule, partition_layers
 from hfrl.distributed.tensor_parallel import DUPLICATE_ATTR, vocab_parallel_entropy, vocab_parallel_log_probs
+from hfrl.engine.config import DTYPE_NAMES, EngineConfig, OptimConfig  # noqa: F401 (re-exported)
 from hfrl.engine.microbatch import MicroBatch, make_micro_batches, merge_micro_batch_outputs
-from hfrl.engine.optim import OptimConfig, build_optimizer, build_scheduler, clip_optimizer_grads, should_skip_step
+from hfrl.engine.optim import build_optimizer, build_scheduler, clip_optimizer_grads, should_skip_step
 from hfrl.models.config import ModelConfig
 from hfrl.models.parallelize import check_tp, gather_full_state_dict, tp_from_pretrained
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 AXES = ("tp", "pp", "dp", "mp")
 LossFn = Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 CPU_OVERLAP_GRAD_REDUCE = True
 """EngineConfig.overlap_grad_reduce=None on CPU (gloo), from benchmarks/train_step.py on 2 shared cores
 (median step time on / off, two runs): dp2 0.961 and 0.958; tp2_dp2 (4 ranks on 2 cores) 0.86 and 1.10,
 within that run's noise. Overlap never lost beyond noise and won on dp2 both times."""
-
-
-@dataclass
-class EngineConfig:
-    model_path: str = ""
-    """Local HF checkpoint folder (config.json + safetensors) the weights are read from."""
-    value_head: bool = False
-    """Build a ValueModel (critic, reward or cost model: one scalar per token) instead of a CausalLM."""
-    init_missing_value_head: bool = False
-    """With value_head: start the head from a seeded random init when the checkpoint has none
-    (a critic made from an actor checkpoint); otherwise a missing score.weight is an error."""
-    dtype: str = "float32"
-    """Parameter dtype, 'float32' or 'bfloat16' (the optimizer keeps fp32 master weights). bfloat16
-    is meant for CUDA; on CPU train in float32."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """AdamW, LR schedule, gradient clipping, ZeRO stage."""
-    num_micro_batches: int | None = None
-    """Micro-batches per step on each DP rank (contiguous rows, at most one per row). Leave None to
-    use max_tokens_per_micro_batch; both None means one micro-batch."""
-    max_tokens_per_micro_batch: int | None = None
-    """Dynamic batch size: micro-batches of at most this many real tokens (first-fit decreasing, a
-    longer sequence goes alone). Give this or num_micro_batches, not both."""
-    pack_sequences: bool = False
-    """Pack each micro-batch into one row without padding (cu_seqlens); the outputs loss_fn sees
-    are then (1, total, ...) and so are the micro-batch's per-token tensors."""
-    pp_schedule: str = "1f1b"
-    """Pipeline schedule: '1f1b' (at most pp micro-batches' activations per stage) or 'gpipe'."""
-    activation_checkpointing: bool = False
-    """Recompute every decoder layer's activations in backward instead of keeping them."""
-    overlap_grad_reduce: bool | None = None
-    """Start each bucket's DP gradient reduction during the last micro-batch's backward (DDP-style
-    hooks). null: on for CUDA and on CPU (gloo dp2 step 0.96x of off, benchmarks/train_step.py)."""
-
-    def validate(self, where: str = "engine", require_model_path: bool = True) -> None:
-        """ValueError naming the bad field; run on every rank before the first collective.
-
-        `where` is the section's key in the config (hfrl.config: "engine" or "roles.<role>.engine").
-        """
-        if require_model_path and not self.model_path:
-            raise ValueError(f"{where}.model_path is empty: set it to a local HF checkpoint folder")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"{where}.dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
-        if self.num_micro_batches is not None and self.max_tokens_per_micro_batch is not None:
-            raise ValueError(f"{where}.num_micro_batches={self.num_micro_batches} and {where}.max_tokens_per_micro_"
-                             f"batch={self.max_tokens_per_micro_batch} are both set: micro-batch by count or by "
-                             "token budget, set the other to null")
-        for name in ("num_micro_batches", "max_tokens_per_micro_batch"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{where}.{name}={value!r} must be a positive integer or null")
-        if self.overlap_grad_reduce is not None and not isinstance(self.overlap_grad_reduce, bool):
-            raise ValueError(f"{where}.overlap_grad_reduce={self.overlap_grad_reduce!r}: expected true, false or "
-                             "null (null: the default, on)")
-        if self.pp_schedule not in SCHEDULES:
-            raise ValueError(f"{where}.pp_schedule={self.pp_schedule!r}: expected one of {SCHEDULES}")
-        self.optim.validate(f"{where}.optim")
 
 
 def token_log_probs(logits_shard: torch.Tensor, input_ids: torch.Tensor, tp_group: Any = None, *,
