@@ -7,7 +7,8 @@ Cases: PPO, ReMax, Safe-RLHF and GRPO on 2 and 4 ranks (torchrun, gloo, 1 thread
 every role colocated, and split (actor + reference | critic + reward + cost) for the algorithms
 that have a critic side. Models: the example assets (examples/make_example_assets.py: a 2-layer
 Qwen2-shaped policy, Llama reward and cost models); 16 prompts of the "add" task, rule reward
-where no reward model is configured. Each line: the mean throughput over the iterations after the
+where no reward model is configured; every role trains on packed micro-batches
+(engine.pack_sequences: ragged responses, no padding computed). Each line: the mean throughput over the iterations after the
 first (warm-up), and the mean of every `timing_s/*` the trainer logs (where an iteration goes).
 
 The `grpo_17m` case is the issue's MFU case: a ~17M-parameter Llama (hidden 512, 5 layers, GQA),
@@ -41,7 +42,9 @@ def case_config(name: str, algorithm: str, placement: str, assets: Path, run_dir
     critic = algorithm in ("ppo", "safe_rlhf")
     n = 4 if algorithm == "grpo" else 1
     data = {
-        "engine": {"model_path": str(assets / "policy"), "optim": {"lr": 1e-4, "weight_decay": 0.0}},
+        # packed micro-batches: rows of ragged responses compute no padding
+        "engine": {"model_path": str(assets / "policy"), "optim": {"lr": 1e-4, "weight_decay": 0.0},
+                   "pack_sequences": True},
         "data": {"train_files": [str(assets / "add_train.jsonl")], "max_prompt_length": 16,
                  "train_batch_size": 16, "reward_fn": "examples.reward_fns:exact_answer"},
         "placement": {"mode": placement},
@@ -135,6 +138,7 @@ def summarise(name, algorithm, ranks, placement, result, num_params) -> dict:
            "iterations": len(rows), "throughput_tokens_per_s": mean("perf/throughput"),
            "throughput_per_rank": mean("perf/throughput_per_rank"),
            "iteration_s": mean("timing_s/step"), "tokens_per_iteration": mean("perf/total_tokens"),
+           "response_length_mean": mean("response_length/mean"), "response_length_max": mean("response_length/max"),
            "rank0_payload_recv_bytes": result["transport"]["payload_recv"]}
     keys = sorted({k for r in rows for k in r if k.startswith(("timing_s/", "hybrid/timing_s"))})
     out["timing_s"] = {k.rsplit("/", 1)[1]: round(mean(k), 4) for k in keys}

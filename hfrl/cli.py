@@ -68,19 +68,36 @@ def cmd_layout(ns: argparse.Namespace) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    """Train: the config file (or the built-in default job) with overrides, on every launched rank."""
-    from hfrl.trainers.job import default_config
+    """Train: the config file (or the built-in default job) with overrides, on every launched rank.
+    Started without a launcher, it checks the job and starts --nproc-per-node local ranks under
+    torchrun itself (2 by default: `hfrl train` alone runs the default job as the README says)."""
+    from hfrl.distributed.env import detect_env
+    from hfrl.trainers.job import check_job, default_config
 
     path, overrides = _split_config_args(ns.args)
     if ns.resume is not None:
         overrides.append(f"trainer.resume={str(ns.resume).lower()}")
     config = default_config(overrides) if path is None else load_config(path, overrides, training=True)
+    if detect_env().launcher == "none" and ns.nproc_per_node > 1:
+        check_job(config, world_size=ns.nproc_per_node)   # one error line here, not one per rank
+        return _launch_local(ns)
     from hfrl.trainers import train
 
     summary = train(config)
     if summary is not None:
         print(_summary_text(summary, config), flush=True)
     return 0
+
+
+def _launch_local(ns: argparse.Namespace) -> int:
+    """Run this same command on ns.nproc_per_node local ranks under torchrun (replaces the process)."""
+    from hfrl.distributed.env import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ns.nproc_per_node),
+           "--master-port", str(free_port()), "-m", "hfrl.cli", *ns.argv]
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
+    return 0   # not reached
 
 
 def _summary_text(summary: dict, config) -> str:
@@ -140,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the newest checkpoint in trainer.run_dir (the default)")
     train.add_argument("--no-resume", dest="resume", action="store_false",
                        help="start over even if trainer.run_dir holds checkpoints")
+    train.add_argument("--nproc-per-node", type=int, default=2,
+                       help="without a launcher, start this many local ranks under torchrun (default 2; 1 runs "
+                            "in this process); under torchrun/srun/mpirun the launcher decides")
     train.set_defaults(func=cmd_train)
 
     config = sub.add_parser("config", help="print the resolved config as YAML")
@@ -151,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)
+    ns.argv = argv
     try:
         return ns.func(ns)
     except (ValueError, TypeError) as err:

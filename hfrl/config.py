@@ -328,6 +328,10 @@ class AlgorithmConfig:
         _check(0 < self.kl_target < math.inf, "algorithm.kl_target", self.kl_target,
                "must be a positive finite number")
         _check(self.kl_horizon >= 1, "algorithm.kl_horizon", self.kl_horizon, "must be >= 1")
+        if not self.kl_in_reward and self.kl_coef > 0 and self.kl_estimator == "k1":
+            raise ValueError("algorithm.kl_estimator='k1' with algorithm.kl_in_reward=false: as a loss term the "
+                             "k1 estimate (log-ratio) has zero expected gradient, so it would not regularise "
+                             "at all; use kl_estimator=k3 (low variance) or k2, or keep the KL in the reward")
         for key, lo, hi, closed in (("gamma", 0, 1, True), ("lam", 0, 1, True),
                                     ("clip_ratio_low", 0, 1, False)):
             value = getattr(self, key)

@@ -21,6 +21,7 @@ import logging
 import traceback
 from typing import Any, Callable
 
+from hfrl.controller.errors import NotRunError
 from hfrl.controller.runtime import Runtime, output_status
 from hfrl.controller.transport import CMD, RELAY, REPLY
 from hfrl.controller.watchdog import Watchdog

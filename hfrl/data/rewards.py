@@ -83,17 +83,20 @@ def _module_from_file(target: str, spec: str):
 
 
 def score_responses(fn: RewardFn, prompts: Sequence[str], responses: Sequence[str],
-                    ground_truths: Sequence, *, name: str, start_index: int = 0) -> torch.Tensor:
+                    ground_truths: Sequence, *, name: str, start_index: int = 0,
+                    sample_names: Sequence[str] | None = None) -> torch.Tensor:
     """(N,) float32 rewards, fn(prompts[i], responses[i], ground_truths[i]) for each sample i.
 
-    Errors name sample start_index + i, so a caller scoring a slice reports global indices."""
+    Errors name sample start_index + i, so a caller scoring a slice reports global indices, or
+    sample_names[i] when given (a trainer names the dataset row and the response's number)."""
     if not len(prompts) == len(responses) == len(ground_truths):
         raise ValueError(f"score_responses({name!r}): {len(prompts)} prompts, {len(responses)} "
                          f"responses and {len(ground_truths)} ground truths, expected as many "
                          "of each")
     scores = []
     for i, (prompt, response, truth) in enumerate(zip(prompts, responses, ground_truths)):
-        where = (f"sample {start_index + i} (prompt {_short(prompt)}, response "
+        label = sample_names[i] if sample_names is not None else f"sample {start_index + i}"
+        where = (f"{label} (prompt {_short(prompt)}, response "
                  f"{_short(response)}, ground_truth {_short(truth)})")
         try:
             value = fn(prompt, response, truth)

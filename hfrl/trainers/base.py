@@ -65,7 +65,8 @@ class RLTrainer:
                                    shuffle=config.data.shuffle)
         self.kl_ctrl = build_kl_controller(config.algorithm.kl_ctrl, config.algorithm.kl_coef,
                                            target_kl=config.algorithm.kl_target, horizon=config.algorithm.kl_horizon)
-        self.step_index = 0
+        self.notices: list[str] = []
+        """Things the run tells the user once (printed above the progress bar)."""
         self.build_workers()
 
     # ---- setup --------------------------------------------------------------------------------
@@ -215,9 +216,11 @@ class RLTrainer:
         prompts = self.prompt_batch(self.val_data, list(range(len(self.val_data))), 0, seeded=False)
         gen = self.actor.generate(prompts, greedy=True, blocking=False)
         scores = self.reward.score(gen)["scores"]
-        return {"val/score/mean": float(scores.mean()), "val/score/max": float(scores.max()),
-                "val/accuracy": float((scores >= 1.0).float().mean()),
-                "timing_s/validate": time.perf_counter() - start}
+        metrics = {"val/score/mean": float(scores.mean()), "val/score/max": float(scores.max()),
+                   "timing_s/validate": time.perf_counter() - start}
+        if not self.has_role("reward"):   # rule rewards: 1 is a right answer
+            metrics["val/accuracy"] = float((scores >= 1.0).float().mean())
+        return metrics
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def checkpoint_dir(self, step: int) -> Path:
@@ -230,7 +233,8 @@ class RLTrainer:
         tmp.mkdir(parents=True)
         for role, group in self.trainable().items():
             group.save(str(tmp / role))
-        state = {"step": step, "kl_ctrl": self.kl_ctrl.state_dict(), **self.extra_state()}
+        state = {"step": step, "algorithm": self.algorithm, "roles": sorted(self.trainable()),
+                 "kl_ctrl": self.kl_ctrl.state_dict(), **self.extra_state()}
         (tmp / STATE_FILE).write_text(json.dumps(state))   # last: marks the folder complete
         if final.exists():
             shutil.rmtree(final)
@@ -251,13 +255,27 @@ class RLTrainer:
         pass
 
     def resume(self) -> int:
-        done = complete_checkpoints(self.run_dir) if self.cfg.trainer.resume else []
+        """The step to start at: that of the newest complete checkpoint, restored, or 0. Starting
+        over (trainer.resume=false) moves an earlier run's checkpoints aside, to
+        checkpoints.previous/, so they are neither resumed nor mixed with this run's."""
+        done = complete_checkpoints(self.run_dir)
+        if done and not self.cfg.trainer.resume:
+            previous = self.run_dir / f"{CHECKPOINTS}.previous"
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(self.run_dir / CHECKPOINTS, previous)
+            self.notices.append(f"trainer.resume=false: the earlier run's checkpoints moved to {previous}")
+            return 0
         if not done:
             return 0
         path = done[-1]
+        state = json.loads((path / STATE_FILE).read_text())
+        theirs = (state.get("algorithm"), state.get("roles"))
+        if theirs != (self.algorithm, sorted(self.trainable())):
+            raise ValueError(f"{path} is a checkpoint of algorithm {theirs[0]!r} with trained roles {theirs[1]}, "
+                             f"but this run is {self.algorithm!r} with {sorted(self.trainable())}: use another "
+                             "trainer.run_dir, or start over with --no-resume (trainer.resume=false)")
         for role, group in self.trainable().items():
             group.load(str(path / role))
-        state = json.loads((path / STATE_FILE).read_text())
         self.kl_ctrl.load_state_dict(state["kl_ctrl"])
         self.load_extra_state(state)
         return int(state["step"])
@@ -269,6 +287,8 @@ class RLTrainer:
         (self.run_dir / "config.yaml").write_text(_dump(self.cfg))
         log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start_step)
         bar = ProgressBar(tcfg.total_steps, start_step, tcfg.progress_bar)
+        for notice in self.notices:
+            bar.write(f"hfrl train: {notice}")
         if start_step:
             bar.write(f"hfrl train: resumed from {self.checkpoint_dir(start_step)} at step {start_step}")
         summary: dict[str, Any] = {"start_step": start_step}
@@ -292,7 +312,7 @@ class RLTrainer:
                 summary["last"] = metrics
             if start_step < tcfg.total_steps or not complete_checkpoints(self.run_dir):
                 summary["checkpoint"] = str(self.save(tcfg.total_steps))
-            if tcfg.export_hf:
+            if tcfg.export_hf and (start_step < tcfg.total_steps or not (self.run_dir / "actor_hf").is_dir()):
                 summary["export"] = self.export()
         finally:
             bar.close()

@@ -40,7 +40,7 @@ def default_config(overrides=()):
     """The built-in job's Config, with `section.key=value` overrides applied."""
     import yaml
 
-    from hfrl.config import Config, from_dict, load_config, parse_override, _set_path
+    from hfrl.config import Config, _set_path, from_dict, parse_override
 
     data = yaml.safe_load(DEFAULT_JOB)
     for text in overrides:
@@ -55,7 +55,7 @@ def check_job(config, world_size: int | None = None) -> None:
     """What a training run needs beyond the config's own checks: rows that divide evenly over each
     trainable role's data-parallel ranks and mini-batches, whole prompt groups per rank for group
     estimators, and prompts + responses that fit the model's context. Pure; ValueError otherwise."""
-    from hfrl.config import GROUP_ALGORITHMS, resolve_for_run
+    from hfrl.config import GROUP_ALGORITHMS
     from hfrl.distributed.resource_pool import plan_for_config
 
     config.validate(training=True)

@@ -28,7 +28,8 @@ class SafeRLHFTrainer(RLTrainer):
         cost_critic_cfg = self.engine_cfg("critic")
         cost_critic_cfg.model_path, cost_critic_cfg.init_missing_value_head = self.engine_cfg("cost").model_path, True
         self.cost_critic = self.role_group(CriticWorker, "critic", cost_critic_cfg, algo,
-                                           num_mini_batches=self.num_mini_batches, name="cost_critic")
+                                           num_mini_batches=self.num_mini_batches, label="cost_critic",
+                                           name="cost_critic")
         self.lagrange = LagrangeMultiplier(algo.lagrangian_init, algo.lagrangian_lr, algo.cost_limit)
 
     def trainable(self):
@@ -58,7 +59,7 @@ class SafeRLHFTrainer(RLTrainer):
 
     def mean_cost(self, costs) -> float:
         """The batch's mean cost: the per-rank score sums travel in the scores' meta."""
-        return float(costs.meta["score/mean"])
+        return float(costs.meta["cost/score/mean"])
 
     def extra_state(self):
         return {"lagrange": self.lagrange.state_dict()}

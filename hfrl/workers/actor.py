@@ -20,14 +20,13 @@ import time
 
 import torch
 
-from hfrl.algorithms import (agg_loss, apply_kl_in_reward, get_advantage, kl_loss, kl_penalty,
-                             ppo_clip_loss, safe_rlhf_advantages, scores_to_token_rewards)
+from hfrl.algorithms import agg_loss, kl_loss, ppo_clip_loss, masked_mean
 from hfrl.controller import DP_COMPUTE, MICRO_DP_COMPUTE, Batch, register
-from hfrl.workers.common import (EngineWorker, MetricSums, prompt_width, response_from_shifted,
-                                 timed, to_token_columns)
+from hfrl.workers.advantage import advantage_columns, step_metrics
+from hfrl.workers.common import EngineWorker, response_from_shifted, timed
 
-GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus_baseline")
-"""Estimators that compare the responses of one prompt: a rank must hold every one of them."""
+TIMING_NAMES = {"old_log_probs": "timing_s/old_log_prob", "ref_log_probs": "timing_s/ref"}
+"""verl's names for the time of each log-prob pass."""
 
 
 class PolicyWorker(EngineWorker):
@@ -41,7 +40,7 @@ class PolicyWorker(EngineWorker):
     def compute_log_probs(self, gen: Batch, key: str = "old_log_probs") -> Batch | None:
         """{key: (N, R)} log-probs of the response tokens under logits / rollout temperature."""
         meta: dict = {}
-        with timed(meta, f"timing_s/{key}"):
+        with timed(meta, TIMING_NAMES.get(key, f"timing_s/{key}")):
             log_probs = self.engine.compute_log_probs(
                 {"input_ids": gen["input_ids"], "attention_mask": gen["attention_mask"]},
                 temperature=self.temperature)
@@ -83,8 +82,7 @@ class ActorWorker(PolicyWorker):
         with self.hybrid.generation():
             out = self.rollout.generate(token_lists, params)
         meta["timing_s/gen"] = time.perf_counter() - start
-        meta.update({f"hybrid/{k}": v for k, v in self.hybrid.metrics().items()
-                     if k.startswith("timing_s/")})
+        meta.update({k: v for k, v in self.hybrid.metrics().items() if k.startswith("timing_s/")})
         samples_per_prompt = base.n if not greedy else repeat
         return self._rows(prompts, out, samples_per_prompt, repeat if greedy else 1, meta)
 
@@ -112,68 +110,21 @@ class ActorWorker(PolicyWorker):
                            cost_values: Batch | None = None, baseline: Batch | None = None, *,
                            estimator: str, kl_coef: float = 0.0, lagrange: float = 0.0,
                            group_size: int = 1) -> Batch:
-        """The training columns of this rank's rows, and the step's reward metrics in meta."""
-        algo, meta = self.algo, {}
+        """The training columns of this rank's rows (advantage.py), the step's reward metrics in meta."""
+        def column(batch, key):
+            return None if batch is None else batch[key]
+
+        meta: dict = {}
         with timed(meta, "timing_s/adv"):
-            mask = gen["response_mask"].float()
-            if estimator in GROUP_ESTIMATORS:
-                _check_whole_groups(gen["uid"], group_size)
-            token_scores = scores_to_token_rewards(scores["scores"].float(), mask)
-            kl = None
-            if ref is not None:
-                kl = kl_penalty(old["old_log_probs"], ref["ref_log_probs"], algo.kl_estimator) * mask
-            if ref is not None and algo.kl_in_reward and kl_coef > 0:
-                token_rewards, _ = apply_kl_in_reward(token_scores, old["old_log_probs"],
-                                                      ref["ref_log_probs"], mask, kl_coef,
-                                                      algo.kl_estimator)
-            else:
-                token_rewards = token_scores
-            advantages, returns = get_advantage(estimator)(
-                token_rewards, mask, values=None if values is None else values["values"],
-                group_index=gen["uid"], baseline=None if baseline is None else baseline["scores"],
-                gamma=algo.gamma, lam=algo.lam, norm_by_std=algo.group_norm_by_std)
-            columns = {"input_ids": gen["input_ids"], "attention_mask": gen["attention_mask"],
-                       "loss_mask": to_token_columns(mask, gen),
-                       "old_log_probs": to_token_columns(old["old_log_probs"], gen)}
-            if costs is not None:
-                cost_rewards = scores_to_token_rewards(costs["scores"].float(), mask)
-                cost_adv, cost_returns = get_advantage("gae")(
-                    cost_rewards, mask, values=cost_values["values"], gamma=algo.gamma, lam=algo.lam)
-                advantages = safe_rlhf_advantages(advantages, cost_adv, lagrange)
-                columns["cost_values"] = to_token_columns(cost_values["values"], gen)
-                columns["cost_returns"] = to_token_columns(cost_returns, gen)
-            columns["advantages"] = to_token_columns(advantages, gen)
-            if values is not None:
-                columns["values"] = to_token_columns(values["values"], gen)
-                columns["returns"] = to_token_columns(returns, gen)
-            if ref is not None and not algo.kl_in_reward:
-                columns["ref_log_probs"] = to_token_columns(ref["ref_log_probs"], gen)
-        metrics = MetricSums()
-        seq = torch.ones(len(gen))
-        metrics.add("critic/score", scores["scores"], extremes=True)
-        metrics.add("critic/rewards", token_rewards.sum(-1), seq, extremes=True)
-        metrics.add("critic/advantages", advantages, mask, extremes=True)
-        metrics.add("critic/returns", returns, mask, extremes=True)
-        if values is not None:
-            metrics.add("critic/values", values["values"], mask, extremes=True)
-        if costs is not None:
-            metrics.add("critic/cost", costs["scores"], extremes=True)
-        if kl is not None:
-            metrics.add("actor/reward_kl_penalty", kl, mask)
-            metrics.add("actor/kl_seq", kl.sum(-1), seq)
-        # The generation engine's log-probs against the training engine's, same weights and
-        # temperature: their gap is what the PPO ratio's first step sees besides the policy change.
-        metrics.add("actor/rollout_log_prob_diff", (gen["rollout_log_probs"] - old["old_log_probs"]).abs(), mask,
-                    extremes=True)
-        response_lengths = mask.sum(-1)
-        prompt_lengths = gen["attention_mask"].sum(-1) - response_lengths
-        metrics.add("response_length", response_lengths, seq, extremes=True)
-        metrics.add("prompt_length", prompt_lengths, seq, extremes=True)
-        metrics.add("response_length/clip_ratio", (response_lengths == mask.shape[1]).float(), seq)
-        metrics.total("perf/total_tokens", float(gen["attention_mask"].sum()))
-        metrics.total("perf/num_sequences", float(len(gen)))
+            out = advantage_columns(
+                self.algo, gen, scores["scores"], old["old_log_probs"], estimator=estimator,
+                ref_log_probs=column(ref, "ref_log_probs"), values=column(values, "values"),
+                costs=column(costs, "scores"), cost_values=column(cost_values, "values"),
+                baseline=column(baseline, "scores"), kl_coef=kl_coef, lagrange=lagrange, group_size=group_size)
+        metrics = step_metrics(gen, scores["scores"], old["old_log_probs"], out, column(values, "values"),
+                               column(costs, "scores"))
         meta.update(metrics.reduce(self.dp_group))
-        return self.output_batch(columns, meta)
+        return self.output_batch(out.columns, meta)
 
     # ---- training -----------------------------------------------------------------------------
     @register(protocol=DP_COMPUTE)
@@ -203,9 +154,9 @@ class ActorWorker(PolicyWorker):
                                     dual_clip_c=algo.dual_clip_c, agg_mode=algo.loss_agg_mode)
             metrics = {"pg_loss": loss.detach(), **m}
             if algo.entropy_coef > 0:
-                entropy = agg_loss(self.engine.token_entropy(logits), mask, algo.loss_agg_mode)
-                loss = loss - algo.entropy_coef * entropy
-                metrics["entropy"] = entropy.detach()
+                token_entropy = self.engine.token_entropy(logits)
+                loss = loss - algo.entropy_coef * agg_loss(token_entropy, mask, algo.loss_agg_mode)
+                metrics["entropy"] = masked_mean(token_entropy.detach(), mask)   # per token, any agg mode
             if use_kl_loss:
                 kl = kl_loss(log_probs, mb["ref_log_probs"][:, 1:], mask, algo.kl_estimator,
                              algo.loss_agg_mode)
@@ -241,11 +192,3 @@ def run_mini_batches(engine, tensors: dict, loss_fn, num_mini_batches: int, epoc
             steps += 1
     return {k: v / steps for k, v in sums.items()}
 
-
-def _check_whole_groups(uid: torch.Tensor, group_size: int) -> None:
-    """Group estimators compare a prompt's responses: this rank must hold all group_size of each."""
-    _, counts = torch.unique(uid, return_counts=True)
-    if (counts != group_size).any():
-        raise ValueError(f"this rank holds {counts.tolist()} responses of its prompts, not all "
-                         f"rollout.n={group_size} of each: make data.train_batch_size divisible by the "
-                         "actor's data-parallel size so each rank gets whole prompts")

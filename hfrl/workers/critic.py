@@ -9,6 +9,8 @@ critic (the trainer passes the column names).
 """
 from __future__ import annotations
 
+import torch
+
 from hfrl.algorithms import value_loss
 from hfrl.controller import DP_COMPUTE, Batch, register
 from hfrl.workers.actor import run_mini_batches
@@ -16,14 +18,15 @@ from hfrl.workers.common import EngineWorker, MetricSums, last_token_index, resp
 
 
 class CriticWorker(EngineWorker):
-    def __init__(self, engine_cfg, algo_cfg, *, num_mini_batches: int):
+    def __init__(self, engine_cfg, algo_cfg, *, num_mini_batches: int, label: str = "critic"):
+        """``label`` names its timing (a Safe-RLHF cost critic: timing_s/cost_critic_values)."""
         self.build_engine(engine_cfg)
-        self.algo, self.num_mini_batches = algo_cfg, num_mini_batches
+        self.algo, self.num_mini_batches, self.label = algo_cfg, num_mini_batches, label
 
     @register(protocol=DP_COMPUTE)
     def compute_values(self, gen: Batch) -> Batch | None:
         meta: dict = {}
-        with timed(meta, "timing_s/values"):
+        with timed(meta, "timing_s/values" if self.label == "critic" else f"timing_s/{self.label}_values"):
             values = self.engine.compute_values({"input_ids": gen["input_ids"],
                                                  "attention_mask": gen["attention_mask"]})
         if values is None:
@@ -38,17 +41,23 @@ class CriticWorker(EngineWorker):
                    "loss_mask": data["loss_mask"], "values": data[values_key], "returns": data[returns_key]}
 
         def loss_fn(values, mb):
-            # values (b, t): position t is the state after token t, so token t's value is at t - 1
-            mask = mb["loss_mask"][:, 1:].float()
-            loss, metrics = value_loss(values[:, :-1].float(), mb["values"][:, 1:], mb["returns"][:, 1:], mask,
-                                       clip=algo.value_clip, agg_mode="token-mean")
-            return loss, {"vf_loss": loss.detach(), **metrics}
+            return critic_loss(values, mb, algo.value_clip)
 
         meta: dict = {}
         with timed(meta, f"timing_s/update_{prefix}"):
             result = run_mini_batches(self.engine, tensors, loss_fn, self.num_mini_batches, algo.ppo_epochs,
                                       "loss_mask")
         return {**{f"{prefix}/{k}": v for k, v in result.items()}, **meta}
+
+
+def critic_loss(values: torch.Tensor, mb: dict, clip: float) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss over the micro-batch's response tokens. ``values`` (b, t) are the model's
+    outputs: position t is the state after token t, so token t's value is at t - 1, as in
+    ``response_from_states``; ``mb`` holds the per-token columns values, returns, loss_mask."""
+    mask = mb["loss_mask"][:, 1:].float()
+    loss, metrics = value_loss(values[:, :-1].float(), mb["values"][:, 1:], mb["returns"][:, 1:], mask,
+                               clip=clip, agg_mode="token-mean")
+    return loss, {"vf_loss": loss.detach(), **metrics}
 
 
 class RewardModelWorker(EngineWorker):
@@ -69,6 +78,6 @@ class RewardModelWorker(EngineWorker):
         index = last_token_index(gen["attention_mask"]).to(values.device)
         scores = values.gather(1, index[:, None])[:, 0]
         sums = MetricSums()
-        sums.add("score", scores)
+        sums.add(f"{self.name}/score", scores)
         meta.update(sums.reduce(self.dp_group))   # the batch's mean (Safe-RLHF's multiplier reads it)
         return self.output_batch({"scores": scores}, meta)

@@ -44,6 +44,8 @@ class RuleRewardWorker(Worker):
             responses = [ids[mask.bool()].tolist() for ids, mask in
                          zip(gen["input_ids"][:, P:], gen["response_mask"])]
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            uids = gen["uid"].tolist()
+            names = [f"sample {j - uids.index(uid)} of dataset row {uid}" for j, uid in enumerate(uids)]
             scores = score_responses(self.fn, list(gen["prompt_text"]), texts, list(gen["ground_truth"]),
-                                     name=self.fn_name)
+                                     name=self.fn_name, sample_names=names)
         return Batch({"scores": scores}, meta=meta)

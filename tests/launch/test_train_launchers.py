@@ -10,7 +10,6 @@ import sys
 
 import pytest
 
-from hfrl.distributed.env import free_port
 from tests.launch.test_launchers import _need, _need_slurm, mpi_flavour, run
 
 TRAIN = ["-m", "hfrl.cli", "train", "data.train_batch_size=8", "algorithm.mini_batch_size=4",
@@ -25,12 +24,13 @@ def _check(result, run_dir) -> None:
     assert (run_dir / "checkpoints" / "step_00000001" / "trainer_state.json").is_file()
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec", "srun"])
+@pytest.mark.parametrize("launcher", ["none", "mpiexec", "srun"])
 def test_train_under_launcher(launcher, tmp_path):
+    """none: plain `hfrl train`, which starts its 2 local ranks under torchrun itself."""
     args = [*TRAIN, f"trainer.run_dir={tmp_path}"]
-    if launcher == "torchrun":
-        cmd = [_need("torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "hfrl.cli",
-               *args[2:]]
+    if launcher == "none":
+        _need("torchrun")
+        cmd = [sys.executable, *args]
     elif launcher == "mpiexec":
         mpiexec = _need("mpiexec")
         flags = ["--oversubscribe", "--allow-run-as-root"] if mpi_flavour(mpiexec) == "openmpi" else []

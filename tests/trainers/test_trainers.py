@@ -96,9 +96,10 @@ def two_rank_runs(assets, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     jobs = [(algo, job(root / algo, assets, algo)) for algo in ALGORITHMS]
-    jobs.append(("full", job(root / "full", assets, "ppo", trainer__total_steps=4)))
-    jobs.append(("part", job(root / "resumed", assets, "ppo", trainer__total_steps=2)))
-    jobs.append(("rest", job(root / "resumed", assets, "ppo", trainer__total_steps=4)))
+    adaptive = dict(algorithm__kl_ctrl="adaptive", algorithm__kl_target=0.01, algorithm__kl_horizon=20)
+    jobs.append(("full", job(root / "full", assets, "ppo", trainer__total_steps=4, **adaptive)))
+    jobs.append(("part", job(root / "resumed", assets, "ppo", trainer__total_steps=2, **adaptive)))
+    jobs.append(("rest", job(root / "resumed", assets, "ppo", trainer__total_steps=4, **adaptive)))
     learn = default_config([f"trainer.run_dir={root / 'learn'}", "trainer.progress_bar=false",
                             "trainer.total_steps=40", "trainer.eval_every=40", "trainer.save_every=0"])
     jobs.append(("learn", learn))
@@ -140,6 +141,8 @@ def test_resume_repeats_the_uninterrupted_run(two_rank_runs):
     assert results["rest"]["start_step"] == 2
     full, resumed = _metrics(root / "full"), _metrics(root / "resumed")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    coefs = [r["actor/kl_coef"] for r in full]
+    assert len(set(coefs)) == 4, f"the adaptive KL coefficient should move every step: {coefs}"
     for a, b in zip(full, resumed):
         same = {k: a[k] for k in a if not k.startswith(TIMING)}
         assert same == {k: b[k] for k in same}, f"step {a['step']} differs after resuming"
@@ -173,9 +176,10 @@ def test_a_reward_function_that_raises_stops_every_rank(assets, tmp_path):
     """The error names the function and the sample; rank 1 (scoring its own rows) ends too."""
     config = job(tmp_path / "bad", assets, "grpo", data__reward_fn="tests.trainers.rewards:raises")
     outcome = run_ranks(2, _failing_run, config, timeout=120)
-    assert "tests.trainers.rewards:raises" in outcome[0] and "sample" in outcome[0], outcome
+    assert "RewardFunctionError" in outcome[0] and "NameError" not in outcome[0], outcome
+    assert "tests.trainers.rewards:raises" in outcome[0] and "of dataset row" in outcome[0], outcome
     assert "cannot grade" in outcome[0]
-    assert outcome[1] != "no error", outcome
+    assert outcome[1] == "SystemExit(1)", outcome
 
 
 def _four_rank_jobs(rank, world_size, jobs):

@@ -1,0 +1,119 @@
+"""The step's training columns (hfrl.workers.advantage) and the critic's loss, against hand
+computations: which column holds which token, and which row gets which score."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hfrl.config import AlgorithmConfig
+from hfrl.controller import Batch
+from hfrl.workers.advantage import advantage_columns, check_whole_groups, step_metrics
+from hfrl.workers.common import response_from_shifted, response_from_states, to_token_columns
+from hfrl.workers.critic import critic_loss
+
+
+def rollout(response_mask, uid=None, width_prompt=3):
+    """N rows: a left-padded prompt of width 3 (first row's prompt one token shorter), responses of R
+    columns right-padded by response_mask. Token ids count up so every position is distinct."""
+    response_mask = torch.tensor(response_mask)
+    N, R = response_mask.shape
+    prompt_mask = torch.ones(N, width_prompt, dtype=torch.long)
+    prompt_mask[0, 0] = 0
+    ids = torch.arange(N * (width_prompt + R)).reshape(N, -1)
+    return Batch({"input_ids": ids, "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+                  "response_mask": response_mask, "rollout_log_probs": torch.zeros(N, R),
+                  "uid": torch.tensor(uid if uid is not None else list(range(N)))})
+
+
+def test_columns_line_up_with_the_tokens():
+    gen = rollout([[1, 1], [1, 0]])                       # P = 3, R = 2, T = 5
+    shifted = torch.arange(2 * 4, dtype=torch.float).reshape(2, 4)   # column t predicts token t + 1
+    # response token j is token P + j = 3 + j, predicted by column 2 + j; padding zeroed
+    assert response_from_shifted(shifted, gen).tolist() == [[2.0, 3.0], [6.0, 0.0]]
+    states = torch.arange(2 * 5, dtype=torch.float).reshape(2, 5)     # value of the state after token t
+    assert response_from_states(states, gen).tolist() == [[2.0, 3.0], [7.0, 0.0]]
+    per_token = to_token_columns(torch.tensor([[10.0, 11.0], [12.0, 0.0]]), gen)
+    assert per_token.tolist() == [[0, 0, 0, 10, 11], [0, 0, 0, 12, 0]]
+
+
+def test_remax_rows_get_their_own_baseline():
+    gen = rollout([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    out = advantage_columns(AlgorithmConfig(), gen, torch.tensor([1.0, 0.5, 0.0]), torch.zeros(3, 3),
+                            estimator="remax", baseline=torch.tensor([0.25, 1.0, -1.0]))
+    assert out.advantages.tolist() == [[0.75, 0.75, 0.0], [-0.5, -0.5, -0.5], [1.0, 0.0, 0.0]]
+    assert out.columns["advantages"][:, 3:].tolist() == out.advantages.tolist()
+    assert out.columns["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 0, 0]]
+
+
+def test_ppo_kl_in_the_reward_and_gae_returns():
+    """k1 KL per token subtracted from every response token's reward, the score added at the last
+    token; gamma = lam = 1 makes the returns the reward-to-go (values 0)."""
+    algo = AlgorithmConfig(kl_estimator="k1")
+    gen = rollout([[1, 1, 1], [1, 1, 0]])
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, 0.0]])
+    out = advantage_columns(algo, gen, torch.tensor([1.0, 2.0]), old, estimator="gae", ref_log_probs=ref,
+                            values=torch.zeros(2, 3), kl_coef=0.1)
+    kl = [[0.5, 0.0, -1.0], [1.0, 0.0, 0.0]]
+    assert out.kl.tolist() == kl
+    expected_rewards = [[-0.05, 0.0, 1.1], [-0.1, 2.0, 0.0]]
+    assert torch.allclose(out.token_rewards, torch.tensor(expected_rewards))
+    assert torch.allclose(out.returns, torch.tensor([[1.05, 1.1, 1.1], [1.9, 2.0, 0.0]]))
+    valid = gen["response_mask"].bool()
+    assert abs(float(out.advantages[valid].mean())) < 1e-6       # whitened over the valid tokens
+    assert torch.equal(out.columns["returns"][:, 3:], out.returns)
+
+
+def test_grpo_groups_sum_to_zero_and_must_be_whole():
+    gen = rollout([[1, 1]] * 4, uid=[7, 7, 9, 9])
+    out = advantage_columns(AlgorithmConfig(), gen, torch.tensor([1.0, 0.0, 0.5, 0.5]), torch.zeros(4, 2),
+                            estimator="grpo", group_size=2)
+    per_row = out.advantages[:, 0]
+    assert per_row[:2].sum().abs() < 1e-6 and per_row[0] > 0 and per_row[2:].abs().max() < 1e-6
+    with pytest.raises(ValueError, match=r"holds \[2, 1\] responses .* not all rollout.n=2"):
+        check_whole_groups(torch.tensor([7, 7, 9]), 2)
+
+
+def test_safe_rlhf_combines_reward_and_cost_advantages():
+    from hfrl.algorithms import get_advantage
+
+    algo = AlgorithmConfig(gamma=1.0, lam=0.9)
+    gen = rollout([[1, 1, 1], [1, 1, 0]])
+    values, cost_values = torch.tensor([[0.1, 0.2, 0.3], [0.0, -0.1, 0]]), torch.tensor([[0.5, 0, 0], [1, 1, 0]])
+    scores, costs = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    out = advantage_columns(algo, gen, scores, torch.zeros(2, 3), estimator="gae", values=values, costs=costs,
+                            cost_values=cost_values, lagrange=3.0)
+    mask = gen["response_mask"].float()
+    reward_adv, _ = get_advantage("gae")(torch.tensor([[0, 0, 1.0], [0, 0.0, 0]]), mask, values=values, lam=0.9)
+    cost_adv, cost_ret = get_advantage("gae")(torch.tensor([[0, 0, 0.0], [0, 2.0, 0]]), mask, values=cost_values,
+                                              lam=0.9)
+    assert torch.allclose(out.advantages, (reward_adv - 3.0 * cost_adv) / 4.0)
+    assert torch.equal(out.columns["cost_returns"][:, 3:], cost_ret)
+    assert torch.equal(out.columns["cost_values"][:, 3:], cost_values)
+
+
+def test_critic_loss_compares_the_state_before_each_token_with_its_return():
+    # T = 4; token 3 is the only response token: its value is the model's output at position 2
+    values = torch.tensor([[9.0, 9.0, 2.0, 9.0]])
+    mb = {"loss_mask": torch.tensor([[0, 0, 0, 1]]), "values": torch.tensor([[0.0, 0.0, 0.0, 2.0]]),
+          "returns": torch.tensor([[0.0, 0.0, 0.0, 5.0]])}
+    loss, metrics = critic_loss(values, mb, clip=0.0)
+    assert math.isclose(float(loss), 0.5 * (2.0 - 5.0) ** 2)
+    loss, metrics = critic_loss(torch.tensor([[9.0, 9.0, 4.0, 9.0]]), mb, clip=0.5)
+    # clipped prediction 2.5: max(0.5*(4-5)^2, 0.5*(2.5-5)^2) = 3.125
+    assert math.isclose(float(loss), 3.125) and float(metrics["vf_clipfrac"]) == 1.0
+
+
+def test_step_metrics_totals_and_means():
+    gen = rollout([[1, 1], [1, 0]])
+    old = torch.zeros(2, 2)
+    out = advantage_columns(AlgorithmConfig(), gen, torch.tensor([1.0, 0.0]), old, estimator="remax",
+                            baseline=torch.zeros(2))
+    metrics = step_metrics(gen, torch.tensor([1.0, 0.0]), old, out).reduce()
+    assert metrics["critic/score/mean"] == 0.5 and metrics["critic/score/max"] == 1.0
+    assert metrics["response_length/mean"] == 1.5 and metrics["response_length/max"] == 2.0
+    assert metrics["prompt_length/mean"] == 2.5        # 2 and 3 prompt tokens
+    assert metrics["perf/total_tokens"] == 8.0 and metrics["perf/num_sequences"] == 2.0
+    assert metrics["response_length/clip_ratio/mean"] == 0.5
