@@ -48,9 +48,9 @@ def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_layout(ns: argparse.Namespace) -> int:
+    config = load_config(*_split_config_args(ns.args))   # config errors answer before torch loads
     from hfrl.distributed.layout import format_report, run_layout
 
-    config = load_config(*_split_config_args(ns.args))
     report = run_layout(config, dry_run_world_size=ns.world_size)
     if report is not None and "actor" in report["plan"]["roles"]:
         from hfrl.distributed.parallel_dims import ParallelDims

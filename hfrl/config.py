@@ -504,13 +504,6 @@ class Config:
         if self.algorithm.kl_coef > 0 and "ref" not in enabled:
             raise ValueError(f"algorithm.kl_coef={self.algorithm.kl_coef} needs the reference policy: "
                              "set roles.ref.enabled=true, or algorithm.kl_coef=0")
-        has_rm = "reward" in enabled
-        if not has_rm and self.data.reward_fn is None and self.data.task is None:
-            raise ValueError("no reward: enable roles.reward (a reward model), set data.reward_fn "
-                             "('module:function') or use a built-in data.task")
-        if has_rm and self.data.reward_fn is not None:
-            raise ValueError(f"roles.reward is enabled and data.reward_fn={self.data.reward_fn!r} is "
-                             "set: give one source of rewards (roles.reward.enabled=false for rules)")
         fresh = self.data.task is not None   # an empty model_path means init_model's fresh model
         for role in ("reward", "cost"):
             if role in enabled and fresh and not self.engine_for(role).model_path:
@@ -536,6 +529,13 @@ class Config:
         for key in ("train_files", "val_files"):
             for i, path in enumerate(getattr(self.data, key)):
                 _check(Path(path).is_file(), f"data.{key}[{i}]", path, "is not a file")
+        has_rm = "reward" in enabled
+        if not has_rm and self.data.reward_fn is None and self.data.task is None:
+            raise ValueError("no reward: enable roles.reward (a reward model), set data.reward_fn "
+                             "('module:function') or use a built-in data.task")
+        if has_rm and self.data.reward_fn is not None:
+            raise ValueError(f"roles.reward is enabled and data.reward_fn={self.data.reward_fn!r} is "
+                             "set: give one source of rewards (roles.reward.enabled=false for rules)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -304,7 +304,10 @@ def test_training_needs_models_and_data(tmp_path):
 
     with pytest.raises(ValueError, match=r"engine.model_path is empty.*roles actor, critic, ref, "
                                          r"reward"):
-        resolve_for_run(None, ["data.task=countdown"], world_size=1, training=True)
+        resolve_for_run(None, ["data.train_files=[prompts.jsonl]"], world_size=1, training=True)
+    # a built-in task trains a fresh model, but a fresh reward model would score nothing
+    with pytest.raises(ValueError, match=r"roles.reward is enabled but has no model"):
+        resolve_for_run(None, ["data.task=max_digit"], world_size=1, training=True)
     folder = tmp_path / "policy"
     folder.mkdir()
     (folder / "config.json").write_text("{}")

@@ -22,8 +22,10 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +211,8 @@ class DistContext:
 
 
 def pick_backend(requested: str) -> str:
+    import torch   # here, not above: detect_env (every `hfrl` error message) stays free of torch
+
     if requested not in ("auto", "gloo", "nccl"):
         raise ValueError(f"distributed.backend={requested!r}: expected 'auto', 'gloo' or 'nccl'")
     if requested == "auto":
@@ -231,6 +235,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0,
     A world of 1 with no launcher works and still creates a (single-rank) process group, so code
     paths are the same with and without a launcher.
     """
+    import torch
     import torch.distributed as dist
 
     denv = detect_env(environ)

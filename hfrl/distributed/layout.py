@@ -12,8 +12,6 @@ import datetime
 import json
 from typing import Any
 
-import torch
-
 from hfrl.config import Config
 from hfrl.distributed.env import DistContext, detect_env, init_distributed
 from hfrl.distributed.parallel_dims import AXES, AXIS_DOCS, GroupCache, RoleGroups
@@ -23,6 +21,7 @@ from hfrl.distributed.resource_pool import (MAX_WORLD_SIZE, PlacementPlan, build
 
 def check_groups(groups: dict[str, RoleGroups], rank: int) -> dict[str, Any]:
     """All-reduce this rank's global rank over each of its groups; the sum must be the members'."""
+    import torch
     import torch.distributed as dist
 
     checked = 0
@@ -60,12 +59,12 @@ def _expected_view(plan: PlacementPlan, rank: int) -> dict[str, dict[str, list[i
 
 def run_layout(config: Config, dry_run_world_size: int | None = None) -> dict[str, Any] | None:
     """Build and check the plan; returns the report on rank 0 and None on the other ranks."""
-    import torch.distributed as dist
-
     if dry_run_world_size is not None:
         return _dry_run(config, dry_run_world_size)
     denv = detect_env()
-    plan = plan_for_config(config, denv.world_size)   # before any collective
+    plan = plan_for_config(config, denv.world_size)   # before any collective, and before torch loads
+    import torch.distributed as dist
+
     ctx: DistContext = init_distributed(config.distributed.backend, config.distributed.timeout_s)
     try:
         cache = GroupCache(timeout=datetime.timedelta(seconds=ctx.timeout_s))
@@ -89,9 +88,6 @@ def run_layout(config: Config, dry_run_world_size: int | None = None) -> dict[st
 
 
 def _dry_run(config: Config, world_size: int) -> dict[str, Any]:
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     if world_size < 1:
         raise ValueError(f"--world-size {world_size} must be >= 1")
     if world_size > MAX_WORLD_SIZE:
@@ -102,7 +98,10 @@ def _dry_run(config: Config, world_size: int) -> dict[str, Any]:
         raise ValueError(f"--world-size is a dry run without a launcher, but this process was "
                          f"started by {denv.launcher} with {denv.world_size} ranks; drop "
                          f"--world-size to check the launched world")
-    plan = plan_for_config(config, world_size)
+    plan = plan_for_config(config, world_size)   # a bad plan answers before torch loads
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         cache = GroupCache()

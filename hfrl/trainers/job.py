@@ -59,6 +59,10 @@ def check_job(config, world_size: int | None = None) -> None:
     from hfrl.distributed.resource_pool import plan_for_config
 
     config.validate(training=True)
+    if config.data.task is not None:
+        from hfrl.data import get_task
+
+        get_task(config.data.task)   # ValueError listing the built-in tasks
     if world_size is None:
         from hfrl.distributed.env import detect_env
 

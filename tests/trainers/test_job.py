@@ -67,7 +67,10 @@ def test_group_algorithms_need_whole_groups_per_rank(tmp_path):
 
 
 def test_reward_model_and_rule_reward_together_are_refused(tmp_path):
-    config = _config(tmp_path, data={"reward_fn": "m:f"}, roles={"reward": {"enabled": True}})
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text("{}")
+    config = _config(tmp_path, data={"reward_fn": "m:f"},
+                     roles={"reward": {"enabled": True, "engine": {"model_path": str(tmp_path / "rm")}}})
     with pytest.raises(ValueError, match="give one source of rewards"):
         config.validate(training=True)
 
@@ -82,3 +85,9 @@ def test_example_configs_load(name):
 
     config = load_config(Path(__file__).resolve().parents[2] / "examples" / name)
     assert config.algorithm.name == name.split("_rule")[0].replace(".yaml", "")
+
+
+def test_an_unknown_task_is_refused_with_the_known_ones(tmp_path):
+    config = _config(tmp_path, data={"task": "countdown"}, algorithm={"mini_batch_size": 16})
+    with pytest.raises(ValueError, match=r"countdown.*max_digit"):
+        check_job(config, world_size=2)
