@@ -11,7 +11,7 @@ where no reward model is configured; every role trains on packed micro-batches
 (engine.pack_sequences: ragged responses, no padding computed). Each line: the mean throughput over the iterations after the
 first (warm-up), and the mean of every `timing_s/*` the trainer logs (where an iteration goes).
 
-The `grpo_17m` case is the issue's MFU case: a ~17M-parameter Llama (hidden 512, 5 layers, GQA),
+The `grpo_17m` case is the issue's MFU case: a ~17.7M-parameter Llama (hidden 512, 6 layers, GQA),
 16 prompts x 4 samples, at most 64 new tokens, no reference model (kl_coef 0) on 2 ranks. Its
 model-FLOP utilisation counts 2N FLOPs per generated token and 6N per trained token against the
 matmul roof the same ranks measure at start (fp32 GEMMs of the model's shapes, every rank at once).
@@ -77,7 +77,7 @@ def write_17m(assets: Path) -> int:
     from hfrl.data import get_task
 
     tok = get_task("add").tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=5,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     folder = assets / "llama17m"
