@@ -31,11 +31,6 @@ from fractions import Fraction
 from hfrl.mapping.devices import GIB, DeviceProfile
 from hfrl.mapping.models import ModelSpec
 
-__all__ = ["GIB", "MODES", "TrainLayout", "GenLayout", "GenerationCost", "train_time", "forward_time",
-           "generation_cost", "generation_time", "decode_step_time", "max_concurrent_seqs",
-           "transition_bytes", "transition_time", "train_memory", "inference_memory", "min_devices",
-           "train_layouts", "gen_layouts"]
-
 MODES = ("hybridflow", "hybridflow_v", "ds_chat")
 ADAM_BYTES_PER_PARAM = 12        # fp32 master weight + two fp32 moments
 OPTIMIZER_TRAFFIC_PER_PARAM = 28  # Adam step reads grad 2 + master/m/v 12, writes master/m/v 12 + param 2
@@ -82,8 +77,7 @@ class GenLayout:
 
 
 def _check_degrees(obj, names) -> None:
-    for name in names:
-        value = getattr(obj, name)
+    for name, value in ((n, getattr(obj, n)) for n in names):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{type(obj).__name__}: {name}={value!r} must be a positive integer")
 
@@ -171,16 +165,12 @@ class GenerationCost:
 
     total_s: float
     prefill_s: float
-    decode_s: float
-    decode_memory_s: float
-    """Sum over decode steps of the memory-streaming time alone (weights + KV)."""
-    decode_compute_s: float
-    """Sum over decode steps of the compute time alone."""
-    decode_comm_s: float
-    """Sum over decode steps of TP all-reduces and PP sends."""
+    decode_s: float            # sum over steps of max(memory, compute) + comm
+    decode_memory_s: float     # sum over steps of the weight + KV streaming time alone
+    decode_compute_s: float    # sum over steps of the compute time alone
+    decode_comm_s: float       # sum over steps of TP all-reduces and PP sends
     seqs_per_replica: int
-    max_concurrent: int
-    """Sequences one replica holds in its KV cache at once."""
+    max_concurrent: int        # sequences one replica holds in its KV cache at once
     num_waves: int
 
 
