@@ -1,1 +1,39 @@
+"""Auto-mapping (HybridFlow §7): model shapes, device profiles, the cost model, the iteration
+simulator and the placement + parallelism search; `hfrl plan` on the command line.
 
+    from hfrl.mapping import Workload, get_profile, search
+    best = search(Workload.paper("ppo", "7b"), 16, get_profile("a100-80gb"))[0]
+    print(best.total_s, best.mapping.describe())
+
+Every module here is pure Python; only `calibrate` imports torch, when called.
+"""
+from __future__ import annotations
+
+from hfrl.mapping.cost_model import GenerationCost, GenLayout, TrainLayout, forward_time, generation_cost, \
+    generation_time, inference_memory, min_devices, train_memory, train_time, transition_bytes, transition_time
+from hfrl.mapping.devices import PROFILES, DeviceProfile, calibrate, get_profile, load_profile, save_profile
+from hfrl.mapping.models import MODEL_SIZES, ModelSpec
+from hfrl.mapping.search import Planner, allocations, auto_parallel, brute_force, device_counts, min_allocation, \
+    search, set_partitions
+from hfrl.mapping.simulator import DATAFLOWS, Estimate, Mapping, RolePlan, Stage, Workload, role_memory, schedule, \
+    simulate, stage_time
+
+_LAZY = {"mapping_to_config": "plan_io"}
+"""Names of modules written beside this one, loaded on first use."""
+
+__all__ = ["GenerationCost", "GenLayout", "TrainLayout", "forward_time", "generation_cost", "generation_time",
+           "inference_memory", "min_devices", "train_memory", "train_time", "transition_bytes", "transition_time",
+           "PROFILES", "DeviceProfile", "calibrate", "get_profile", "load_profile", "save_profile", "MODEL_SIZES",
+           "ModelSpec", "Planner", "allocations", "auto_parallel", "brute_force", "device_counts", "min_allocation",
+           "search", "set_partitions", "DATAFLOWS", "Estimate", "Mapping", "RolePlan", "Stage", "Workload",
+           "role_memory", "schedule", "simulate", "stage_time", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hfrl.mapping' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"hfrl.mapping.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
