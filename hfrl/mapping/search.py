@@ -452,16 +452,20 @@ def auto_parallel(role: str, spec, num_devices: int, workload: Workload, device,
     return best.plans[0], best.busy
 
 
-def search(workload: Workload, num_devices: int, device, *, top_k: int = 10) -> list[Estimate]:
+def search(workload: Workload, num_devices: int, device, *, top_k: int = 10,
+           planner: Planner | None = None) -> list[Estimate]:
     """Algorithm 1: the best mapping of each placement, ranked (best first, at most `top_k`).
 
-    ValueError: num_devices not a valid size; a role that fits on no set of at most num_devices
-    devices (named, with the devices it needs); no placement whose sets all fit.
+    `planner` (optional) carries the memo from an earlier search of the same workload and device
+    (it does not depend on num_devices). ValueError: num_devices not a valid size; a role that fits
+    on no set of at most num_devices devices (named, with the devices it needs); no placement whose
+    sets all fit.
     """
     check_device_count(num_devices, device)
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k={top_k!r} must be a positive integer")
-    planner = Planner(workload, device)
+    if planner is None or planner.workload != workload or planner.device != device:
+        planner = Planner(workload, device)
     sizes = device_counts(num_devices, device)
     for role in workload.roles:
         if not any(planner.fits((role,), n) for n in sizes):
@@ -477,8 +481,9 @@ def search(workload: Workload, num_devices: int, device, *, top_k: int = 10) -> 
         if best is not None:
             found.append(best)
     if not found:
-        raise ValueError(f"no mapping of {list(workload.roles)} fits on {num_devices} {device.name} devices: the roles "
-                         f"fit one by one but no split of the devices holds them all")
+        alone = {r: min_allocation((r,), workload, device, planner=planner) for r in workload.roles}
+        raise ValueError(f"no mapping of {list(workload.roles)} fits on {num_devices} {device.name} devices: alone "
+                         f"the roles need {alone} devices, and no colocation of them fits either; use more devices")
     found.sort(key=lambda f: f[0])
     return [simulate_mapping(workload, device, placement, sizes, option)
             for _, placement, sizes, option in found[:top_k]]
@@ -531,16 +536,20 @@ def _best_allocation(planner: Planner, placement, num_devices: int):
     best = [math.inf, None]
 
     def evaluate(alloc):
+        # bound with each stage's least time alone; then with the exact fronts of the sets that do not
+        # generate (cheap) before the generating set's (dear: its generation depends on the others' memory)
         lb = {k: v for m, n in zip(sets, alloc) for r in m for k, v in planner.stage_lb(r, n).items()}
         if schedule(w.stages, set_index, lb) >= best[0]:
             return
-        fronts = [planner.set_front(m, n) for m, n in zip(sets, alloc)]
-        if not all(fronts):
-            return
-        g = min(o.times["gen"] + o.transition_s for o in fronts[0]) if gen_first else 0.0
-        bound = max(min(o.busy for o in f) + (g if waits[i] else 0.0) for i, f in enumerate(fronts))
-        if bound >= best[0]:
-            return
+        fronts = [None] * k
+        for i in sorted(range(k), key=lambda i: i == 0 and gen_first):
+            fronts[i] = planner.set_front(sets[i], alloc[i])
+            if not fronts[i]:
+                return
+            lb.update({name: min(o.times[name] + (o.transition_s if name == "gen" else 0.0) for o in fronts[i])
+                       for name in fronts[i][0].times})
+            if schedule(w.stages, set_index, lb) >= best[0]:
+                return
         for combo in itertools.product(*fronts):
             option = _merge(combo)
             total = schedule(w.stages, set_index, option.times, option.transition_s)
@@ -579,27 +588,31 @@ def _best_allocation(planner: Planner, placement, num_devices: int):
 
 def brute_force(workload: Workload, num_devices: int, device, *, placements=None) -> Estimate:
     """The reference for tests (tiny cases only): every placement (or those given) x every allocation
-    x every plan of every role, each simulated; no fronts, no bounds. Cost-model calls are cached,
-    nothing else."""
+    x every plan of every role, each simulated (`simulate`'s rules, its cost-model calls cached);
+    no fronts, no bounds. A combination whose colocated memory exceeds a device is skipped before
+    simulating, as simulate would refuse it."""
     check_device_count(num_devices, device)
     cache: dict = {}
 
-    def time_fn(stage, wl, plan, on, reserved_bytes=0):
-        key = (stage.name, plan, reserved_bytes)
+    def cached(key, fn, *args, **kwargs):
         if key not in cache:
             try:
-                cache[key] = stage_time(stage, wl, plan, on, reserved_bytes=reserved_bytes)
+                cache[key] = fn(*args, **kwargs)
             except ValueError as err:
                 cache[key] = err
         if isinstance(cache[key], ValueError):
             raise cache[key]
         return cache[key]
 
+    def time_fn(stage, wl, plan, on, reserved_bytes=0):
+        key = (stage.name, plan.train, plan.gen, reserved_bytes)
+        return cached(key, stage_time, stage, wl, plan, on, reserved_bytes=reserved_bytes)
+
     def memory_fn(wl, role, train):
-        key = (role, train)
-        if key not in cache:
-            cache[key] = role_memory(wl, role, train)
-        return cache[key]
+        return cached((role, train), role_memory, wl, role, train)
+
+    def transition_fn(wl, plan, on):
+        return cached((plan.train, plan.gen), actor_transition, wl, plan, on)
 
     best = None
     for placement in placements or set_partitions(workload.roles):
@@ -607,9 +620,13 @@ def brute_force(workload: Workload, num_devices: int, device, *, placements=None
             n_of = {r: n for m, n in zip(placement, alloc) for r in m}
             choices = [list(role_plans(workload, r, n_of[r], device)) for r in workload.roles]
             for plans in itertools.product(*choices):
+                memory = {p.role: memory_fn(workload, p.role, p.train) for p in plans}
+                if any(sum(memory[r] for r in m) > device.memory_bytes for m in placement):
+                    continue
                 try:
-                    est = _simulate(workload, Mapping(placement, alloc, plans), device, time_fn, memory_fn)
-                except ValueError:
+                    est = _simulate(workload, Mapping(placement, alloc, plans), device, time_fn, memory_fn,
+                                    transition_fn)
+                except ValueError:  # the actor cannot generate beside its colocated roles
                     continue
                 if best is None or est.total_s < best.total_s:
                     best = est

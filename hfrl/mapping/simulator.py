@@ -287,10 +287,10 @@ def simulate(workload: Workload, mapping: Mapping, device) -> Estimate:
     (role_memory) adds up to more than a device holds, or an actor that cannot generate in what its
     set leaves free.
     """
-    return _simulate(workload, mapping, device, stage_time, role_memory)
+    return _simulate(workload, mapping, device, stage_time, role_memory, actor_transition)
 
 
-def _simulate(workload: Workload, mapping: Mapping, device, time_fn, memory_fn) -> Estimate:
+def _simulate(workload: Workload, mapping: Mapping, device, time_fn, memory_fn, transition_fn) -> Estimate:
     """`simulate` with the cost functions passed in (brute_force passes memoised ones)."""
     memory = {p.role: memory_fn(workload, p.role, p.train) for p in mapping.plans}
     used = [sum(memory[r] for r in members) for members in mapping.placement]
@@ -303,6 +303,6 @@ def _simulate(workload: Workload, mapping: Mapping, device, time_fn, memory_fn) 
     for s in workload.stages:
         reserved = used[mapping.set_of(s.role)] - memory[s.role] if s.kind == "generate" else 0
         times[s.name] = time_fn(s, workload, mapping.plan(s.role), device, reserved_bytes=reserved)
-    transition_s = actor_transition(workload, mapping.plan("actor"), device)
+    transition_s = transition_fn(workload, mapping.plan("actor"), device)
     set_of = {role: mapping.set_of(role) for role in workload.roles}
     return Estimate(schedule(workload.stages, set_of, times, transition_s), times, transition_s, mapping)

@@ -1,0 +1,139 @@
+"""The simulator: dataflows, workloads, mappings, and the schedule (colocated stages add, disjoint sets
+overlap), checked against totals computed by hand from the cost model's stage times."""
+from __future__ import annotations
+
+import pytest
+
+from hfrl.mapping import (DATAFLOWS, GenLayout, Mapping, ModelSpec, RolePlan, TrainLayout, Workload, get_profile,
+                          inference_memory, role_memory, schedule, simulate, stage_time, train_memory,
+                          transition_time)
+
+A100 = get_profile("a100-80gb")
+
+
+def test_dataflows_are_hfrl_trainer_steps():
+    names = {algo: [s.name for s in stages] for algo, stages in DATAFLOWS.items()}
+    assert names["ppo"] == ["gen", "reward", "old_log_prob", "ref", "values", "update_critic", "update_actor"]
+    assert names["grpo"] == ["gen", "reward", "old_log_prob", "ref", "update_actor"]
+    assert names["remax"] == ["gen", "gen_greedy", "reward", "old_log_prob", "ref", "update_actor"]
+    assert names["safe_rlhf"] == ["gen", "reward", "cost", "old_log_prob", "ref", "values", "cost_values",
+                                  "update_critic", "update_cost_critic", "update_actor"]
+    for stages in DATAFLOWS.values():
+        seen = set()
+        for s in stages:  # deps name earlier stages; kinds and roles are known
+            assert set(s.deps) <= seen and s.kind in ("generate", "forward", "train"), s
+            assert s.role in ("actor", "ref", "critic", "reward", "cost"), s
+            seen.add(s.name)
+        assert len(seen) == len(stages)
+    by_name = {s.name: s for s in DATAFLOWS["safe_rlhf"]}
+    assert by_name["cost_values"].role == by_name["update_cost_critic"].role == "critic"
+    assert by_name["update_cost_critic"].model == "cost_critic"
+    assert {s.name: s.batch for s in DATAFLOWS["remax"]}["reward"] == 2  # scores the sampled and greedy batches
+
+
+def test_paper_workload_and_roles():
+    w = Workload.paper("safe_rlhf", "13b", "34b")
+    assert w.roles == ("actor", "ref", "critic", "reward", "cost")
+    assert w.models["actor"] == w.models["ref"] == ModelSpec.from_name("13b")
+    value = ModelSpec.from_name("34b").as_value_model()
+    assert w.models["critic"] == w.models["reward"] == w.models["cost"] == w.model("cost_critic") == value
+    assert (w.prompt_len, w.response_len, w.num_prompts, w.n) == (1024, 1024, 1024, 1)
+    # the critic's devices hold the critic and the cost critic, both trained
+    layout = TrainLayout(1, 8, 1)
+    assert role_memory(w, "critic", layout) == 2 * train_memory(value, layout, seq_len=2048)
+    assert role_memory(w, "reward", layout) == inference_memory(value, layout)
+    # without a cost_critic entry (as `hfrl plan` builds it) the cost critic has the cost model's shape
+    small = ModelSpec.from_name("1.3b").as_value_model()
+    models = {r: w.models[r] for r in w.roles} | {"cost": small}
+    assert Workload("safe_rlhf", models).model("cost_critic") == small
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(algorithm="dpo"), "dpo"),
+    (dict(algorithm="ppo", models={"actor": ModelSpec.from_name("7b")}), "ref"),
+    (dict(algorithm="grpo", prompt_len=0), "prompt_len"),
+])
+def test_workload_bad_input(kwargs, match):
+    spec = ModelSpec.from_name("7b")
+    args = dict(algorithm="ppo", models={r: spec for r in ("actor", "ref", "critic", "reward")}) | kwargs
+    with pytest.raises(ValueError, match=match):
+        Workload(**args)
+
+
+def _plans(n: int, actor=(1, 4), gen=(1, 2), value=(1, 4)) -> dict[str, RolePlan]:
+    def layout(pp, tp):
+        return TrainLayout(pp, tp, n // (pp * tp))
+    return {"actor": RolePlan("actor", n, layout(*actor), GenLayout(*gen)), "ref": RolePlan("ref", n, layout(*actor)),
+            "critic": RolePlan("critic", n, layout(*value)), "reward": RolePlan("reward", n, layout(*value))}
+
+
+def _times(w: Workload, plans: dict, reserved: int = 0) -> dict[str, float]:
+    return {s.name: stage_time(s, w, plans[s.role], A100, reserved_bytes=reserved if s.kind == "generate" else 0)
+            for s in w.stages}
+
+
+def test_colocated_stages_add_up():
+    w = Workload.paper("ppo", "7b")
+    plans = _plans(16)
+    mapping = Mapping((w.roles,), (16,), tuple(plans[r] for r in w.roles))
+    others = sum(role_memory(w, r, plans[r].train) for r in ("ref", "critic", "reward"))
+    times = _times(w, plans, reserved=others)  # the actor generates beside the others' memory
+    trans = transition_time(w.models["actor"], plans["actor"].train, plans["actor"].gen, A100)
+    est = simulate(w, mapping, A100)
+    assert est.stages == times and est.transition_s == trans > 0
+    assert est.total_s == pytest.approx(trans + sum(times.values()), rel=1e-12)
+    assert times["gen"] > _times(w, plans)["gen"]  # less KV cache than alone: more waves
+
+
+def test_disjoint_sets_overlap():
+    """{actor,ref} x8 | {critic,reward} x8, by hand: the critic's set starts with the reward model
+    once the generation ends; each update waits for the last preparation stage of either set."""
+    w = Workload.paper("ppo", "7b")
+    plans = _plans(8)
+    mapping = Mapping((("actor", "ref"), ("critic", "reward")), (8, 8), tuple(plans[r] for r in w.roles))
+    est = simulate(w, mapping, A100)
+    t = _times(w, plans, reserved=role_memory(w, "ref", plans["ref"].train))
+    assert est.stages == t
+    gen_end = est.transition_s + t["gen"]
+    ref_end = gen_end + t["old_log_prob"] + t["ref"]        # actor's set: old log-probs, then ref
+    values_end = gen_end + t["reward"] + t["values"]        # critic's set: reward, then values
+    prep_end = max(ref_end, values_end)
+    expected = max(prep_end + t["update_critic"], prep_end + t["update_actor"])
+    assert est.total_s == pytest.approx(expected, rel=1e-12)
+    busy = [est.transition_s + t["gen"] + t["old_log_prob"] + t["ref"] + t["update_actor"],
+            t["reward"] + t["values"] + t["update_critic"]]
+    assert max(busy) <= est.total_s < sum(busy)  # the critic's set works while the actor's does
+
+
+def test_schedule_rule_with_round_numbers():
+    stages = DATAFLOWS["ppo"]
+    times = dict(gen=10.0, reward=3.0, old_log_prob=2.0, ref=4.0, values=5.0, update_critic=7.0, update_actor=6.0)
+    one = dict.fromkeys(("actor", "ref", "critic", "reward"), 0)
+    assert schedule(stages, one, times, transition_s=1.0) == 38.0
+    apart = dict(actor=0, ref=1, critic=2, reward=3)
+    # gen ends 11; reward 14, old 13, ref 15, values 16; update_critic 16 -> 23, update_actor 16 -> 22
+    assert schedule(stages, apart, times, transition_s=1.0) == 23.0
+    pairs = dict(actor=0, ref=0, critic=1, reward=1)
+    # set 0: gen 11, old 13, ref 17; set 1: reward 14, values 19; updates start at 19: 26 and 25
+    assert schedule(stages, pairs, times, transition_s=1.0) == 26.0
+
+
+def test_mapping_describe_and_checks():
+    w = Workload.paper("ppo", "7b")
+    plans = _plans(8, actor=(1, 4), gen=(1, 2), value=(2, 1))
+    m = Mapping((("actor", "ref"), ("critic", "reward")), (8, 8), tuple(plans[r] for r in w.roles))
+    assert m.describe() == ("{actor,ref}x8 | {critic,reward}x8: actor p1t4d2 gen pg1tg2, ref p1t4d2, "
+                            "critic p2t1d4, reward p2t1d4")
+    assert m.set_of("critic") == 1 and m.plan("ref") == plans["ref"]
+    with pytest.raises(ValueError, match="actor.*its set has 16 devices"):
+        Mapping((("actor", "ref"), ("critic", "reward")), (16, 16), tuple(plans[r] for r in w.roles))
+    with pytest.raises(ValueError, match="exactly once"):
+        Mapping((("actor", "ref"), ("critic",)), (8, 8), tuple(plans[r] for r in w.roles))
+
+
+def test_simulate_refuses_a_mapping_that_does_not_fit():
+    w = Workload.paper("ppo", "13b")
+    plans = _plans(4, actor=(1, 4), gen=(1, 4), value=(1, 4))
+    mapping = Mapping((w.roles,), (4,), tuple(plans[r] for r in w.roles))
+    with pytest.raises(ValueError, match=r"set \{actor,ref,critic,reward\} x4 does not fit"):
+        simulate(w, mapping, A100)
