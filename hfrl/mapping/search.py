@@ -6,27 +6,34 @@ role's parallel strategy), searched exactly for the simulator's schedule (hfrl.m
         for allocation in allocations(N, minimums):             # every split of the N devices
             each set's strategies on its devices                 # memoised per (set, devices)
             simulate the combinations; keep the placement's best
-    rank the placements' best mappings
+    rank the placements' best mappings (`search` returns them, best first)
 
 Algorithm 2 (`auto_parallel`) gives a role the strategy whose own stages are fastest: training
-layout (p, t, d) with t <= devices per node and d = n / (p t), and for the actor the generation
-layout (pg, tg) with pg | p and tg | t. Inside a mapping that is not quite enough: colocated roles
-share memory, and a stage's weight depends on the schedule (the critic's forward may be on the
-critical path while its update overlaps the actor's). So per (role, devices) the search keeps every
-strategy that no other beats on every stage time and on memory (a Pareto front: one to a few of
-10-300 layouts), combines the colocated roles' fronts under the memory limit, and lets the
-simulator judge the combinations. The iteration time never decreases when a stage gets slower, and
-a role that holds less memory leaves more to its neighbours, so a dropped strategy is never in a
-strictly better mapping: `search` finds what `brute_force` (every layout of every role, simulated)
-finds, as the tests check.
+layout (p, t, d) with t a power of two up to devices per node, p <= layers and d = n / (p t), and
+for the actor the generation layout (pg, tg) with pg | p and tg | t. Inside a mapping that is not
+quite enough: colocated roles share memory (and the actor's KV cache gets what the others leave), and
+a stage's weight depends on the schedule (the critic's forward may be on the critical path while its
+update overlaps the actor's). So per (role, devices, free memory) the search keeps every strategy no
+other one beats on every stage time and on memory (a Pareto front), combines the colocated roles'
+fronts under the memory limit, and lets the simulator judge the combinations. The iteration time
+never decreases when a stage gets slower, and a role that holds less memory leaves more to its
+neighbours, so a dropped strategy is never in a strictly better mapping: `search` finds what
+`brute_force` (every layout of every role, simulated) finds, as the tests check. Two reductions keep
+the fronts small, both exact: stages of a set that always run back to back are compared by their
+sum (`Planner.blocks`: all colocated, a set's front is its single fastest total), and a generation
+is costed under a memory reserve only when a bound does not already rule it out (its time at a
+smaller reserve: a reserve only shrinks the KV cache, adding waves).
 
 Allocations are visited depth first, the actor's set first, and a branch is dropped when a lower
-bound on every completion is no better than the placement's best so far. The bound: a set is busy
-at least the sum of its fastest stage times; a set whose stages all wait for the generation ends no
-earlier than the fastest transition + generation plus that; an unassigned set gets at best its
-fastest time on any device count still open to it. Memory rule: a colocated set fits when its
-roles' `role_memory` (each network's training or inference memory at its layout, per device) adds
-up to at most a device's memory; the actor generates in what the others leave.
+bound on every completion is no better than the placement's best so far: a set is busy at least the
+sum of its roles' fastest times alone; a set whose stages wait for the generation ends no earlier
+than the fastest transition + generation plus that; a set not yet sized gets at best its fastest
+time on any device count still open to it. A complete allocation is bounded again by the schedule of
+each stage's least time before its sets' fronts are built and their combinations simulated.
+
+Memory rule: a colocated set fits when its roles' `role_memory` (each network's training or
+inference memory at its layout, per device) adds up to at most a device's memory; the actor's
+generation reserves the others' memory (its KV cache gets the rest).
 """
 from __future__ import annotations
 
@@ -37,13 +44,9 @@ import operator
 from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
-from hfrl.mapping import cost_model
-from hfrl.mapping.cost_model import GenLayout, TrainLayout
+from hfrl.mapping.cost_model import TrainLayout
 from hfrl.mapping.simulator import Estimate, Mapping, RolePlan, Workload, _simulate, actor_transition, \
-    generation_stage_cost, role_memory, schedule, simulate, stage_time
-
-_SCAN_LIMIT = 1 << 16
-"""Largest device count `min_allocation` tries before saying a set fits nowhere."""
+    generation_stage_cost, role_layouts, role_memory, role_plans, schedule, simulate, stage_time
 
 
 def set_partitions(items: Sequence[str]) -> Iterator[tuple[tuple[str, ...], ...]]:
@@ -106,31 +109,6 @@ def allocations(num_devices: int, minimums: Sequence[int], device) -> Iterator[t
 
     if minimums:
         yield from split(0, num_devices)
-
-
-def train_layouts(specs: Sequence, num_devices: int, device) -> list[TrainLayout]:
-    """Algorithm 2's training layouts on `num_devices` for devices holding all of `specs`
-    (cost_model.train_layouts: tp a power of two up to devices per node splitting the heads,
-    pp <= layers dividing the rest, dp = n / (pp tp)), common to every spec."""
-    first, *rest = specs
-    return [t for t in cost_model.train_layouts(first, num_devices, device)
-            if all(t in cost_model.train_layouts(s, num_devices, device) for s in rest)]
-
-
-def gen_layouts(spec, train: TrainLayout) -> list[GenLayout]:
-    """Generation layouts inside a training layout: pg | pp, tg | tp (cost_model.gen_layouts)."""
-    return cost_model.gen_layouts(spec, train)
-
-
-def role_plans(workload: Workload, role: str, num_devices: int, device) -> Iterator[RolePlan]:
-    """Every plan of `role` on `num_devices` (fitting or not)."""
-    specs = [spec for spec, _ in workload.role_models(role)]
-    generates = any(s.kind == "generate" for s in workload.stages if s.role == role)
-    for train in train_layouts(specs, num_devices, device):
-        if generates:
-            yield from (RolePlan(role, num_devices, train, g) for g in gen_layouts(workload.model(role), train))
-        else:
-            yield RolePlan(role, num_devices, train)
 
 
 @dataclass
@@ -217,7 +195,7 @@ class Planner:
         if key not in self._steps:  # bracket every reserve that can occur: none, and all but the role's own
             self._steps[key] = ([], [])
             self._generation_time(stage, plan, 0)
-            self._generation_time(stage, plan, self.capacity - self.memory(plan.role, plan.train))
+            self._generation_time(stage, plan, max(self.capacity - self.memory(plan.role, plan.train), 0))
         reserves, results = self._steps[key]
         i = bisect.bisect_left(reserves, reserved)
         if i < len(reserves) and reserves[i] == reserved:
@@ -308,25 +286,18 @@ class Planner:
 
     def role_front(self, role: str, num_devices: int, free: int, blocks: tuple) -> list[_Option]:
         """The role's plans within `free` bytes per device that no other beats on every block sum of
-        `blocks` (its stages, grouped) and on memory, the generation timed with the rest of the
-        memory reserved.
+        `blocks` (its stages, grouped) and on memory, the generation timed with the rest reserved.
 
-        The generation is costed lazily: a plan is skipped when a bound on it is already beaten. The
-        bound times its generation at the largest reserve costed so far that is not above this one
-        (reserving memory never speeds a generation up); plans sharing a training layout are
-        bounded together first (they differ only in their generation)."""
+        Lazily: plans in order of a bound (the generation at the largest reserve costed so far that is
+        not above this one), a plan skipped when its bound is already beaten, and plans that share a
+        training layout (they differ only in their generation) skipped together."""
         key = (role, num_devices, free, blocks)
         if key not in self._roles:
-            gen_stages = [s for s in self.stages[role] if s.kind == "generate"]
-            reserved = self.capacity - free if gen_stages else 0
+            reserved = self.capacity - free if role in self.generating else 0
             groups: dict = {}
             for o in self.candidates(role, num_devices):
-                if o.memory <= free:
-                    if reserved:
-                        o = _Option(o.plans, {**o.times, **{s.name: self._generation_time(s, o.plans[0], reserved, True)
-                                                            for s in gen_stages}}, o.transition_s, o.memory)
-                        if None in o.times.values():  # does not fit with less reserved already
-                            continue
+                o = self._reserve(o, reserved, bound=True) if o.memory <= free else None
+                if o is not None:
                     groups.setdefault(o.plans[0].train, []).append((_block_key(o, blocks) + (o.memory,), o))
             bounded = [(tuple(map(min, *(v for v, _ in g))) if len(g) > 1 else g[0][0], g) for g in groups.values()]
             front: list[tuple[tuple, _Option]] = []
@@ -334,19 +305,21 @@ class Planner:
                 if _dominated(bound, front):
                     continue
                 for vec, o in sorted(group, key=lambda c: sum(c[0])):
-                    if _dominated(vec, front):
-                        continue
-                    if reserved:
-                        o = _Option(o.plans, {**o.times, **{s.name: self.time(s, o.plans[0], free) for s in gen_stages}},
-                                    o.transition_s, o.memory)
-                        if None in o.times.values():
-                            continue
-                        vec = _block_key(o, blocks) + (o.memory,)
-                        if _dominated(vec, front):
-                            continue
-                    front = [(v, f) for v, f in front if not _dominates(vec, v)] + [(vec, o)]
+                    if reserved and not _dominated(vec, front):
+                        o = self._reserve(o, reserved)
+                        vec = None if o is None else _block_key(o, blocks) + (o.memory,)
+                    if vec is not None and not _dominated(vec, front):
+                        front = [(v, f) for v, f in front if not _dominates(vec, v)] + [(vec, o)]
             self._roles[key] = [o for _, o in front]
         return self._roles[key]
+
+    def _reserve(self, o: _Option, reserved: int, bound: bool = False) -> _Option | None:
+        """The option with its generations timed beside `reserved` bytes (None: they do not fit)."""
+        if not reserved:
+            return o
+        gens = {s.name: self._generation_time(s, o.plans[0], reserved, bound)
+                for s in self.stages[o.plans[0].role] if s.kind == "generate"}
+        return None if None in gens.values() else _Option(o.plans, {**o.times, **gens}, o.transition_s, o.memory)
 
     def set_front(self, members: tuple[str, ...], num_devices: int) -> list[_Option]:
         """The colocated set's fitting combinations that no other beats on every block sum.
@@ -381,8 +354,7 @@ class Planner:
         for role in members:
             if role in self.generating:
                 continue
-            specs = [spec for spec, _ in self.workload.role_models(role)]
-            free -= min((self.memory(role, t) for t in train_layouts(specs, num_devices, self.device)),
+            free -= min((self.memory(role, t) for t in role_layouts(self.workload, role, num_devices, self.device)),
                         default=math.inf)
         gens = [r for r in members if r in self.generating]
         if not gens:
@@ -473,8 +445,9 @@ def search(workload: Workload, num_devices: int, device, *, top_k: int = 10,
                 need = f"needs {min_allocation((role,), workload, device, planner=planner)}"
             except ValueError:
                 need = "needs more than 4096"
-            raise ValueError(f"role {role!r} (model {workload.model(role).name}) fits on no set of at most {num_devices} "
-                             f"{device.name} devices: it {need} (memory {device.memory_bytes / 2**30:.0f} GiB each)")
+            gib = device.memory_bytes / 2**30
+            raise ValueError(f"role {role!r} (model {workload.model(role).name}) fits on no set of at most "
+                             f"{num_devices} {device.name} devices: it {need} ({gib:.0f} GiB each)")
     found = []
     for placement in set_partitions(workload.roles):
         best = _best_allocation(planner, placement, num_devices)
@@ -485,15 +458,14 @@ def search(workload: Workload, num_devices: int, device, *, top_k: int = 10,
         raise ValueError(f"no mapping of {list(workload.roles)} fits on {num_devices} {device.name} devices: alone "
                          f"the roles need {alone} devices, and no colocation of them fits either; use more devices")
     found.sort(key=lambda f: f[0])
-    return [simulate_mapping(workload, device, placement, sizes, option)
-            for _, placement, sizes, option in found[:top_k]]
+    return [_estimate(workload, device, placement, alloc, option) for _, placement, alloc, option in found[:top_k]]
 
 
-def simulate_mapping(workload: Workload, device, placement, sizes, option: _Option) -> Estimate:
-    """The Estimate of a searched combination (canonical role order; the simulator recomputes it)."""
+def _estimate(workload: Workload, device, placement, alloc, option: _Option) -> Estimate:
+    """The Estimate of a searched combination, plans in canonical role order (simulate recomputes it)."""
     plans = {p.role: p for p in option.plans}
-    mapping = Mapping(tuple(placement), tuple(sizes), tuple(plans[r] for r in workload.roles))
-    return simulate(workload, mapping, device)
+    return simulate(workload, Mapping(tuple(placement), tuple(alloc), tuple(plans[r] for r in workload.roles)),
+                    device)
 
 
 def _best_allocation(planner: Planner, placement, num_devices: int):
@@ -538,17 +510,17 @@ def _best_allocation(planner: Planner, placement, num_devices: int):
     def evaluate(alloc):
         # bound with each stage's least time alone; then with the exact fronts of the sets that do not
         # generate (cheap) before the generating set's (dear: its generation depends on the others' memory)
-        lb = {k: v for m, n in zip(sets, alloc) for r in m for k, v in planner.stage_lb(r, n).items()}
-        if schedule(w.stages, set_index, lb) >= best[0]:
+        least = {name: t for m, n in zip(sets, alloc) for r in m for name, t in planner.stage_lb(r, n).items()}
+        if schedule(w.stages, set_index, least) >= best[0]:
             return
         fronts = [None] * k
         for i in sorted(range(k), key=lambda i: i == 0 and gen_first):
             fronts[i] = planner.set_front(sets[i], alloc[i])
             if not fronts[i]:
                 return
-            lb.update({name: min(o.times[name] + (o.transition_s if name == "gen" else 0.0) for o in fronts[i])
-                       for name in fronts[i][0].times})
-            if schedule(w.stages, set_index, lb) >= best[0]:
+            least.update({name: min(o.times[name] + (o.transition_s if name == "gen" else 0.0) for o in fronts[i])
+                          for name in fronts[i][0].times})
+            if schedule(w.stages, set_index, least) >= best[0]:
                 return
         for combo in itertools.product(*fronts):
             option = _merge(combo)

@@ -31,7 +31,9 @@ on different pools overlap.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
+from hfrl.mapping import cost_model
 from hfrl.mapping.cost_model import GenerationCost, GenLayout, TrainLayout, forward_time, generation_cost, \
     inference_memory, train_memory, train_time, transition_time
 from hfrl.mapping.models import ModelSpec
@@ -224,6 +226,27 @@ class Estimate:
     stages: dict[str, float]
     transition_s: float
     mapping: Mapping
+
+
+def role_layouts(workload: Workload, role: str, num_devices: int, device) -> list[TrainLayout]:
+    """Algorithm 2's training layouts for the role on `num_devices` (cost_model.train_layouts: tp a
+    power of two up to devices per node splitting the heads, pp <= layers dividing the rest,
+    dp = n / (pp tp)), valid for every network the role's devices hold."""
+    first, *rest = [spec for spec, _ in workload.role_models(role)]
+    layouts = cost_model.train_layouts(first, num_devices, device)
+    return [t for t in layouts if all(t in cost_model.train_layouts(s, num_devices, device) for s in rest)]
+
+
+def role_plans(workload: Workload, role: str, num_devices: int, device) -> Iterator[RolePlan]:
+    """Every plan of the role on `num_devices`, fitting or not; a generating role gets every
+    (pg, tg) inside each training layout (pg | pp, tg | tp: cost_model.gen_layouts)."""
+    generates = any(s.kind == "generate" for s in workload.stages if s.role == role)
+    for train in role_layouts(workload, role, num_devices, device):
+        if generates:
+            for gen in cost_model.gen_layouts(workload.model(role), train):
+                yield RolePlan(role, num_devices, train, gen)
+        else:
+            yield RolePlan(role, num_devices, train)
 
 
 def role_memory(workload: Workload, role: str, layout: TrainLayout) -> int:
