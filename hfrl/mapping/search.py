@@ -131,7 +131,12 @@ def _dominates(a: tuple, b: tuple) -> bool:
 
 
 def _dominated(vec: tuple, front: list[tuple[tuple, "_Option"]]) -> bool:
-    return any(_dominates(v, vec) for v, _ in front)
+    """Some front entry is at least as good as vec on every entry (the hottest loop of the search)."""
+    first = vec[0]
+    for v, _ in front:
+        if v[0] <= first and all(map(operator.le, v, vec)):
+            return True
+    return False
 
 
 def _pareto(options: list[_Option], key) -> list[_Option]:
