@@ -1,6 +1,8 @@
-"""Command line: `hfrl train`, `hfrl layout`, `hfrl config`. Every command works under any launcher.
+"""Command line: `hfrl train`, `hfrl plan`, `hfrl layout`, `hfrl config`. Every command works under any
+launcher.
 
     hfrl train [CONFIG.yaml] [section.key=value ...] [--resume | --no-resume]
+    hfrl plan --algo ppo --model-size 7b --devices 16 --device a100-80gb [--json] [--out plan.yaml]
     hfrl layout [CONFIG.yaml] [section.key=value ...] [--world-size N] [--json]
     hfrl config [CONFIG.yaml] [section.key=value ...] [--describe]
 
@@ -123,6 +125,83 @@ def _summary_text(summary: dict, config) -> str:
     return "\n".join(lines)
 
 
+def _model_spec(size: str):
+    from pathlib import Path
+
+    from hfrl.mapping import ModelSpec
+
+    return ModelSpec.from_hf_config(size) if Path(size).exists() else ModelSpec.from_name(size)
+
+
+def plan_workload(ns: argparse.Namespace):
+    """The workload `hfrl plan` searches for: the algorithm's roles with the given model shapes."""
+    from hfrl.mapping import DATAFLOWS, Workload
+
+    if ns.algo not in DATAFLOWS:
+        raise ValueError(f"--algo {ns.algo!r}: expected one of {sorted(DATAFLOWS)}")
+    actor = _model_spec(ns.model_size)
+    critic = _model_spec(ns.critic_size) if ns.critic_size else actor
+    roles = sorted({stage.role for stage in DATAFLOWS[ns.algo]})
+    models = {role: (actor if role in ("actor", "ref") else critic.as_value_model()) for role in roles}
+    return Workload(algorithm=ns.algo, models=models, prompt_len=ns.prompt_len, response_len=ns.response_len,
+                    num_prompts=ns.num_prompts, n=ns.n)
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    """Auto-mapping: the fastest placement and layouts for the workload on --devices devices."""
+    import time
+
+    import yaml
+
+    from hfrl.mapping import calibrate, get_profile, mapping_to_config, save_profile, search
+
+    if ns.calibrate:
+        device = calibrate()
+        if ns.save_profile:
+            save_profile(device, ns.save_profile)
+    else:
+        device = get_profile(ns.device)
+    workload = plan_workload(ns)
+    start = time.perf_counter()
+    ranked = search(workload, ns.devices, device, top_k=ns.top_k)
+    elapsed = time.perf_counter() - start
+    if ns.out:
+        with open(ns.out, "w") as f:
+            yaml.safe_dump(mapping_to_config(ranked[0].mapping, ns.algo), f, sort_keys=False,
+                           default_flow_style=None)
+    if ns.json:
+        print(json.dumps({"device": device.to_dict(), "devices": ns.devices, "search_s": elapsed,
+                          "mappings": [_estimate_dict(e) for e in ranked]}, indent=1))
+    else:
+        print(_plan_text(ranked, device, ns, elapsed))
+    return 0
+
+
+def _estimate_dict(estimate) -> dict:
+    m = estimate.mapping
+    return {"total_s": estimate.total_s, "stages_s": estimate.stages, "transition_s": estimate.transition_s,
+            "placement": [list(s) for s in m.placement], "allocation": list(m.allocation),
+            "plans": {p.role: {"devices": p.num_devices, "pp": p.train.pp, "tp": p.train.tp, "dp": p.train.dp,
+                               **({"pg": p.gen.pg, "tg": p.gen.tg} if p.gen is not None else {})}
+                      for p in m.plans},
+            "describe": m.describe()}
+
+
+def _plan_text(ranked, device, ns, elapsed: float) -> str:
+    lines = [f"hfrl plan: {ns.algo}, actor {ns.model_size}" + (f", critic {ns.critic_size}" if ns.critic_size else "")
+             + f", {ns.devices} x {device.name}, prompt {ns.prompt_len} + response {ns.response_len}, "
+             f"{ns.num_prompts} prompts x {ns.n} (searched in {elapsed:.2f} s)"]
+    for i, est in enumerate(ranked):
+        tag = "best" if i == 0 else f"#{i + 1}"
+        lines.append(f"{tag:>5}  {est.total_s:9.2f} s/iteration  {est.mapping.describe()}")
+        if i == 0:
+            stages = ", ".join(f"{k} {v:.2f} s" for k, v in est.stages.items())
+            lines.append(f"       stages: {stages}; transition {est.transition_s:.3f} s")
+    if ns.out:
+        lines.append(f"wrote {ns.out}: hfrl layout --world-size {ns.devices} {ns.out}")
+    return "\n".join(lines)
+
+
 def cmd_config(ns: argparse.Namespace) -> int:
     if ns.describe:
         print("\n".join(describe(Config)))
@@ -161,6 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="without a launcher, start this many local ranks under torchrun (default 2; 1 runs "
                             "in this process); under torchrun/srun/mpirun the launcher decides")
     train.set_defaults(func=cmd_train)
+
+    plan = sub.add_parser("plan", help="auto-mapping: search placements and layouts for an RL workload")
+    plan.add_argument("--algo", default="ppo", help="ppo, remax, safe_rlhf or grpo (default ppo)")
+    plan.add_argument("--model-size", default="7b", help="actor and reference: 1.3b, 7b, 13b, 34b, 70b, or a local "
+                                                         "HF config.json / model folder")
+    plan.add_argument("--critic-size", default=None, help="critic, reward and cost models (default: the actor's)")
+    plan.add_argument("--devices", type=int, required=True, help="number of devices to map onto")
+    plan.add_argument("--device", default="a100-80gb", help="a100-80gb, h100-80gb, or a profile JSON file "
+                                                            "(--calibrate --save-profile writes one)")
+    plan.add_argument("--prompt-len", type=int, default=1024)
+    plan.add_argument("--response-len", type=int, default=1024)
+    plan.add_argument("--num-prompts", type=int, default=1024, help="prompts per iteration")
+    plan.add_argument("--n", type=int, default=1, help="responses per prompt")
+    plan.add_argument("--top-k", type=int, default=5, help="mappings listed (best first)")
+    plan.add_argument("--json", action="store_true", help="print the ranked mappings as JSON")
+    plan.add_argument("--out", default=None, help="write the best mapping as a config (pools, roles, layouts)")
+    plan.add_argument("--calibrate", action="store_true", help="measure this machine into a device profile and "
+                                                               "plan for it")
+    plan.add_argument("--save-profile", default=None, help="with --calibrate: write the profile as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     config = sub.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(config)

@@ -13,27 +13,16 @@ from hfrl.mapping.cost_model import GenerationCost, GenLayout, TrainLayout, forw
     generation_time, inference_memory, min_devices, train_memory, train_time, transition_bytes, transition_time
 from hfrl.mapping.devices import PROFILES, DeviceProfile, calibrate, get_profile, load_profile, save_profile
 from hfrl.mapping.models import MODEL_SIZES, ModelSpec
+from hfrl.mapping.plan_io import mapping_to_config
 from hfrl.mapping.search import Planner, allocations, auto_parallel, brute_force, device_counts, min_allocation, \
     search, set_partitions
 from hfrl.mapping.simulator import DATAFLOWS, Estimate, Mapping, RolePlan, Stage, Workload, role_memory, schedule, \
     simulate, stage_time
-
-_LAZY = {"mapping_to_config": "plan_io"}
-"""Names of modules written beside this one, loaded on first use."""
 
 __all__ = ["GenerationCost", "GenLayout", "TrainLayout", "forward_time", "generation_cost", "generation_time",
            "inference_memory", "min_devices", "train_memory", "train_time", "transition_bytes", "transition_time",
            "PROFILES", "DeviceProfile", "calibrate", "get_profile", "load_profile", "save_profile", "MODEL_SIZES",
            "ModelSpec", "Planner", "allocations", "auto_parallel", "brute_force", "device_counts", "min_allocation",
            "search", "set_partitions", "DATAFLOWS", "Estimate", "Mapping", "RolePlan", "Stage", "Workload",
-           "role_memory", "schedule", "simulate", "stage_time", *_LAZY]
+           "role_memory", "schedule", "simulate", "stage_time", "mapping_to_config"]
 
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'hfrl.mapping' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"hfrl.mapping.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
