@@ -28,8 +28,8 @@ import os
 import time
 from pathlib import Path
 
-from hfrl.mapping import (GenLayout, Mapping, RolePlan, TrainLayout, Workload, auto_parallel, generation_time,
-                          get_profile, search, simulate, transition_time)
+from hfrl.mapping import (GenLayout, Mapping, RolePlan, TrainLayout, Workload, generation_time, get_profile, search,
+                          simulate, transition_time)
 
 HERE = Path(__file__).resolve().parent
 CASES = [("ppo", "7b", "7b", (16, 32, 64)), ("ppo", "13b", "13b", (32, 64, 128)),
@@ -40,14 +40,19 @@ SEARCH_DEVICES = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def colocated(workload: Workload, num_devices: int, device, gen_in_train_layout: bool = False) -> Mapping:
-    """Every role on all devices, each with its best layout for them (Algorithm 2 per role)."""
-    plans = []
-    for role in workload.roles:
-        plan, _ = auto_parallel(role, workload.models[role], num_devices, workload, device)
-        if role == "actor" and gen_in_train_layout:
-            plan = RolePlan(role, plan.num_devices, plan.train, GenLayout(plan.train.pp, plan.train.tp))
-        plans.append(plan)
-    return Mapping((tuple(workload.roles),), (num_devices,), tuple(plans))
+    """Every role on all devices: the best such mapping the search finds (layouts chosen so the
+    colocated models fit together); with gen_in_train_layout the actor generates in its training
+    layout, as NeMo-Aligner does."""
+    ranked = search(workload, num_devices, device, top_k=64)
+    together = [e.mapping for e in ranked if len(e.mapping.placement) == 1]
+    if not together:
+        raise ValueError(f"no layout holds every model of {workload.algorithm} on {num_devices} devices at once")
+    mapping = together[0]
+    if not gen_in_train_layout:
+        return mapping
+    plans = tuple(RolePlan(p.role, p.num_devices, p.train, GenLayout(p.train.pp, p.train.tp))
+                  if p.gen is not None else p for p in mapping.plans)
+    return Mapping(mapping.placement, mapping.allocation, plans)
 
 
 def baseline_nemo(workload, num_devices, device) -> float:
@@ -66,10 +71,13 @@ def baseline_openrlhf(workload, num_devices, device) -> float:
     """Generation on g devices (tg = the smallest power of two that fits the actor), the rest trains."""
     actor = workload.models["actor"]
     best = float("inf")
-    for g in (num_devices // 4, num_devices // 2):
-        if g < 1:
+    for g in sorted({num_devices // 4, num_devices // 2, device.devices_per_node}):
+        if not 1 <= g < num_devices:
             continue
-        rest = colocated(workload, num_devices - g, device)
+        try:   # both sets must be valid device counts that hold their models
+            rest = colocated(workload, num_devices - g, device)
+        except ValueError:
+            continue
         est = simulate(workload, rest, device)
         tg = 1
         while tg <= min(g, device.devices_per_node):
