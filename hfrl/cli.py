@@ -193,10 +193,10 @@ def _plan_text(ranked, device, ns, elapsed: float) -> str:
              f"{ns.num_prompts} prompts x {ns.n} (searched in {elapsed:.2f} s)"]
     for i, est in enumerate(ranked):
         tag = "best" if i == 0 else f"#{i + 1}"
-        lines.append(f"{tag:>5}  {est.total_s:9.2f} s/iteration  {est.mapping.describe()}")
+        lines.append(f"{tag:>5}  {est.total_s:9.4g} s/iteration  {est.mapping.describe()}")
         if i == 0:
-            stages = ", ".join(f"{k} {v:.2f} s" for k, v in est.stages.items())
-            lines.append(f"       stages: {stages}; transition {est.transition_s:.3f} s")
+            stages = ", ".join(f"{k} {v:.3g} s" for k, v in est.stages.items())
+            lines.append(f"       stages: {stages}; transition {est.transition_s:.3g} s")
     if ns.out:
         lines.append(f"wrote {ns.out}: hfrl layout --world-size {ns.devices} {ns.out}")
     return "\n".join(lines)
