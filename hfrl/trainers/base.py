@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 
 
-class RLTrainer:
+class RLTrainer(ABC):
     """Subclasses set `algorithm` and `estimator` and write `step(prompts) -> metrics`."""
 
     algorithm = ""
@@ -177,8 +178,9 @@ class RLTrainer:
                       "ground_truth": [dataset.ground_truths[i] for i in indices]}, meta={"step": step})
 
     # ---- the algorithm ----------------------------------------------------------------------------
+    @abstractmethod
     def step(self, prompts: Batch) -> dict[str, float]:
-        raise NotImplementedError(f"{type(self).__name__} must define step(prompts)")
+        """One iteration of the algorithm on the step's prompts; returns the step's metrics."""
 
     def ref_log_probs(self, gen: Future) -> Future | None:
         if self.ref is None:
