@@ -102,7 +102,7 @@ def matmul_roof(seconds: float = 2.0) -> float:
     return 2 * 1024 * 512 * 1408 * count / (time.perf_counter() - start)
 
 
-def _main_worker(config, roof: bool) -> dict:
+def _main_worker(config) -> dict:
     """Rank 0's program: run the trainer, then summarise its metrics."""
     from hfrl.trainers import TRAINERS
 
@@ -124,7 +124,7 @@ def worker(args) -> None:
     dist.init_process_group("gloo")
     roof = torch.tensor([matmul_roof() if args.case == "grpo_17m" else 0.0], dtype=torch.float64)
     dist.all_reduce(roof)
-    summary = hfrl.run(_main_worker, config, False, config=config)
+    summary = hfrl.run(_main_worker, config, config=config)
     if dist.get_rank() == 0:
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         print("RESULT " + json.dumps({"rows": rows, "roof_flops": float(roof), "transport": summary["transport"]}),

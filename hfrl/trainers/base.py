@@ -301,7 +301,7 @@ class RLTrainer(ABC):
             for step in range(start_step, tcfg.total_steps):
                 step_start = time.perf_counter()
                 prompts = self.prompt_batch(self.train_data, self.sampler.indices(step), step)
-                metrics = {"step": step + 1, **self.step(prompts), "timing_s/iteration": 0.0}
+                metrics = {"step": step + 1, **self.step(prompts)}
                 if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0:
                     metrics.update(self.validate())
                 if tcfg.save_every and (step + 1) % tcfg.save_every == 0 and step + 1 < tcfg.total_steps:

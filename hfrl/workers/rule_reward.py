@@ -45,7 +45,10 @@ class RuleRewardWorker(Worker):
                          zip(gen["input_ids"][:, P:], gen["response_mask"])]
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             uids = gen["uid"].tolist()
-            names = [f"sample {j - uids.index(uid)} of dataset row {uid}" for j, uid in enumerate(uids)]
+            first: dict[int, int] = {}   # a prompt's responses are consecutive rows
+            for j, uid in enumerate(uids):
+                first.setdefault(uid, j)
+            names = [f"sample {j - first[uid]} of dataset row {uid}" for j, uid in enumerate(uids)]
             scores = score_responses(self.fn, list(gen["prompt_text"]), texts, list(gen["ground_truth"]),
                                      name=self.fn_name, sample_names=names)
         return Batch({"scores": scores}, meta=meta)
