@@ -20,7 +20,10 @@ Shared assumptions (stated once, used everywhere):
 - bf16 weights, gradients and activations (dtype_bytes=2); Adam with fp32 master weights and two
   fp32 moments (12 bytes/parameter); no sequence parallelism; flash attention (no s^2 activations);
 - every response runs to `response_len` tokens (no early EOS), so the KV cache of a sequence is
-  reserved for prompt_len + response_len tokens.
+  reserved for prompt_len + response_len tokens;
+- fixed costs (the profile's `*_overhead_s`: framework dispatch, kernel launches) are paid per event
+  (micro-batch pass, decoder layer, decode step, optimizer step) and add to the FLOP and byte terms;
+  they are 0 in the datasheet profiles and most of the time of a calibrated CPU's small models.
 """
 from __future__ import annotations
 
@@ -102,12 +105,13 @@ def _p2p(device: DeviceProfile, nbytes: float, span: int) -> float:
 
 # ---- training and inference passes ----------------------------------------------------------
 def _pipeline_pass(model, layout, device, num_seqs, seq_len, num_micro_batches, *, flops_mult,
-                   allreduces_per_layer, p2p_per_mb, dtype_bytes) -> float:
+                   allreduces_per_layer, p2p_per_mb, dtype_bytes, fixed_s=0.0) -> float:
     """Seconds for one replica to run `flops_mult` forward-equivalents over its share of the batch.
 
     Per micro-batch and stage: compute + `allreduces_per_layer` TP all-reduces per layer of the
-    stage's activations (tokens x hidden) + `p2p_per_mb` activation sends to the next stage. 1F1B
-    takes (m + pp - 1) stage slots for m micro-batches: the bubble is (pp - 1)/m of the ideal time.
+    stage's activations (tokens x hidden) + `p2p_per_mb` activation sends to the next stage +
+    `fixed_s` (the device's per-pass overheads for one stage). 1F1B takes (m + pp - 1) stage slots
+    for m micro-batches: the bubble is (pp - 1)/m of the ideal time.
     """
     if num_seqs < 1 or seq_len < 1:
         raise ValueError(f"num_seqs={num_seqs} and seq_len={seq_len} must be >= 1")
@@ -122,14 +126,16 @@ def _pipeline_pass(model, layout, device, num_seqs, seq_len, num_micro_batches, 
         pp * tp * device.peak_flops * device.matmul_efficiency)
     tp_comm = allreduces_per_layer * model.num_layers / pp * _all_reduce(device, act_bytes, tp, tp)
     p2p = p2p_per_mb * _p2p(device, act_bytes, tp * dp + 1) if pp > 1 else 0.0
-    return (m + pp - 1) * (compute + tp_comm + p2p)
+    return (m + pp - 1) * (compute + tp_comm + p2p + fixed_s)
 
 
 def train_time(model: ModelSpec, layout: TrainLayout, device: DeviceProfile, *, num_seqs: int,
                seq_len: int, num_micro_batches: int | None = None, zero_stage: int = 0,
-               activation_checkpointing: bool = False, dtype_bytes: int = 2) -> float:
+               activation_checkpointing: bool = False, dtype_bytes: int = 2, optimizer_steps: int = 1) -> float:
     """Seconds for forward + backward + optimizer step over `num_seqs` sequences of `seq_len` tokens
-    (the whole batch, split over dp replicas).
+    (the whole batch, split over dp replicas), in `optimizer_steps` mini-batches of
+    num_seqs / optimizer_steps sequences, each its own pass, gradient sync and optimizer step
+    (num_micro_batches then counts a mini-batch's micro-batches per replica).
 
     compute: 3 * flops_per_token(seq_len) per token (backward = 2x forward; + 1 forward when
         `activation_checkpointing` recomputes), over pp*tp devices at peak * matmul_efficiency;
@@ -138,24 +144,35 @@ def train_time(model: ModelSpec, layout: TrainLayout, device: DeviceProfile, *, 
         micro-batch; m defaults to min(4*pp, sequences per replica);
     DP: one all-reduce of the replica's bf16 gradient shard (param_bytes / (tp*pp)); ZeRO-1/2's
         reduce-scatter + all-gather move the same volume;
-    optimizer: Adam is memory-bound, 28 bytes of traffic per parameter of the shard (/dp under ZeRO).
+    optimizer: Adam is memory-bound, 28 bytes of traffic per parameter of the shard (/dp under ZeRO);
+    fixed costs (the device's overheads): per micro-batch and stage, train_pass + layers of the stage
+        x train_layer; per optimizer step, optimizer_step + layers of the stage x optimizer_layer.
     """
+    if not isinstance(optimizer_steps, int) or not 1 <= optimizer_steps <= num_seqs:
+        raise ValueError(f"optimizer_steps={optimizer_steps!r}: expected 1..{num_seqs} (one per mini-batch)")
     mult = 4 if activation_checkpointing else 3
-    t = _pipeline_pass(model, layout, device, num_seqs, seq_len, num_micro_batches, flops_mult=mult,
-                       allreduces_per_layer=4, p2p_per_mb=2, dtype_bytes=dtype_bytes)
+    layers = math.ceil(model.num_layers / layout.pp)
+    t = _pipeline_pass(model, layout, device, math.ceil(num_seqs / optimizer_steps), seq_len, num_micro_batches,
+                       flops_mult=mult, allreduces_per_layer=4, p2p_per_mb=2, dtype_bytes=dtype_bytes,
+                       fixed_s=device.train_pass_overhead_s + layers * device.train_layer_overhead_s)
     shard_params = model.num_params / (layout.tp * layout.pp)
     t += _all_reduce(device, shard_params * dtype_bytes, layout.dp, (layout.dp - 1) * layout.tp + 1)
     owned = shard_params / (layout.dp if zero_stage >= 1 else 1)
-    return t + owned * OPTIMIZER_TRAFFIC_PER_PARAM / (device.mem_bandwidth * device.bandwidth_efficiency)
+    t += owned * OPTIMIZER_TRAFFIC_PER_PARAM / (device.mem_bandwidth * device.bandwidth_efficiency)
+    t += device.optimizer_step_overhead_s + layers * device.optimizer_layer_overhead_s
+    return optimizer_steps * t
 
 
 def forward_time(model: ModelSpec, layout: TrainLayout, device: DeviceProfile, *, num_seqs: int,
                  seq_len: int, num_micro_batches: int | None = None, dtype_bytes: int = 2) -> float:
     """Seconds for an inference-only pass (old/ref log-probs, values, rewards) over `num_seqs`
     sequences: 1 forward of compute, 2 TP all-reduces per layer, 1 send per stage boundary, the
-    same pipeline bubble as training, no gradient sync."""
+    same pipeline bubble as training, no gradient sync; per micro-batch and stage the device's
+    pass_overhead + layers of the stage x layer_overhead."""
+    layers = math.ceil(model.num_layers / layout.pp)
     return _pipeline_pass(model, layout, device, num_seqs, seq_len, num_micro_batches, flops_mult=1,
-                          allreduces_per_layer=2, p2p_per_mb=1, dtype_bytes=dtype_bytes)
+                          allreduces_per_layer=2, p2p_per_mb=1, dtype_bytes=dtype_bytes,
+                          fixed_s=device.pass_overhead_s + layers * device.layer_overhead_s)
 
 
 # ---- generation -----------------------------------------------------------------------------
@@ -169,6 +186,7 @@ class GenerationCost:
     decode_memory_s: float     # sum over steps of the weight + KV streaming time alone
     decode_compute_s: float    # sum over steps of the compute time alone
     decode_comm_s: float       # sum over steps of TP all-reduces and PP sends
+    decode_overhead_s: float   # sum over steps of the device's fixed per-step and per-layer costs
     seqs_per_replica: int
     max_concurrent: int        # sequences one replica holds in its KV cache at once
     num_waves: int
@@ -183,8 +201,10 @@ def _gen_spans(train: TrainLayout, gen: GenLayout, mode: str) -> tuple[int, int]
 
 def _decode_terms(model, train, gen, device, batch, mode, dtype_bytes):
     """One global decode step (every sequence of the batch advances one token) as
-    (mem_a, mem_b, comp_a, comp_b, comm): memory time mem_a + mem_b*ctx, compute time
-    comp_a + comp_b*ctx (ctx = positions attended), comm constant; step = max(mem, comp) + comm.
+    (mem_a, mem_b, comp_a, comp_b, comm, fixed): memory time mem_a + mem_b*ctx, compute time
+    comp_a + comp_b*ctx (ctx = positions attended), comm and fixed constant;
+    step = max(mem, comp) + comm + fixed. fixed = the device's decode_step overhead + every layer's
+    decode_layer overhead (the pg stage passes of a step cover all layers once).
 
     The batch is split into m = min(pg, batch) micro-batches so every stage can be busy; a step is
     then pg stage passes on the critical path. Each pass streams the stage's weights once, so PP
@@ -205,7 +225,8 @@ def _decode_terms(model, train, gen, device, batch, mode, dtype_bytes):
     comm = 2 * model.num_layers * _all_reduce(device, act, tg, tp_span)
     if pg > 1:
         comm += pg * _p2p(device, act, pp_span)
-    return mem_a, mem_b, comp_a, comp_b, comm
+    fixed = device.decode_step_overhead_s + model.num_layers * device.decode_layer_overhead_s
+    return mem_a, mem_b, comp_a, comp_b, comm, fixed
 
 
 def decode_step_time(model: ModelSpec, gen_layout: GenLayout, device: DeviceProfile, *,
@@ -214,9 +235,9 @@ def decode_step_time(model: ModelSpec, gen_layout: GenLayout, device: DeviceProf
     """Seconds for one decode step of `batch_size` sequences attending to `context_len` positions:
     max(memory time, compute time) + TP/PP communication (see `_decode_terms`)."""
     train = train_layout or TrainLayout(gen_layout.pg, gen_layout.tg, 1)
-    mem_a, mem_b, comp_a, comp_b, comm = _decode_terms(model, train, gen_layout, device, batch_size,
-                                                       "hybridflow", dtype_bytes)
-    return max(mem_a + mem_b * context_len, comp_a + comp_b * context_len) + comm
+    mem_a, mem_b, comp_a, comp_b, comm, fixed = _decode_terms(model, train, gen_layout, device, batch_size,
+                                                              "hybridflow", dtype_bytes)
+    return max(mem_a + mem_b * context_len, comp_a + comp_b * context_len) + comm + fixed
 
 
 def _resident_train_bytes(model, train, mode, zero_stage, dtype_bytes) -> float:
@@ -277,7 +298,8 @@ def _sum_max_linear(a1: float, b1: float, a2: float, b2: float, n: int) -> float
 
 
 def _wave(model, train, gen, device, batch, prompt_len, response_len, mode, dtype_bytes):
-    """(prefill, decode, decode_memory, decode_compute, decode_comm) seconds of one wave of `batch`."""
+    """(prefill, decode, decode_memory, decode_compute, decode_comm, decode_overhead) seconds of one
+    wave of `batch`; the prefill is one pass over the wave's prompts (its fixed costs once)."""
     g = gen.per_replica_devices
     tokens = batch * prompt_len
     compute = model.flops_per_token(prompt_len) * tokens / (g * device.peak_flops * device.matmul_efficiency)
@@ -285,16 +307,17 @@ def _wave(model, train, gen, device, batch, prompt_len, response_len, mode, dtyp
     tp_span, pp_span = _gen_spans(train, gen, mode)
     act = tokens * model.hidden_size * dtype_bytes
     prefill = max(compute, stream) * (1 + (gen.pg - 1) / batch)
+    prefill += device.pass_overhead_s + model.num_layers * device.layer_overhead_s
     prefill += 2 * model.num_layers * _all_reduce(device, act, gen.tg, tp_span)
     if gen.pg > 1:
         prefill += (gen.pg - 1) * _p2p(device, act / batch, pp_span)
-    mem_a, mem_b, comp_a, comp_b, comm = _decode_terms(model, train, gen, device, batch, mode, dtype_bytes)
+    mem_a, mem_b, comp_a, comp_b, comm, fixed = _decode_terms(model, train, gen, device, batch, mode, dtype_bytes)
     # step i (0-based) attends to prompt_len + i positions
     mem_a, comp_a = mem_a + mem_b * prompt_len, comp_a + comp_b * prompt_len
-    decode = _sum_max_linear(mem_a, mem_b, comp_a, comp_b, response_len) + comm * response_len
+    decode = _sum_max_linear(mem_a, mem_b, comp_a, comp_b, response_len) + (comm + fixed) * response_len
     mem = _sum_max_linear(mem_a, mem_b, mem_a, mem_b, response_len)
     comp = _sum_max_linear(comp_a, comp_b, comp_a, comp_b, response_len)
-    return prefill, decode, mem, comp, comm * response_len
+    return prefill, decode, mem, comp, comm * response_len, fixed * response_len
 
 
 def generation_cost(model: ModelSpec, train_layout: TrainLayout, gen_layout: GenLayout,
@@ -320,14 +343,14 @@ def generation_cost(model: ModelSpec, train_layout: TrainLayout, gen_layout: Gen
                               train_state_resident=train_state_resident, reserved_bytes=reserved_bytes)
     waves = math.ceil(seqs / cap)
     q, r = divmod(seqs, waves)
-    parts = [0.0] * 5
+    parts = [0.0] * 6
     for size, count in ((q + 1, r), (q, waves - r)):
         if count and size:
             for j, v in enumerate(_wave(model, train_layout, gen_layout, device, size, prompt_len,
                                         response_len, mode, dtype_bytes)):
                 parts[j] += count * v
-    prefill, decode, mem, comp, comm = parts
-    return GenerationCost(prefill + decode, prefill, decode, mem, comp, comm, seqs, cap, waves)
+    prefill, decode, mem, comp, comm, fixed = parts
+    return GenerationCost(prefill + decode, prefill, decode, mem, comp, comm, fixed, seqs, cap, waves)
 
 
 def generation_time(model: ModelSpec, train_layout: TrainLayout, gen_layout: GenLayout,

@@ -1,23 +1,23 @@
 """Device profiles for the cost model: peak FLOP/s, memory bandwidth and capacity, link bandwidths.
 
 Two profiles come from public specifications (A100-80GB and H100-80GB SXM, 8 per node, as in the
-paper's testbed); `calibrate()` measures "this machine" (CPU or whatever torch runs on here) so
-that predictions can be put next to measured `hfrl train` iterations. Profiles save to and load
-from JSON, so a calibration made once is reused by `hfrl plan --device PATH`.
-
-Everything except `calibrate` is pure Python; `calibrate` imports torch when called.
+paper's testbed); `hfrl.mapping.calibration.calibrate()` measures "this machine" (CPU or whatever
+torch runs on here) so that predictions can be put next to measured `hfrl train` iterations.
+Profiles save to and load from JSON, so a calibration made once is reused by
+`hfrl plan --device PATH`. Pure Python.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import socket
-import tempfile
-import time
 from dataclasses import dataclass
 
 GIB = 2**30
+OVERHEAD_FIELDS = ("call_overhead_s", "pass_overhead_s", "layer_overhead_s", "train_pass_overhead_s",
+                   "train_layer_overhead_s", "decode_step_overhead_s", "decode_layer_overhead_s",
+                   "optimizer_step_overhead_s", "optimizer_layer_overhead_s")
+"""The profile's fixed costs (seconds per event), measured by `calibrate`, 0 in datasheet profiles."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,28 @@ class DeviceProfile:
     """Achieved fraction of `mem_bandwidth` when decoding (streaming weights and KV cache)."""
     collective_latency_s: float = 2e-5
     """Fixed cost of one collective call (seconds), whatever its size."""
+    # Fixed costs that do not scale with FLOPs or bytes: framework dispatch, kernel launches, the
+    # controller. Negligible at the paper's scale (0 in the datasheet profiles, whose GEMMs take
+    # milliseconds), they are most of the time of the small models `calibrate` measures on a CPU.
+    call_overhead_s: float = 0.0
+    """One dataflow stage: rank 0 dispatching the call to the role's ranks and collecting its result."""
+    pass_overhead_s: float = 0.0
+    """One model pass over a micro-batch, beyond its decoder layers (batch preparation, embedding,
+    head, log-probs)."""
+    layer_overhead_s: float = 0.0
+    """One decoder layer in one forward pass over a micro-batch."""
+    train_pass_overhead_s: float = 0.0
+    """One training micro-batch (forward + backward + loss), beyond its decoder layers."""
+    train_layer_overhead_s: float = 0.0
+    """One decoder layer in one training micro-batch (its forward and backward)."""
+    decode_step_overhead_s: float = 0.0
+    """One decode step, beyond its decoder layers (scheduling, sampling, KV-cache bookkeeping)."""
+    decode_layer_overhead_s: float = 0.0
+    """One decoder layer in one decode step (paged attention's gathers and writes included)."""
+    optimizer_step_overhead_s: float = 0.0
+    """One optimizer step, beyond its per-layer part (gradient norm, clip, skip check, LR schedule)."""
+    optimizer_layer_overhead_s: float = 0.0
+    """One decoder layer's tensors in one optimizer step (their Adam update and zeroed gradients)."""
 
     def __post_init__(self) -> None:
         for field in ("peak_flops", "mem_bandwidth", "memory_bytes", "intra_node_bandwidth",
@@ -52,8 +74,25 @@ class DeviceProfile:
             if not 0 < getattr(self, field) <= 1:
                 raise ValueError(f"device {self.name!r}: {field}={getattr(self, field)!r} must be "
                                  f"in (0, 1]")
-        if self.collective_latency_s < 0:
-            raise ValueError(f"device {self.name!r}: collective_latency_s must be >= 0")
+        for field in ("collective_latency_s",) + OVERHEAD_FIELDS:
+            if not getattr(self, field) >= 0:
+                raise ValueError(f"device {self.name!r}: {field}={getattr(self, field)!r} must be >= 0")
+
+    def oversubscribed(self, processes: int) -> "DeviceProfile":
+        """The profile each of `processes` ranks sees when they time-share this node's
+        `devices_per_node` devices (more CPU ranks than cores): every rate divided and every fixed
+        cost multiplied by processes / devices_per_node (unchanged when the ranks fit)."""
+        share = processes / self.devices_per_node
+        if processes < 1:
+            raise ValueError(f"processes={processes!r} must be >= 1")
+        if share <= 1:
+            return self
+        rates = ("peak_flops", "mem_bandwidth", "intra_node_bandwidth", "inter_node_bandwidth")
+        return dataclasses.replace(
+            self, name=f"{self.name} ({processes} ranks on {self.devices_per_node})",
+            devices_per_node=processes, memory_bytes=int(self.memory_bytes / share),
+            **{f: getattr(self, f) / share for f in rates},
+            **{f: getattr(self, f) * share for f in ("collective_latency_s",) + OVERHEAD_FIELDS})
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict of every field."""
@@ -122,111 +161,3 @@ def load_profile(path: str) -> DeviceProfile:
     if not isinstance(data, dict):
         raise ValueError(f"device profile {path!r}: expected a JSON object")
     return DeviceProfile.from_dict(data)
-
-
-# ---- calibration ("this machine") ----------------------------------------------------------
-_COLLECTIVE_BYTES = 64 * 2**20
-
-
-def calibrate(seconds: float = 2.0, devices_per_node: int | None = None) -> DeviceProfile:
-    """Measure this machine into a profile named "this-machine" (takes `seconds` + ~10 s).
-
-    - peak_flops: best fp32 `torch.mm` rate (1024^3, at the current torch thread count);
-    - mem_bandwidth: best large-tensor copy rate (bytes read + written per second);
-    - intra_node_bandwidth: gloo all-reduce (64 MiB) and all-gather (64 MiB out) between 2 local
-      processes, converted to the per-device ring bandwidth the cost model divides by (all-reduce
-      moves 2(n-1)/n of the bytes per rank, all-gather (n-1)/n of the output); the mean of the two;
-    - collective_latency_s: a 4-byte all-reduce;
-    - inter_node_bandwidth = intra (one node); devices_per_node = os.cpu_count() unless given;
-    - memory_bytes: physical memory / devices_per_node (ranks share it);
-    - efficiencies 1.0: these are measured roofs, not datasheet peaks.
-    """
-    import torch
-
-    dpn = devices_per_node or os.cpu_count() or 1
-    budget = max(float(seconds), 0.2)
-    peak = _measure_matmul(torch, budget * 0.5)
-    bandwidth = _measure_copy(torch, budget * 0.5)
-    link, latency = _measure_collectives()
-    total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return DeviceProfile("this-machine", peak_flops=peak, mem_bandwidth=bandwidth,
-                         memory_bytes=int(total_memory // dpn), intra_node_bandwidth=link,
-                         inter_node_bandwidth=link, devices_per_node=int(dpn),
-                         matmul_efficiency=1.0, bandwidth_efficiency=1.0,
-                         collective_latency_s=latency)
-
-
-def _best_rate(fn, work: float, seconds: float, min_reps: int = 3) -> float:
-    """Best of repeated `fn()` calls (work units per second) within about `seconds`."""
-    fn()  # warm-up
-    best, start, reps = 0.0, time.perf_counter(), 0
-    while reps < min_reps or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        fn()
-        best = max(best, work / max(time.perf_counter() - t0, 1e-9))
-        reps += 1
-    return best
-
-
-def _measure_matmul(torch, seconds: float) -> float:
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    return _best_rate(lambda: torch.mm(a, b, out=out), 2.0 * n**3, seconds)
-
-
-def _measure_copy(torch, seconds: float) -> float:
-    src = torch.ones(32 * 2**20)  # 128 MiB fp32: far beyond any cache
-    dst = torch.empty_like(src)
-    return _best_rate(lambda: dst.copy_(src), 2.0 * src.numel() * src.element_size(), seconds)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _measure_collectives() -> tuple[float, float]:
-    """(per-device ring bandwidth in bytes/s, latency of one collective in s) from 2 gloo ranks."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "collectives.json")
-        mp.spawn(_collective_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-        with open(out) as f:
-            result = json.load(f)
-    return result["bandwidth"], result["latency"]
-
-
-def _collective_worker(rank: int, world: int, port: int, out: str) -> None:
-    """One rank of the collective measurement (spawned; rank 0 writes the result)."""
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
-        tiny = torch.zeros(1)
-        latency = min(_timed(dist, lambda: dist.all_reduce(tiny)) for _ in range(20))
-        full = torch.ones(_COLLECTIVE_BYTES // 4)
-        t_ar = min(_timed(dist, lambda: dist.all_reduce(full)) for _ in range(3))
-        shard = torch.ones(full.numel() // world)
-        parts = list(full.chunk(world))
-        t_ag = min(_timed(dist, lambda: dist.all_gather(parts, shard)) for _ in range(3))
-        ring = (world - 1) / world
-        bw_ar = 2 * ring * _COLLECTIVE_BYTES / max(t_ar - latency, 1e-9)
-        bw_ag = ring * _COLLECTIVE_BYTES / max(t_ag - latency, 1e-9)
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump({"bandwidth": (bw_ar + bw_ag) / 2, "latency": latency}, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def _timed(dist, fn) -> float:
-    dist.barrier()
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0

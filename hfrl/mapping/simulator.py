@@ -6,10 +6,14 @@ A mapping places every role (actor, ref, critic, reward, cost) on one of a few d
 generation layout (pg, tg). The dataflow of each algorithm is a list of stages in the order hfrl's
 trainer issues them (hfrl.trainers):
 
-    ppo        gen -> reward, old_log_prob, ref, values -> update_critic, update_actor
-    remax      gen, gen_greedy -> reward (both batches), old_log_prob, ref -> update_actor
-    safe_rlhf  ppo + cost, cost_values (before the updates) and update_cost_critic (after update_critic)
-    grpo       gen (n per prompt) -> reward, old_log_prob, ref -> update_actor
+    ppo        gen -> reward, old_log_prob, ref, values -> adv -> update_critic, update_actor
+    remax      gen, gen_greedy -> reward (both batches), old_log_prob, ref -> adv -> update_actor
+    safe_rlhf  ppo + cost, cost_values (before adv) and update_cost_critic (after update_critic)
+    grpo       gen (n per prompt) -> reward, old_log_prob, ref -> adv -> update_actor
+
+"adv" is the actor's compute_advantages call: elementwise work over the batch's tokens, which
+costs a stage call and little else. Every stage pays the device's `call_overhead_s` once (rank 0
+dispatching it and collecting its result).
 
 Safe-RLHF's cost critic is not a placement role: hfrl runs it on the critic's pool with the critic's
 layout (hfrl.trainers.safe_rlhf), so its two stages belong to role "critic" and run the model
@@ -30,6 +34,7 @@ on different pools overlap.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -38,7 +43,10 @@ from hfrl.mapping.cost_model import GenerationCost, GenLayout, TrainLayout, forw
     inference_memory, train_memory, train_time, transition_time
 from hfrl.mapping.models import ModelSpec
 
-KINDS = ("generate", "forward", "train")
+KINDS = ("generate", "forward", "train", "advantage")
+ADVANTAGE_BYTES_PER_TOKEN = 64
+"""Memory traffic of the advantage stage per token: a few fp32 columns read (rewards, values,
+log-probs, masks) and written (advantages, returns), with temporaries."""
 ROLE_ORDER = ("actor", "ref", "critic", "reward", "cost")
 """Canonical role order (placements, plans and descriptions list roles in it)."""
 
@@ -52,7 +60,7 @@ class Stage:
     role: str
     """The placement role whose devices and layout run the stage."""
     kind: str
-    """"generate", "forward" or "train"."""
+    """"generate", "forward", "train" or "advantage"."""
     deps: tuple[str, ...] = ()
     """Stages whose output this one reads."""
     model: str = ""
@@ -68,15 +76,18 @@ class Stage:
 _PREP = ("reward", "old_log_prob", "ref")
 
 
+def _adv(after) -> Stage:
+    return Stage("adv", "actor", "advantage", tuple(after))
+
+
 def _ppo(extra_prep: tuple[Stage, ...] = (), extra_updates: tuple[Stage, ...] = ()) -> list[Stage]:
     prep = [Stage("reward", "reward", "forward", ("gen",)), *extra_prep[:1],
             Stage("old_log_prob", "actor", "forward", ("gen",)), Stage("ref", "ref", "forward", ("gen",)),
             Stage("values", "critic", "forward", ("gen",)), *extra_prep[1:]]
-    after = tuple(s.name for s in prep)
-    return [Stage("gen", "actor", "generate"), *prep,
-            Stage("update_critic", "critic", "train", after),
-            *(Stage(s.name, s.role, s.kind, after, s.model) for s in extra_updates),
-            Stage("update_actor", "actor", "train", after)]
+    return [Stage("gen", "actor", "generate"), *prep, _adv(s.name for s in prep),
+            Stage("update_critic", "critic", "train", ("adv",)),
+            *(Stage(s.name, s.role, s.kind, ("adv",), s.model) for s in extra_updates),
+            Stage("update_actor", "actor", "train", ("adv",))]
 
 
 DATAFLOWS: dict[str, list[Stage]] = {
@@ -87,10 +98,10 @@ DATAFLOWS: dict[str, list[Stage]] = {
     "remax": [Stage("gen", "actor", "generate"), Stage("gen_greedy", "actor", "generate"),
               Stage("reward", "reward", "forward", ("gen", "gen_greedy"), batch=2),
               Stage("old_log_prob", "actor", "forward", ("gen",)), Stage("ref", "ref", "forward", ("gen",)),
-              Stage("update_actor", "actor", "train", _PREP)],
+              _adv(_PREP), Stage("update_actor", "actor", "train", ("adv",))],
     "grpo": [Stage("gen", "actor", "generate"), Stage("reward", "reward", "forward", ("gen",)),
              Stage("old_log_prob", "actor", "forward", ("gen",)), Stage("ref", "ref", "forward", ("gen",)),
-             Stage("update_actor", "actor", "train", _PREP)],
+             _adv(_PREP), Stage("update_actor", "actor", "train", ("adv",))],
 }
 """Each algorithm's stages in the order hfrl's trainer issues them (see the module docstring)."""
 
@@ -110,14 +121,25 @@ class Workload:
     num_prompts: int = 1024
     n: int = 1
     """Responses per prompt (GRPO's group size)."""
+    mini_batch_size: int | None = None
+    """Prompts per optimizer step (algorithm.mini_batch_size); None: the whole batch, one step."""
+    ppo_epochs: int = 1
+    """Passes over the batch per update (algorithm.ppo_epochs)."""
+    micro_batches: int | None = None
+    """Micro-batches per replica of each pass (engine.num_micro_batches; hfrl's default is 1);
+    None: the cost model's pipeline default (min(4 pp, sequences per replica))."""
 
     def __post_init__(self):
         if self.algorithm not in DATAFLOWS:
             raise ValueError(f"algorithm={self.algorithm!r}: expected one of {sorted(DATAFLOWS)}")
-        for name in ("prompt_len", "response_len", "num_prompts", "n"):
+        for name in ("prompt_len", "response_len", "num_prompts", "n", "ppo_epochs", "mini_batch_size",
+                     "micro_batches"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if (value is not None or name not in ("mini_batch_size", "micro_batches")) and (
+                    not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.mini_batch_size is not None and self.num_prompts % self.mini_batch_size:
+            raise ValueError(f"mini_batch_size={self.mini_batch_size} must divide num_prompts={self.num_prompts}")
         missing = [r for r in self.roles if r not in self.models]
         if missing:
             raise ValueError(f"{self.algorithm} needs a model for roles {missing}; got models for "
@@ -146,6 +168,11 @@ class Workload:
     @property
     def seq_len(self) -> int:
         return self.prompt_len + self.response_len
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of one update: epochs x mini-batches."""
+        return self.ppo_epochs * (self.num_prompts // (self.mini_batch_size or self.num_prompts))
 
     def model(self, name: str) -> ModelSpec:
         """The spec of a role or stage model; the cost critic defaults to the cost model's shape."""
@@ -260,15 +287,25 @@ def stage_time(stage: Stage, workload: Workload, plan: RolePlan, device, *, rese
     """Seconds the stage takes on its role's devices in the plan's layouts (the cost model).
 
     `reserved_bytes`: per-device memory the colocated roles hold while the actor generates (their
-    role_memory; the KV cache gets what is left). ValueError when a generation does not fit."""
+    role_memory; the KV cache gets what is left). ValueError when a generation does not fit.
+    Every stage adds the device's call_overhead_s."""
+    call = device.call_overhead_s
     if stage.kind == "generate":
-        return generation_stage_cost(stage, workload, plan, device, reserved_bytes=reserved_bytes).total_s
+        return call + generation_stage_cost(stage, workload, plan, device, reserved_bytes=reserved_bytes).total_s
     spec = workload.model(stage.model_name)
     num_seqs = workload.num_prompts * workload.n * stage.batch
+    steps = workload.optimizer_steps if stage.kind == "train" else 1
+    per_replica = math.ceil(num_seqs / steps / plan.train.dp)
+    micro = None if workload.micro_batches is None else min(workload.micro_batches, per_replica)
+    if stage.kind == "advantage":
+        tokens = num_seqs * workload.seq_len / plan.num_devices
+        return call + tokens * ADVANTAGE_BYTES_PER_TOKEN / (device.mem_bandwidth * device.bandwidth_efficiency)
     if stage.kind == "forward":
-        return forward_time(spec, plan.train, device, num_seqs=num_seqs, seq_len=workload.seq_len)
+        return call + forward_time(spec, plan.train, device, num_seqs=num_seqs, seq_len=workload.seq_len,
+                                   num_micro_batches=micro)
     if stage.kind == "train":
-        return train_time(spec, plan.train, device, num_seqs=num_seqs, seq_len=workload.seq_len)
+        return call + train_time(spec, plan.train, device, num_seqs=num_seqs, seq_len=workload.seq_len,
+                                 num_micro_batches=micro, optimizer_steps=steps)
     raise ValueError(f"stage {stage.name!r}: kind={stage.kind!r}, expected one of {KINDS}")
 
 

@@ -238,10 +238,93 @@ def test_layout_enumeration():
 
 @pytest.mark.slow
 def test_calibrate_this_machine(tmp_path):
-    from hfrl.mapping.devices import calibrate
+    from hfrl.mapping.calibration import calibrate
 
     profile = calibrate(0.3)
     assert profile.name == "this-machine" and profile.devices_per_node == (os.cpu_count() or 1)
     assert profile.peak_flops > 1e8 and profile.mem_bandwidth > 1e8 and profile.intra_node_bandwidth > 1e6
     save_profile(profile, str(tmp_path / "p.json"))
     assert get_profile(str(tmp_path / "p.json")) == profile
+
+
+# ---- fixed costs (a calibrated CPU's overheads) ----------------------------------------------
+OVERHEADS = dict(call_overhead_s=1e-3, pass_overhead_s=2e-3, layer_overhead_s=3e-4, train_pass_overhead_s=5e-3,
+                 train_layer_overhead_s=7e-4, decode_step_overhead_s=1.1e-3, decode_layer_overhead_s=1.3e-4,
+                 optimizer_step_overhead_s=1.7e-2, optimizer_layer_overhead_s=1.9e-3)
+SLOW = dataclasses.replace(A100, **OVERHEADS)
+
+
+def test_fixed_costs_add_per_event():
+    """Each overhead is paid once per event it names: micro-batch x stage slot, layer, optimizer step,
+    decode step; nothing else moves."""
+    layout = TrainLayout(2, 1, 2)          # pp 2: 16 layers per stage, 1F1B slots m + pp - 1
+    kw = dict(num_seqs=16, seq_len=256, num_micro_batches=2)
+    slots, layers = 2 + 2 - 1, 16
+    extra = forward_time(M7, layout, SLOW, **kw) - forward_time(M7, layout, A100, **kw)
+    assert extra == pytest.approx(slots * (2e-3 + layers * 3e-4), rel=1e-9)
+    extra = train_time(M7, layout, SLOW, **kw, optimizer_steps=2) - train_time(M7, layout, A100, **kw,
+                                                                               optimizer_steps=2)
+    assert extra == pytest.approx(2 * (slots * (5e-3 + layers * 7e-4) + 1.7e-2 + layers * 1.9e-3), rel=1e-9)
+    gen_kw = dict(num_seqs=4, prompt_len=64, response_len=100)
+    fast = generation_cost(M7, TrainLayout(1, 8, 1), GenLayout(1, 8), A100, **gen_kw)
+    slow = generation_cost(M7, TrainLayout(1, 8, 1), GenLayout(1, 8), SLOW, **gen_kw)
+    assert fast.num_waves == slow.num_waves == 1 and fast.decode_overhead_s == 0
+    assert slow.decode_overhead_s == pytest.approx(100 * (1.1e-3 + 32 * 1.3e-4), rel=1e-12)
+    assert slow.prefill_s - fast.prefill_s == pytest.approx(2e-3 + 32 * 3e-4, rel=1e-9)  # one pass per wave
+    assert slow.total_s - fast.total_s == pytest.approx(slow.decode_overhead_s + 2e-3 + 32 * 3e-4, rel=1e-9)
+
+
+def test_optimizer_steps_split_the_batch():
+    """k optimizer steps over the batch: the same FLOPs, k gradient syncs and k optimizer updates."""
+    layout, kw = TrainLayout(1, 1, 4), dict(num_seqs=64, seq_len=512, num_micro_batches=1)
+    one, four = train_time(M7, layout, A100, **kw), train_time(M7, layout, A100, **kw, optimizer_steps=4)
+    sync_and_update = train_time(M7, layout, A100, num_seqs=4, seq_len=1, num_micro_batches=1) \
+        - 3 * M7.flops_per_token(1) * 1 / (312e12 * 0.5)
+    assert four - one == pytest.approx(3 * sync_and_update, rel=1e-6)
+    for bad in (0, 65, 1.5):
+        with pytest.raises(ValueError, match="optimizer_steps"):
+            train_time(M7, layout, A100, **kw, optimizer_steps=bad)
+
+
+def test_oversubscribed_profile_time_shares_the_cores():
+    cpu = dataclasses.replace(A100, name="cpu", devices_per_node=2, **OVERHEADS)
+    assert cpu.oversubscribed(1) is cpu and cpu.oversubscribed(2) is cpu
+    four = cpu.oversubscribed(4)
+    assert four.devices_per_node == 4 and four.peak_flops == cpu.peak_flops / 2
+    assert four.mem_bandwidth == cpu.mem_bandwidth / 2 and four.intra_node_bandwidth == cpu.intra_node_bandwidth / 2
+    assert four.layer_overhead_s == 2 * cpu.layer_overhead_s and four.call_overhead_s == 2e-3
+    assert four.collective_latency_s == 2 * cpu.collective_latency_s
+    kw = dict(num_seqs=8, seq_len=128, num_micro_batches=1)   # one device each: everything doubles
+    assert forward_time(M7, TrainLayout(1, 1, 1), four, **kw) == pytest.approx(
+        2 * forward_time(M7, TrainLayout(1, 1, 1), cpu, **kw), rel=1e-12)
+    with pytest.raises(ValueError, match="processes"):
+        cpu.oversubscribed(0)
+    with pytest.raises(ValueError, match="layer_overhead_s"):
+        dataclasses.replace(cpu, layer_overhead_s=-1.0)
+
+
+def test_fit_overheads_recovers_known_costs():
+    """Probe times built from known overheads (plus the probes' own compute at the roofs) give those
+    overheads back: the calibration's algebra, without timing anything."""
+    pytest.importorskip("torch")
+    from hfrl.mapping.calibration import DECODE_STEPS, PROBE_BATCH, PROBE_DEPTHS, PROBE_SHAPE, TRAIN_MICRO_BATCHES, \
+        fit_overheads
+
+    peak, bandwidth = 5e10, 1e10
+    seqs, tokens = PROBE_BATCH
+    shape = dict(PROBE_SHAPE)
+    specs = {d: ModelSpec(f"probe{d}", d, shape["hidden_size"], shape["intermediate_size"], shape["num_heads"],
+                          shape["num_kv_heads"], shape["vocab_size"]) for d in PROBE_DEPTHS}
+    o = OVERHEADS
+    measured = {}
+    for d, spec in specs.items():
+        flops = spec.flops_per_token(tokens) * seqs * tokens / peak
+        micro = o["train_pass_overhead_s"] + d * o["train_layer_overhead_s"]
+        opt = o["optimizer_step_overhead_s"] + d * o["optimizer_layer_overhead_s"]
+        roof = max(spec.param_bytes(4) / bandwidth, seqs * 2 * spec.matmul_params / peak)
+        step = o["decode_step_overhead_s"] + d * o["decode_layer_overhead_s"] + roof
+        measured[d] = {"forward": flops + 2 * (o["pass_overhead_s"] + d * o["layer_overhead_s"]),
+                       **{f"train_{k}": 3 * flops + k * micro + opt for k in TRAIN_MICRO_BATCHES},
+                       **{f"generate_{k}": 0.05 + k * step for k in DECODE_STEPS}}
+    fitted = fit_overheads(measured, specs, peak, bandwidth)
+    assert fitted == pytest.approx({k: v for k, v in o.items() if k != "call_overhead_s"}, rel=1e-9)

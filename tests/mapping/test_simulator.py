@@ -13,18 +13,23 @@ A100 = get_profile("a100-80gb")
 
 def test_dataflows_are_hfrl_trainer_steps():
     names = {algo: [s.name for s in stages] for algo, stages in DATAFLOWS.items()}
-    assert names["ppo"] == ["gen", "reward", "old_log_prob", "ref", "values", "update_critic", "update_actor"]
-    assert names["grpo"] == ["gen", "reward", "old_log_prob", "ref", "update_actor"]
-    assert names["remax"] == ["gen", "gen_greedy", "reward", "old_log_prob", "ref", "update_actor"]
-    assert names["safe_rlhf"] == ["gen", "reward", "cost", "old_log_prob", "ref", "values", "cost_values",
+    assert names["ppo"] == ["gen", "reward", "old_log_prob", "ref", "values", "adv", "update_critic", "update_actor"]
+    assert names["grpo"] == ["gen", "reward", "old_log_prob", "ref", "adv", "update_actor"]
+    assert names["remax"] == ["gen", "gen_greedy", "reward", "old_log_prob", "ref", "adv", "update_actor"]
+    assert names["safe_rlhf"] == ["gen", "reward", "cost", "old_log_prob", "ref", "values", "cost_values", "adv",
                                   "update_critic", "update_cost_critic", "update_actor"]
     for stages in DATAFLOWS.values():
         seen = set()
         for s in stages:  # deps name earlier stages; kinds and roles are known
-            assert set(s.deps) <= seen and s.kind in ("generate", "forward", "train"), s
+            assert set(s.deps) <= seen and s.kind in ("generate", "forward", "train", "advantage"), s
             assert s.role in ("actor", "ref", "critic", "reward", "cost"), s
             seen.add(s.name)
         assert len(seen) == len(stages)
+    for stages in DATAFLOWS.values():  # the updates read the advantages, which read every preparation
+        by_name = {s.name: s for s in stages}
+        assert by_name["adv"].role == "actor" and set(by_name["adv"].deps) == {
+            s.name for s in stages if s.kind == "forward"} - {"gen_greedy"}
+        assert all(s.deps == ("adv",) for s in stages if s.kind == "train")
     by_name = {s.name: s for s in DATAFLOWS["safe_rlhf"]}
     assert by_name["cost_values"].role == by_name["update_cost_critic"].role == "critic"
     assert by_name["update_cost_critic"].model == "cost_critic"
@@ -97,25 +102,26 @@ def test_disjoint_sets_overlap():
     gen_end = est.transition_s + t["gen"]
     ref_end = gen_end + t["old_log_prob"] + t["ref"]        # actor's set: old log-probs, then ref
     values_end = gen_end + t["reward"] + t["values"]        # critic's set: reward, then values
-    prep_end = max(ref_end, values_end)
-    expected = max(prep_end + t["update_critic"], prep_end + t["update_actor"])
+    adv_end = max(ref_end, values_end) + t["adv"]           # on the actor's set, after every preparation
+    expected = max(adv_end + t["update_critic"], adv_end + t["update_actor"])
     assert est.total_s == pytest.approx(expected, rel=1e-12)
-    busy = [est.transition_s + t["gen"] + t["old_log_prob"] + t["ref"] + t["update_actor"],
+    busy = [est.transition_s + t["gen"] + t["old_log_prob"] + t["ref"] + t["adv"] + t["update_actor"],
             t["reward"] + t["values"] + t["update_critic"]]
     assert max(busy) <= est.total_s < sum(busy)  # the critic's set works while the actor's does
 
 
 def test_schedule_rule_with_round_numbers():
     stages = DATAFLOWS["ppo"]
-    times = dict(gen=10.0, reward=3.0, old_log_prob=2.0, ref=4.0, values=5.0, update_critic=7.0, update_actor=6.0)
+    times = dict(gen=10.0, reward=3.0, old_log_prob=2.0, ref=4.0, values=5.0, adv=1.0, update_critic=7.0,
+                 update_actor=6.0)
     one = dict.fromkeys(("actor", "ref", "critic", "reward"), 0)
-    assert schedule(stages, one, times, transition_s=1.0) == 38.0
+    assert schedule(stages, one, times, transition_s=1.0) == 39.0
     apart = dict(actor=0, ref=1, critic=2, reward=3)
-    # gen ends 11; reward 14, old 13, ref 15, values 16; update_critic 16 -> 23, update_actor 16 -> 22
-    assert schedule(stages, apart, times, transition_s=1.0) == 23.0
+    # gen ends 11; reward 14, old 13, ref 15, values 16; adv 16 -> 17; update_critic 17 -> 24, update_actor 17 -> 23
+    assert schedule(stages, apart, times, transition_s=1.0) == 24.0
     pairs = dict(actor=0, ref=0, critic=1, reward=1)
-    # set 0: gen 11, old 13, ref 17; set 1: reward 14, values 19; updates start at 19: 26 and 25
-    assert schedule(stages, pairs, times, transition_s=1.0) == 26.0
+    # set 0: gen 11, old 13, ref 17; set 1: reward 14, values 19; adv 19 -> 20; updates 27 and 26
+    assert schedule(stages, pairs, times, transition_s=1.0) == 27.0
 
 
 def test_mapping_describe_and_checks():
@@ -137,3 +143,32 @@ def test_simulate_refuses_a_mapping_that_does_not_fit():
     mapping = Mapping((w.roles,), (4,), tuple(plans[r] for r in w.roles))
     with pytest.raises(ValueError, match=r"set \{actor,ref,critic,reward\} x4 does not fit"):
         simulate(w, mapping, A100)
+
+
+def test_workload_batching_reaches_the_cost_model():
+    """mini_batch_size / ppo_epochs become optimizer steps of every train stage, micro_batches the
+    passes' micro-batches; each stage pays one controller call; bad values are refused."""
+    import dataclasses
+
+    from hfrl.mapping import forward_time, train_time
+
+    slow = dataclasses.replace(A100, call_overhead_s=0.5)
+    w = Workload.paper("ppo", "7b", num_prompts=64, mini_batch_size=16, ppo_epochs=2, micro_batches=3)
+    assert w.optimizer_steps == 8
+    plan = RolePlan("actor", 8, TrainLayout(1, 8, 1), GenLayout(1, 8))
+    by_name = {s.name: s for s in w.stages}
+    expected = train_time(w.models["actor"], plan.train, A100, num_seqs=64, seq_len=2048, num_micro_batches=3,
+                          optimizer_steps=8)
+    assert stage_time(by_name["update_actor"], w, plan, slow) == pytest.approx(0.5 + expected, rel=1e-12)
+    expected = forward_time(w.models["actor"], plan.train, A100, num_seqs=64, seq_len=2048, num_micro_batches=3)
+    assert stage_time(by_name["old_log_prob"], w, plan, slow) == pytest.approx(0.5 + expected, rel=1e-12)
+    adv = stage_time(by_name["adv"], w, plan, A100)   # elementwise over the batch's tokens: bytes / bandwidth
+    assert adv == pytest.approx(64 * 2048 / 8 * 64 / (2.0e12 * 0.8), rel=1e-12)
+    assert stage_time(by_name["adv"], w, plan, slow) == pytest.approx(0.5 + adv, rel=1e-12)
+    tiny = Workload.paper("ppo", "7b", num_prompts=4, micro_batches=16)   # more micro-batches than rows: clamped
+    assert stage_time(by_name["old_log_prob"], tiny, plan, A100) == pytest.approx(
+        forward_time(w.models["actor"], plan.train, A100, num_seqs=4, seq_len=2048, num_micro_batches=4), rel=1e-12)
+    for bad, match in ((dict(mini_batch_size=3), "divide"), (dict(ppo_epochs=0), "ppo_epochs"),
+                       (dict(micro_batches=0), "micro_batches")):
+        with pytest.raises(ValueError, match=match):
+            Workload.paper("ppo", "7b", num_prompts=64, **bad)
