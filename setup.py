@@ -12,6 +12,8 @@ from setuptools import setup
 # it (the kernels fall back to their PyTorch references).
 _triton = "triton>=3.0; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"
 
+_megatron = "megatron-core==0.16.1; python_version < '3.12'"
+
 setup(
     name="hfrl",
     version="0.1.0",
@@ -30,6 +32,7 @@ setup(
         "hfrl.trainers",
         "hfrl.mapping",
         "hfrl.data",
+        "hfrl.integrations",
         "hfrl_kernels",
     ],
     package_dir={"hfrl_kernels": "kernels"},
@@ -48,8 +51,10 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout", "hypothesis", "mpi4py>=3.1",
-                 "mpich; platform_system == 'Linux'", "pyarrow"],
+                 "mpich; platform_system == 'Linux'", "pyarrow", _megatron],
         "parquet": ["pyarrow"],   # Parquet prompt files
+        # hfrl.integrations.megatron; megatron-core 0.17+ needs Python 3.12, 0.16.1 runs on 3.10-3.11.
+        "megatron": [_megatron],
     },
     entry_points={"console_scripts": ["hfrl = hfrl.cli:main"]},
 )

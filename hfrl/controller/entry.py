@@ -43,7 +43,7 @@ def get_runtime() -> Driver:
 
 
 def run(main: Callable[..., Any], *args, config: Any = None, backend: str | None = None,
-        timeout_s: float | None = None, **kwargs) -> Any:
+        timeout_s: float | None = None, adopted_groups: Any = None, **kwargs) -> Any:
     """Run `main(*args, **kwargs)` on rank 0 as the single controller; serve on other ranks.
 
     `config`: an `hfrl.config.Config` or a YAML path, validated on every rank before the first
@@ -52,6 +52,10 @@ def run(main: Callable[..., Any], *args, config: Any = None, backend: str | None
     waiting for another. Its `distributed.backend` and `distributed.timeout_s` set up the process
     groups; workers see it as `self.ctx.config`, the program as `get_runtime().config`.
     `backend`/`timeout_s` given here win over the config's.
+
+    `adopted_groups`: existing process groups hfrl uses instead of creating its own for the same
+    ranks, as (ranks, group) pairs, the same rank sets in the same order on every rank (a
+    Megatron job's groups: `hfrl.integrations.megatron`; see `GroupCache.adopt`).
 
     Returns main's result on rank 0 and None on the others. If main raises, every rank exits
     non-zero: rank 0 re-raises, the others raise SystemExit(1).
@@ -65,6 +69,8 @@ def run(main: Callable[..., Any], *args, config: Any = None, backend: str | None
     watchdog = Watchdog(ctx.rank, ctx.world_size, WATCHDOG_GRACE_S)
     role = Driver if ctx.rank == 0 else Server
     runtime = role(ctx, config, watchdog)
+    for ranks, group in adopted_groups or ():
+        runtime.cache.adopt(ranks, group)
     watchdog.start()
     _runtime.set_current(runtime)
     clean = False

@@ -320,6 +320,17 @@ class GroupCache:
             self._groups[ranks] = dist.new_group(ranks=list(ranks), **kwargs)
         return self._groups[ranks]
 
+    def adopt(self, ranks: tuple[int, ...], group) -> None:
+        """Use an existing process group for `ranks` instead of creating one (a Megatron job's
+        groups, hfrl.integrations.megatron). Like `get`, every rank must adopt the same rank sets
+        in the same order: members pass their group, the others `GroupMember.NON_GROUP_MEMBER`
+        (what new_group returns them), so later every rank skips the same new_group calls."""
+        ranks = tuple(ranks)
+        if ranks in self._groups:
+            raise ValueError(f"ranks {list(ranks)} already have a process group; adopt a group "
+                             "before any group over the same ranks is created")
+        self._groups[ranks] = group
+
     def create_partition(self, pool_ranks: tuple[int, ...],
                          groups: tuple[tuple[int, ...], ...]) -> None:
         """`get` every group of a partition of the pool (groups of pool positions), in order.

@@ -65,7 +65,8 @@ from hfrl.engine.config import DTYPE_NAMES, EngineConfig, OptimConfig  # noqa: F
 from hfrl.engine.microbatch import MicroBatch, make_micro_batches, merge_micro_batch_outputs
 from hfrl.engine.optim import build_optimizer, build_scheduler, clip_optimizer_grads, should_skip_step
 from hfrl.models.config import ModelConfig
-from hfrl.models.parallelize import check_tp, gather_full_state_dict, tp_from_pretrained
+from hfrl.models.llama import CausalLM, Decoder, ValueModel
+from hfrl.models.parallelize import check_tp, gather_full_state_dict, parallelize_model, tp_from_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +106,14 @@ class TrainEngine:
     ``role_groups`` is this rank's ``RoleGroups`` for the role; None means one process, no
     torch.distributed. Every rank of the role must call every method (they are collective over the
     role), each DP replica with its own rows; the TP and PP ranks of a replica with the same batch.
+
+    ``model``: this rank's stage, already tensor-parallel and holding its starting weights, handed
+    over in memory (hfrl.integrations.megatron); ``cfg.model_path`` then only supplies config.json
+    and no weights are read. It must have exactly the shapes this rank's shard would have.
     """
 
     def __init__(self, cfg: EngineConfig, role_groups: RoleGroups | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, model: Decoder | None = None):
         cfg.validate()
         self.cfg = cfg
         self.model_config = ModelConfig.from_pretrained(cfg.model_path)
@@ -125,9 +130,12 @@ class TrainEngine:
         self.device = torch.device(device) if device is not None else _default_device()
         self.dtype = DTYPES[cfg.dtype]
 
-        self.model = tp_from_pretrained(cfg.model_path, self.groups["tp"], cfg.value_head,
-                                        layer_range=self.layer_range, dtype=self.dtype, device=self.device,
-                                        init_missing_value_head=cfg.init_missing_value_head)
+        if model is None:
+            self.model = tp_from_pretrained(cfg.model_path, self.groups["tp"], cfg.value_head,
+                                            layer_range=self.layer_range, dtype=self.dtype, device=self.device,
+                                            init_missing_value_head=cfg.init_missing_value_head)
+        else:
+            self.model = self._given_model(model)
         self.model.set_activation_checkpointing(cfg.activation_checkpointing)
         self._tag_tied_copy()
         if role_groups is not None:
@@ -142,6 +150,21 @@ class TrainEngine:
         """train_step calls so far, skipped steps included (restored by load_checkpoint)."""
         self.in_generation = False
         """Set by hfrl.hybrid_engine.HybridEngine while the actor generates: no training step then."""
+
+    def _given_model(self, model: Decoder) -> Decoder:
+        """``model`` moved to the engine's device and dtype, once its class and every shape match this
+        rank's shard (a meta-device model parallelized like ``tp_from_pretrained``'s)."""
+        with torch.device("meta"):
+            expected = (ValueModel if self.cfg.value_head else CausalLM)(self.model_config, self.layer_range)
+        parallelize_model(expected, self.groups["tp"])
+        want = {name: tuple(t.shape) for name, t in expected.state_dict().items()}
+        got = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        if type(model) is not type(expected) or want != got:
+            wrong = sorted(set(want.items()) ^ set(got.items()))[:4]
+            raise ValueError(f"the {type(model).__name__} handed to the engine is not this rank's shard of "
+                             f"{self.cfg.model_path} (a {type(expected).__name__}, layers {self.layer_range}, "
+                             f"tp={self.dims.tp}); first differing (name, shape) entries: {wrong}")
+        return model.to(device=self.device, dtype=self.dtype)
 
     # ---- layout ---------------------------------------------------------------------------------
 

@@ -15,9 +15,10 @@ the columns line up on every rank and rows of different ranks concatenate.
 """
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -116,13 +117,23 @@ class MetricSums:
         return out
 
 
+MODEL_SOURCES: dict[str, Callable] = {}
+"""Models handed over in memory instead of read from a checkpoint, by the absolute path of the
+folder a role's `engine.model_path` names (which then needs only config.json). Process-local: a
+program that already holds the weights (a Megatron job, hfrl.integrations.megatron) registers a
+source on every rank before hfrl.run. `source(ctx, engine_cfg)` returns this rank's shard as a
+new model on each call (the actor and the reference must not share parameters)."""
+
+
 class EngineWorker(Worker):
     """A role worker holding one TrainEngine built on this rank's share of the role's layout."""
 
     def build_engine(self, engine_cfg):
         from hfrl.engine import TrainEngine
 
-        self.engine = TrainEngine(engine_cfg, self.ctx.groups)   # CUDA under NCCL, else the CPU
+        source = MODEL_SOURCES.get(os.path.abspath(engine_cfg.model_path)) if engine_cfg.model_path else None
+        model = source(self.ctx, engine_cfg) if source is not None else None
+        self.engine = TrainEngine(engine_cfg, self.ctx.groups, model=model)   # CUDA under NCCL, else the CPU
         return self.engine
 
     @property
