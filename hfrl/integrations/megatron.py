@@ -310,6 +310,7 @@ def write_model_folder(folder: Path, model_config: Any, tokenizer: Any | None) -
 
 
 def _tokenizer(config: Any) -> Any:
+    """The task's tokenizer (written into the model folder), or None when data.tokenizer_path names one."""
     from hfrl.workers.rule_reward import load_tokenizer_for
 
     if config.data.tokenizer_path is not None:
@@ -318,6 +319,24 @@ def _tokenizer(config: Any) -> Any:
         raise ValueError("data.tokenizer_path is empty: give the Megatron job's tokenizer folder (or use a built-in "
                          "data.task, whose tokenizer is written next to the model's config.json)")
     return load_tokenizer_for({"task": config.data.task})
+
+
+def _stage_layers(model: Any, adopted: AdoptedGroups, num_layers: int) -> tuple[int, int]:
+    """This rank's layer range, hfrl's partition of the layers, after checking Megatron's agrees."""
+    from hfrl.distributed.pipeline_parallel import partition_layers
+
+    layout, cfg = adopted.layout, model.config
+    if (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size) != (layout.tp, layout.pp):
+        raise ValueError(f"the model's TransformerConfig says tp={cfg.tensor_model_parallel_size}, "
+                         f"pp={cfg.pipeline_model_parallel_size} but parallel_state has tp={layout.tp}, pp={layout.pp}")
+    stage = adopted.dims.coord(adopted.rank).pp
+    layer_range = partition_layers(num_layers, layout.pp)[stage]
+    layers = model.decoder.layers
+    first = layers[0].layer_number - 1   # Megatron numbers layers globally from 1
+    if (first, first + len(layers)) != layer_range:
+        raise ValueError(f"pipeline stage {stage} holds Megatron layers [{first}, {first + len(layers)}), hfrl's "
+                         f"stage would hold {list(layer_range)}")
+    return layer_range
 
 
 def train(model: Any, config: Any, *, vocab_size: int | None = None,
@@ -331,10 +350,14 @@ def train(model: Any, config: Any, *, vocab_size: int | None = None,
     the job's layout (``layout_overrides``) and no engine.model_path. Its trainer.run_dir holds the run's
     metrics and hfrl's own checkpoints; trainer.resume is turned off (the job's weights are the start).
     ``vocab_size``: the true vocabulary, default the tokenizer's.
+
+    The parameters change in place: an optimizer keeping its own fp32 copies of them (Megatron's
+    mixed-precision and distributed optimizers) must reload those afterwards
+    (``optimizer.reload_model_params()``).
     """
     import hfrl
     from hfrl.config import resolve_for_run
-    from hfrl.distributed.pipeline_parallel import partition_layers
+    from hfrl.data import load_tokenizer
     from hfrl.trainers import run_trainer
     from hfrl.trainers.job import check_job
     from hfrl.workers.common import MODEL_SOURCES
@@ -343,32 +366,23 @@ def train(model: Any, config: Any, *, vocab_size: int | None = None,
     adopted = adopted or adopt_parallel_state(pg=actor.pg, tg=actor.tg, grouping=actor.grouping)
     check_config(config, adopted)
     tokenizer = _tokenizer(config)
-    if vocab_size is None and tokenizer is None:
-        from hfrl.data import load_tokenizer
-
-        vocab_size = len(load_tokenizer(config.data.tokenizer_path, config.data.trust_remote_code))
-    hf_config = hfrl_model_config(model, vocab_size if vocab_size is not None else len(tokenizer))
-    layout, mcfg = adopted.layout, model.config
-    if (mcfg.tensor_model_parallel_size, mcfg.pipeline_model_parallel_size) != (layout.tp, layout.pp):
-        raise ValueError(f"the model's TransformerConfig says tp={mcfg.tensor_model_parallel_size}, "
-                         f"pp={mcfg.pipeline_model_parallel_size} but parallel_state has tp={layout.tp}, pp={layout.pp}")
-    coord = adopted.dims.coord(adopted.rank)
-    layer_range = partition_layers(hf_config.num_layers, layout.pp)[coord.pp]
-    layers = model.decoder.layers
-    if (layers[0].layer_number - 1, layers[0].layer_number - 1 + len(layers)) != layer_range:
-        raise ValueError(f"pipeline stage {coord.pp} holds Megatron layers from {layers[0].layer_number - 1} "
-                         f"({len(layers)} of them), hfrl's stage would hold {layer_range}")
-
+    if vocab_size is None:
+        vocab_size = len(tokenizer if tokenizer is not None else
+                         load_tokenizer(config.data.tokenizer_path, config.data.trust_remote_code))
+    hf_config = hfrl_model_config(model, vocab_size)
+    layer_range = _stage_layers(model, adopted, hf_config.num_layers)
     folder = Path(config.trainer.run_dir).absolute() / MODEL_FOLDER
     write_model_folder(folder, hf_config, tokenizer)
     run_config = resolve_for_run(config, [f"engine.model_path={folder}", "trainer.resume=false"], training=True)
     check_job(run_config)
-    state = megatron_to_hfrl(model.state_dict(), hf_config, layer_range, adopted.own["tp"])
-    source = ModelSource(state, hf_config, layer_range, adopted.dims)
+
+    tp_group = adopted.own["tp"]
+    source = ModelSource(megatron_to_hfrl(model.state_dict(), hf_config, layer_range, tp_group), hf_config,
+                         layer_range, adopted.dims)
     MODEL_SOURCES[str(folder)] = source
     try:
         summary = hfrl.run(run_trainer, run_config, config=run_config, adopted_groups=adopted.pairs())
     finally:
         MODEL_SOURCES.pop(str(folder), None)
-    copy_into_megatron(model, source.models["actor"].state_dict(), hf_config, layer_range, adopted.own["tp"])
+    copy_into_megatron(model, source.models["actor"].state_dict(), hf_config, layer_range, tp_group)
     return summary

@@ -16,7 +16,7 @@ from tests.multiproc import run_ranks
 if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
     pytest.skip("megatron-core is not installed (pip install hfrl[megatron])", allow_module_level=True)
 
-# ---- 4 ranks: group adoption and refusals ---------------------------------------------------------------
+# ---- 4 ranks, one spawn: group adoption, refusals, weights ---------------------------------------------
 
 ADOPT_CASES = {   # name: (initialize_model_parallel kwargs, generation layout)
     "tp2": (dict(tensor_model_parallel_size=2), dict(tg=1)),
@@ -75,58 +75,29 @@ def _refuse_case(init_kwargs, overrides):
         mps.destroy_model_parallel()
 
 
-def four_rank_body(rank, world_size):
-    import warnings
+def _refuse_architecture():
+    """A GPTModel with LayerNorm, qk-norm, a plain GeLU MLP and learned positions: all named at once."""
+    import torch
+    from megatron.core import parallel_state as mps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
 
-    warnings.filterwarnings("ignore")   # megatron-core's "Transformer Engine and Apex are not installed"
-    adopted = {name: _adopt_case(rank, *case) for name, case in ADOPT_CASES.items()}
-    refused = {name: _refuse_case(*case) for name, case in REFUSE_CASES.items()}
-    weights = {name: _weights_case(rank, **case) for name, case in WEIGHT_CASES.items()}
-    return adopted, refused, weights
+    from hfrl.integrations.megatron import hfrl_model_config
 
-
-@pytest.fixture(scope="module")
-def four_ranks():
-    return run_ranks(4, four_rank_body, init=True)
-
-
-@pytest.mark.parametrize("case", sorted(ADOPT_CASES))
-def test_adopted_groups_are_megatrons(four_ranks, case):
-    for rank, (adopted, _, _) in enumerate(four_ranks):
-        result = adopted[case]
-        for axis, (ours, theirs) in result["ranks"].items():
-            assert ours == theirs, (case, rank, axis)
-            assert result["same_object"][axis], f"{case}: rank {rank} got a new {axis} group, not Megatron's"
-    tp = ADOPT_CASES[case][0].get("tensor_model_parallel_size", 1)
-    pp = ADOPT_CASES[case][0].get("pipeline_model_parallel_size", 1)
-    assert four_ranks[0][0][case]["dims"] == {"pp": pp, "tp": tp, "dp": 4 // (tp * pp), "pg": 1, "tg": 1,
-                                              "dg": tp * pp, "grouping": "hybridflow"}
-
-
-def test_generation_groups_derived_from_adopted_ones(four_ranks):
-    # Generating with tg = pg = 1: each rank is its own generation replica, and the micro-DP group (the
-    # all-gather of the hybrid engine) is one training replica (tp x pp ranks), Megatron's groups:
-    expected_micro = {"tp2": [(0, 1), (0, 1), (2, 3), (2, 3)], "pp2": [(0, 2), (1, 3), (0, 2), (1, 3)],
-                      "tp2xpp2": [(0, 1, 2, 3)] * 4}
-    for case, micro in expected_micro.items():
-        for rank, (adopted, _, _) in enumerate(four_ranks):
-            result = adopted[case]
-            assert result["gen_tp"] == ((rank,), float(rank))
-            assert result["micro_dp"] == (micro[rank], float(sum(micro[rank])))
-            assert result["micro_dp_is_megatron_tp"] == (case == "tp2")
-
-
-@pytest.mark.parametrize("case,words", [
-    ("context_parallel", ["context_parallel_size=2", "context_parallel_size=1"]),
-    ("rank_order", ["Megatron's pp groups [[0, 1], [2, 3]]", "hfrl's [[0, 2], [1, 3]]", "'tp-cp-ep-dp-pp'"]),
-    ("config_layout", ["roles.actor.tp=1 but the Megatron job has tp=2", "set roles.actor.tp=2"]),
-])
-def test_refused_on_every_rank(four_ranks, case, words):
-    for rank, (_, refused, _) in enumerate(four_ranks):
-        message = refused[case]
-        assert message is not None, f"{case} was accepted on rank {rank}"
-        for word in words:
-            assert word in message, (rank, message)
+    mps.initialize_model_parallel(tensor_model_parallel_size=2)
+    try:
+        cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                                normalization="LayerNorm", qk_layernorm=True, use_cpu_initialization=True,
+                                params_dtype=torch.float32, tensor_model_parallel_size=2)
+        model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="LayerNorm", qk_layernorm=True),
+                         vocab_size=32, max_sequence_length=16)
+        hfrl_model_config(model)
+        return None
+    except ValueError as err:
+        return str(err)
+    finally:
+        mps.destroy_model_parallel()
 
 
 # ---- weights: the same 4 ranks, tp2 x dp2 and tp2 x pp2 ------------------------------------------------
@@ -242,6 +213,63 @@ def _weights_case(rank, tp, pp, tied):
         return out
     finally:
         mps.destroy_model_parallel()
+
+
+def four_rank_body(rank, world_size):
+    import warnings
+
+    warnings.filterwarnings("ignore")   # megatron-core's "Transformer Engine and Apex are not installed"
+    adopted = {name: _adopt_case(rank, *case) for name, case in ADOPT_CASES.items()}
+    refused = {name: _refuse_case(*case) for name, case in REFUSE_CASES.items()}
+    refused["architecture"] = _refuse_architecture()
+    weights = {name: _weights_case(rank, **case) for name, case in WEIGHT_CASES.items()}
+    return adopted, refused, weights
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_ranks(4, four_rank_body, init=True)
+
+
+@pytest.mark.parametrize("case", sorted(ADOPT_CASES))
+def test_adopted_groups_are_megatrons(four_ranks, case):
+    for rank, (adopted, _, _) in enumerate(four_ranks):
+        result = adopted[case]
+        for axis, (ours, theirs) in result["ranks"].items():
+            assert ours == theirs, (case, rank, axis)
+            assert result["same_object"][axis], f"{case}: rank {rank} got a new {axis} group, not Megatron's"
+    tp = ADOPT_CASES[case][0].get("tensor_model_parallel_size", 1)
+    pp = ADOPT_CASES[case][0].get("pipeline_model_parallel_size", 1)
+    assert four_ranks[0][0][case]["dims"] == {"pp": pp, "tp": tp, "dp": 4 // (tp * pp), "pg": 1, "tg": 1,
+                                              "dg": tp * pp, "grouping": "hybridflow"}
+
+
+def test_generation_groups_derived_from_adopted_ones(four_ranks):
+    # Generating with tg = pg = 1: each rank is its own generation replica, and the micro-DP group (the
+    # all-gather of the hybrid engine) is one training replica (tp x pp ranks), Megatron's groups:
+    expected_micro = {"tp2": [(0, 1), (0, 1), (2, 3), (2, 3)], "pp2": [(0, 2), (1, 3), (0, 2), (1, 3)],
+                      "tp2xpp2": [(0, 1, 2, 3)] * 4}
+    for case, micro in expected_micro.items():
+        for rank, (adopted, _, _) in enumerate(four_ranks):
+            result = adopted[case]
+            assert result["gen_tp"] == ((rank,), float(rank))
+            assert result["micro_dp"] == (micro[rank], float(sum(micro[rank])))
+            assert result["micro_dp_is_megatron_tp"] == (case == "tp2")
+
+
+@pytest.mark.parametrize("case,words", [
+    ("context_parallel", ["context_parallel_size=2", "context_parallel_size=1"]),
+    ("rank_order", ["Megatron's pp groups [[0, 1], [2, 3]]", "hfrl's [[0, 2], [1, 3]]", "'tp-cp-ep-dp-pp'"]),
+    ("config_layout", ["roles.actor.tp=1 but the Megatron job has tp=2", "set roles.actor.tp=2"]),
+    ("architecture", ["position_embedding_type='learned_absolute'", "normalization='LayerNorm'",
+                      "the MLP is not SwiGLU", "qk_layernorm=True"]),
+])
+def test_refused_on_every_rank(four_ranks, case, words):
+    for rank, (_, refused, _) in enumerate(four_ranks):
+        message = refused[case]
+        assert message is not None, f"{case} was accepted on rank {rank}"
+        for word in words:
+            assert word in message, (rank, message)
 
 
 @pytest.mark.parametrize("case", sorted(WEIGHT_CASES))
