@@ -25,10 +25,12 @@ What `train` does, on every rank:
     5. hand back          ``copy_into_megatron``: the actor's trained shard -> the GPTModel's own
                           parameters, in place
 
-Refused, on every rank before any collective: context parallelism, expert parallelism, virtual
-pipeline stages, a rank order hfrl cannot express, an hfrl config whose actor/reference layout is
-not the job's, and architectures hfrl's decoder lacks (see megatron_weights). megatron-core is an
-optional extra (``pip install hfrl[megatron]``); it is imported when these functions run.
+Refused on every rank alike, with the value and the fix. Before any collective (from the degrees
+every rank reads locally): context parallelism, expert parallelism, virtual pipeline stages, an hfrl
+config whose actor/reference layout is not the job's, architectures hfrl's decoder lacks (see
+megatron_weights). Right after the one gather of memberships, before hfrl creates a group: a rank
+order hfrl cannot express. megatron-core is an optional extra (``pip install hfrl[megatron]``),
+imported when these functions run.
 
 CUDA: nothing here needs it. Megatron's own forward does, in two places (RoPE moves its frequencies
 to ``torch.cuda.current_device()``; attention forks the CUDA RNG tracker); ``cpu_forward`` bypasses
@@ -67,13 +69,19 @@ ADOPTING_ROLES = ("actor", "ref", "critic")
 
 
 @dataclass(frozen=True)
-class MegatronLayout:
-    """A Megatron job's parallel layout as plain data, the same on every rank (``read_parallel_state``)."""
+class MegatronSizes:
+    """A Megatron job's degrees, read locally and the same on every rank (``read_sizes``)."""
 
     world_size: int
     tp: int
     pp: int
     dp: int
+
+
+@dataclass(frozen=True)
+class MegatronLayout(MegatronSizes):
+    """The degrees and every group of each adopted axis, gathered from every rank (``read_parallel_state``)."""
+
     groups: dict[str, tuple[tuple[int, ...], ...]]
     """hfrl axis (ADOPTED_AXES) -> every Megatron group of it, global ranks in group-rank order,
     ordered by first member."""
@@ -97,27 +105,35 @@ def check_sizes(world_size: int, tp: int, pp: int, dp: int, cp: int = 1, ep: int
         raise ValueError("hfrl cannot adopt this Megatron layout: " + "; ".join(problems))
 
 
-def read_parallel_state() -> MegatronLayout:
-    """The job's layout from ``megatron.core.parallel_state``. The degrees are checked first, on every rank
-    alike (``check_sizes``); then one all_gather_object over the default group collects every rank's group
-    memberships, so every rank sees every group (and later checks them all, alike)."""
+def read_sizes() -> MegatronSizes:
+    """The job's degrees from ``megatron.core.parallel_state``, checked (``check_sizes``). No collective."""
     import torch.distributed as dist
     from megatron.core import parallel_state as mps
 
     if not dist.is_initialized() or not mps.model_parallel_is_initialized():
         raise ValueError("megatron.core.parallel_state is not initialised: call "
                          "torch.distributed.init_process_group and parallel_state.initialize_model_parallel first")
-    world = dist.get_world_size()
-    tp, pp = mps.get_tensor_model_parallel_world_size(), mps.get_pipeline_model_parallel_world_size()
-    dp = mps.get_data_parallel_world_size()
-    check_sizes(world, tp, pp, dp, cp=mps.get_context_parallel_world_size(),
+    sizes = MegatronSizes(world_size=dist.get_world_size(), tp=mps.get_tensor_model_parallel_world_size(),
+                          pp=mps.get_pipeline_model_parallel_world_size(), dp=mps.get_data_parallel_world_size())
+    check_sizes(sizes.world_size, sizes.tp, sizes.pp, sizes.dp, cp=mps.get_context_parallel_world_size(),
                 ep=mps.get_expert_model_parallel_world_size(),
                 vpp=mps.get_virtual_pipeline_model_parallel_world_size())
+    return sizes
+
+
+def read_parallel_state() -> MegatronLayout:
+    """The job's layout: the degrees (``read_sizes``, checked on every rank alike), then one
+    all_gather_object over the default group of every rank's group memberships, so every rank sees every
+    group (and checks them all alike, ``check_layout``)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mps
+
+    sizes = read_sizes()
     own = {axis: tuple(dist.get_process_group_ranks(getattr(mps, getter)())) for axis, getter in ADOPTED_AXES.items()}
-    everyone: list[Any] = [None] * world
+    everyone: list[Any] = [None] * sizes.world_size
     dist.all_gather_object(everyone, own)
     groups = {axis: tuple(sorted({ranks[axis] for ranks in everyone})) for axis in ADOPTED_AXES}
-    return MegatronLayout(world_size=world, tp=tp, pp=pp, dp=dp, groups=groups)
+    return MegatronLayout(**sizes.__dict__, groups=groups)
 
 
 def check_layout(layout: MegatronLayout, *, pg: int | None = None, tg: int | None = None,
@@ -220,19 +236,20 @@ def cpu_forward() -> Iterator[None]:
 # ---- 2-5. RL on the model --------------------------------------------------------------------------------
 
 
-def layout_overrides(adopted: AdoptedGroups | None = None, roles: tuple[str, ...] = ADOPTING_ROLES) -> list[str]:
-    """``section.key=value`` overrides giving ``roles`` the job's (pp, tp, dp) on one colocated pool."""
-    layout = adopted.layout if adopted is not None else read_parallel_state()
+def layout_overrides(sizes: MegatronSizes | None = None, roles: tuple[str, ...] = ADOPTING_ROLES) -> list[str]:
+    """``section.key=value`` overrides giving ``roles`` the job's (pp, tp, dp) on one colocated pool.
+    No collective (the degrees are read locally)."""
+    sizes = sizes if sizes is not None else read_sizes()
     keys = ["placement.mode=colocate"]
     for role in roles:
-        keys += [f"roles.{role}.pp={layout.pp}", f"roles.{role}.tp={layout.tp}", f"roles.{role}.dp={layout.dp}"]
+        keys += [f"roles.{role}.pp={sizes.pp}", f"roles.{role}.tp={sizes.tp}", f"roles.{role}.dp={sizes.dp}"]
     return keys
 
 
-def check_config(config: Any, adopted: AdoptedGroups) -> None:
+def check_config(config: Any, sizes: MegatronSizes) -> None:
     """ValueError unless ``config`` runs every role that reads the Megatron weights in the job's layout.
     Pure: every rank raises the same error."""
-    layout = adopted.layout
+    layout = sizes
     if config.placement.mode != "colocate":
         raise ValueError(f"placement.mode={config.placement.mode!r}: the Megatron model lives on every rank of the "
                          "job, so hfrl's roles must be colocated on them; set placement.mode=colocate")
@@ -362,14 +379,15 @@ def train(model: Any, config: Any, *, vocab_size: int | None = None,
     from hfrl.trainers.job import check_job
     from hfrl.workers.common import MODEL_SOURCES
 
-    actor = config.roles.actor
-    adopted = adopted or adopt_parallel_state(pg=actor.pg, tg=actor.tg, grouping=actor.grouping)
-    check_config(config, adopted)
+    # Every check that needs no other rank first, so a bad job fails alike everywhere before a collective.
+    check_config(config, adopted.layout if adopted is not None else read_sizes())
     tokenizer = _tokenizer(config)
     if vocab_size is None:
         vocab_size = len(tokenizer if tokenizer is not None else
                          load_tokenizer(config.data.tokenizer_path, config.data.trust_remote_code))
     hf_config = hfrl_model_config(model, vocab_size)
+    actor = config.roles.actor
+    adopted = adopted or adopt_parallel_state(pg=actor.pg, tg=actor.tg, grouping=actor.grouping)
     layer_range = _stage_layers(model, adopted, hf_config.num_layers)
     folder = Path(config.trainer.run_dir).absolute() / MODEL_FOLDER
     write_model_folder(folder, hf_config, tokenizer)

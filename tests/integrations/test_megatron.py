@@ -57,17 +57,19 @@ def _adopt_case(rank, init_kwargs, gen):
         mps.destroy_model_parallel()
 
 
-def _refuse_case(init_kwargs, overrides):
+def _refuse_case(init_kwargs, overrides, run_dir):
     from megatron.core import parallel_state as mps
 
     from hfrl.config import load_config
-    from hfrl.integrations.megatron import adopt_parallel_state, check_config
+    from hfrl.integrations.megatron import adopt_parallel_state, train
 
     mps.initialize_model_parallel(**init_kwargs)
     try:
-        adopted = adopt_parallel_state()
-        if overrides is not None:
-            check_config(load_config(None, overrides), adopted)
+        if overrides is None:
+            adopt_parallel_state()
+        else:   # through the entry point itself
+            config = load_config(None, ["data.task=max_digit", f"trainer.run_dir={run_dir}", *overrides])
+            train(build_gpt(mps.get_tensor_model_parallel_world_size(), 1), config)
         return None
     except ValueError as err:
         return str(err)
@@ -215,20 +217,20 @@ def _weights_case(rank, tp, pp, tied):
         mps.destroy_model_parallel()
 
 
-def four_rank_body(rank, world_size):
+def four_rank_body(rank, world_size, run_dir):
     import warnings
 
     warnings.filterwarnings("ignore")   # megatron-core's "Transformer Engine and Apex are not installed"
     adopted = {name: _adopt_case(rank, *case) for name, case in ADOPT_CASES.items()}
-    refused = {name: _refuse_case(*case) for name, case in REFUSE_CASES.items()}
+    refused = {name: _refuse_case(*case, run_dir) for name, case in REFUSE_CASES.items()}
     refused["architecture"] = _refuse_architecture()
     weights = {name: _weights_case(rank, **case) for name, case in WEIGHT_CASES.items()}
     return adopted, refused, weights
 
 
 @pytest.fixture(scope="module")
-def four_ranks():
-    return run_ranks(4, four_rank_body, init=True)
+def four_ranks(tmp_path_factory):
+    return run_ranks(4, four_rank_body, str(tmp_path_factory.mktemp("refused_run")), init=True)
 
 
 @pytest.mark.parametrize("case", sorted(ADOPT_CASES))
