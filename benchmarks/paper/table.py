@@ -74,40 +74,40 @@ def _errors(lines) -> str:
 
 
 # ---- one row per script -------------------------------------------------------------------
+def _range_verdict(name: str, values: list[float]) -> str:
+    """Where `values` (hfrl's speedups) fall against the paper's 1.53x-20.57x."""
+    inside = sum(PAPER_MIN_SPEEDUP <= v <= PAPER_MAX_SPEEDUP for v in values)
+    below = sum(v < PAPER_MIN_SPEEDUP for v in values)
+    lo, hi = min(values), max(values)
+    text = f"{name} {x(lo)}: " if lo == hi else f"{name} {x(lo)}-{x(hi)}: "
+    if inside == len(values):
+        return text + "inside the paper's range"
+    if below == len(values):
+        return text + f"below the paper's range (the largest is {pct(max(values) / PAPER_MIN_SPEEDUP)} of its 1.53x)"
+    return text + f"{inside} of {len(values)} inside the paper's range, {below} below, {len(values) - inside - below} above"
+
+
 def row_e2e(lines) -> tuple[str, str, str]:
     measured = _kind(lines, "measured")
     thr = {(l["algorithm"], l["strategy"]): l["throughput_tokens_per_s"] for l in measured}
     algorithms = list(dict.fromkeys(l["algorithm"] for l in measured))
-    parts, ours = [], []
+    parts, verdict = [], []
     for base, label in (("nemo", "NeMo-style"), ("ds_chat", "DS-Chat-style")):
         per = {a: thr[(a, "hfrl")] / thr[(a, base)] for a in algorithms if (a, "hfrl") in thr and (a, base) in thr}
-        ours += per.values()
         parts.append(f"hfrl's mapping / {label}: " + ", ".join(f"{a} {x(v)}" for a, v in per.items()))
+        if per:
+            verdict.append(_range_verdict(f"measured vs {label}", list(per.values())))
     ranks = measured[0]["ranks"] if measured else "?"
     measured_text = (f"{ranks} ranks, tokens/s ratios: " + "; ".join(parts) + ". OpenRLHF-style: not measurable "
                      "in hfrl (no generation-only device set)." + _errors(lines)) if measured else "not run"
     sims = _kind(lines, "simulated")
-    sim_parts, theirs = [], []
+    sim_parts = []
     for base, label in (("nemo", "NeMo-style"), ("ds_chat", "DS-Chat-style"), ("openrlhf", "OpenRLHF-style")):
         values = [s["speedup_vs"].get(base) for s in sims]
-        theirs += [v for v in values if v is not None]
         sim_parts.append(f"vs {label} {span(values)}")
+        if any(v is not None for v in values):
+            verdict.append(_range_verdict(f"simulated vs {label}", [v for v in values if v is not None]))
     sim_text = ("hfrl's searched mapping " + "; ".join(sim_parts)) if sims else "not run"
-    verdict = []
-    for name, values in (("measured", ours), ("simulated", theirs)):
-        if values:
-            inside = sum(PAPER_MIN_SPEEDUP <= v <= PAPER_MAX_SPEEDUP for v in values)
-            below = sum(v < PAPER_MIN_SPEEDUP for v in values)
-            text = f"{name} {x(min(values))}-{x(max(values))}: "
-            if inside == len(values):
-                text += "inside the paper's 1.53x-20.57x"
-            elif below == len(values):
-                text += (f"below the paper's 1.53x-20.57x (the largest is {pct(max(values) / PAPER_MIN_SPEEDUP)} "
-                         "of the paper's smallest gain)")
-            else:
-                text += (f"{inside} of {len(values)} ratios inside the paper's 1.53x-20.57x, {below} below, "
-                         f"{len(values) - inside - below} above")
-            verdict.append(text)
     return measured_text, sim_text, "; ".join(verdict) or "n/a"
 
 
