@@ -1,7 +1,8 @@
 """The auto-mapping simulator's predictions against measured `hfrl train` iterations on this machine.
 
     python benchmarks/mapping_validation.py                          # measure, calibrate, predict
-    python benchmarks/mapping_validation.py --measured e2e.jsonl     # reuse e2e_throughput.py lines
+    python benchmarks/mapping_validation.py --measured out.jsonl     # replay the measured lines of a run
+                                                                     # (or e2e_throughput.py's), calibrate again
 
 1. Measure: `benchmarks/e2e_throughput.py --only ppo` (PPO, 2 and 4 ranks, colocate and split, one
    thread per rank, the example policy and critic, a rule reward, 16 prompts, mini-batch 8).
@@ -67,14 +68,21 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from examples.make_example_assets import write_models
+    from transformers.utils import logging as hf_logging
 
     from hfrl.mapping import ModelSpec, Workload, calibrate, simulate
 
-    rows = [json.loads(l) for l in Path(args.measured).read_text().splitlines()] if args.measured else measure()
+    if args.measured:
+        rows = [json.loads(line) for line in Path(args.measured).read_text().splitlines() if line.startswith("{")]
+    else:
+        rows = measure()
     rows = [r for r in rows if r.get("algorithm") == "ppo" and "iteration_s" in r]
     if not rows:
         raise SystemExit("no measured PPO iterations to compare with")
+    for row in rows:  # kept in the output, so that --measured can replay a run
+        print(json.dumps({**row, "line": "measured"}), flush=True)
     assets = Path(tempfile.mkdtemp(prefix="hfrl-validation-"))
+    hf_logging.disable_progress_bar()
     write_models(assets)
     policy = ModelSpec.from_hf_config(str(assets / "policy"))
     rule_reward = ModelSpec("rule", 1, 8, 8, 1, 1, policy.vocab_size).as_value_model()

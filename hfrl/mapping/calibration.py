@@ -296,20 +296,38 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+CALL_COLUMNS, CALL_ROWS, CALL_TOKENS = 6, 8, 32
+"""The controller probe's batch per rank: a stage's typical columns (ids, masks, log-probs, values,
+advantages, returns) of a small RL batch."""
+
+
 class _ProbeWorker(Worker):
     @register(protocol=DP_COMPUTE)
-    def identity(self, batch: Batch) -> Batch:
-        return batch
+    def make(self, rows: int) -> Batch:
+        """This rank's rows of a stage output: CALL_COLUMNS per-token columns."""
+        return Batch({f"c{i}": torch.zeros(rows, CALL_TOKENS) for i in range(CALL_COLUMNS)})
+
+    @register(protocol=DP_COMPUTE)
+    def consume(self, batch: Batch) -> dict:
+        """A stage reading the previous one's output and returning a few metrics."""
+        return {"rows": len(batch), "sum": float(batch["c0"].sum())}
 
 
 def _controller_call_time() -> float | None:
-    """Median seconds of a DP_COMPUTE no-op (a 2-row batch out and back) through hfrl's controller
-    on every rank of the running process group: rank 0 returns it, the others serve (None)."""
+    """Seconds of one dataflow stage's controller work on every rank of the running process group:
+    the median over pairs of DP_COMPUTE calls, a producer and a consumer reading its Future (rows
+    move rank to rank, metrics come back to rank 0), halved. Rank 0 returns it, the others serve
+    (None)."""
     return hfrl.run(_controller_main)
 
 
 def _controller_main() -> float:
     world = dist.get_world_size()
     group = WorkerGroup(_ProbeWorker, ResourcePool("calibrate", tuple(range(world))))
-    batch = Batch({"x": torch.zeros(world, 4)})
-    return _median_time(lambda: group.identity(batch), 30, warmup=5)
+
+    def pair():
+        made = group.make(CALL_ROWS, blocking=False)
+        group.consume(made)
+
+    return _median_time(pair, 30, warmup=5) / 2
+

@@ -264,14 +264,21 @@ def role_layouts(workload: Workload, role: str, num_devices: int, device) -> lis
     return [t for t in layouts if all(t in cost_model.train_layouts(s, num_devices, device) for s in rest)]
 
 
+GEN_MAX_PG = 1
+"""hfrl's rollout engine generates in one pipeline stage (hfrl.rollout.engine refuses gen_pp > 1),
+so the plans `hfrl plan` writes keep pg = 1; the cost model itself prices any pg."""
+
+
 def role_plans(workload: Workload, role: str, num_devices: int, device) -> Iterator[RolePlan]:
     """Every plan of the role on `num_devices`, fitting or not; a generating role gets every
-    (pg, tg) inside each training layout (pg | pp, tg | tp: cost_model.gen_layouts)."""
+    (pg, tg) inside each training layout that hfrl can run (tg | tp, pg = 1: cost_model.gen_layouts,
+    GEN_MAX_PG)."""
     generates = any(s.kind == "generate" for s in workload.stages if s.role == role)
     for train in role_layouts(workload, role, num_devices, device):
         if generates:
             for gen in cost_model.gen_layouts(workload.model(role), train):
-                yield RolePlan(role, num_devices, train, gen)
+                if gen.pg <= GEN_MAX_PG:
+                    yield RolePlan(role, num_devices, train, gen)
         else:
             yield RolePlan(role, num_devices, train)
 
