@@ -148,7 +148,7 @@ def probe_log_probs(model, ids, vocab_size: int) -> torch.Tensor:
 
 def main():
     args = parse_args()
-    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|CUDA_DEVICE_MAX_CONNECTIONS).*")   # CPU
     from megatron.core import parallel_state as mps
 
     # ---- 1. a Megatron job ---------------------------------------------------------------------

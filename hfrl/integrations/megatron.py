@@ -47,10 +47,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from hfrl.distributed.parallel_dims import GroupCache, ParallelDims, RoleGroups, build_groups
-from hfrl.integrations.megatron_weights import (  # noqa: F401 (re-exported)
+from hfrl.integrations.megatron_weights import (
     MEGATRON_NAMES, TE_NORM_NAMES, copy_into_megatron, hfrl_model_config, hfrl_to_megatron, megatron_to_hfrl,
     qkv_from_megatron, qkv_to_megatron, stage_model, vocab_row_moves,
 )
+
+__all__ = ["ADOPTED_AXES", "AdoptedGroups", "MEGATRON_NAMES", "MegatronLayout", "MegatronSizes", "ModelSource",
+           "TE_NORM_NAMES", "adopt_parallel_state", "check_config", "check_layout", "check_sizes", "copy_into_megatron",
+           "cpu_forward", "hfrl_model_config", "hfrl_to_megatron", "layout_overrides", "megatron_to_hfrl",
+           "qkv_from_megatron", "qkv_to_megatron", "read_parallel_state", "read_sizes", "stage_model", "train",
+           "vocab_row_moves", "write_model_folder"]
 
 ADOPTED_AXES = {
     "tp": "get_tensor_model_parallel_group",
@@ -249,7 +255,6 @@ def layout_overrides(sizes: MegatronSizes | None = None, roles: tuple[str, ...] 
 def check_config(config: Any, sizes: MegatronSizes) -> None:
     """ValueError unless ``config`` runs every role that reads the Megatron weights in the job's layout.
     Pure: every rank raises the same error."""
-    layout = sizes
     if config.placement.mode != "colocate":
         raise ValueError(f"placement.mode={config.placement.mode!r}: the Megatron model lives on every rank of the "
                          "job, so hfrl's roles must be colocated on them; set placement.mode=colocate")
@@ -261,11 +266,11 @@ def check_config(config: Any, sizes: MegatronSizes) -> None:
         if not cfg.enabled or "model_path" in cfg.engine:
             continue
         for axis in ("pp", "tp", "dp"):
-            value, theirs = getattr(cfg, axis), getattr(layout, axis)
+            value, theirs = getattr(cfg, axis), getattr(sizes, axis)
             if value != theirs and not (axis == "dp" and value == -1):
                 raise ValueError(
                     f"roles.{role}.{axis}={value} but the Megatron job has {axis}={theirs}: roles.{role} starts "
-                    f"from the job's weights, in its layout (pp={layout.pp}, tp={layout.tp}, dp={layout.dp}); set "
+                    f"from the job's weights, in its layout (pp={sizes.pp}, tp={sizes.tp}, dp={sizes.dp}); set "
                     f"roles.{role}.{axis}={theirs} (hfrl.integrations.megatron.layout_overrides gives every key)")
 
 
