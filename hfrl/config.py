@@ -129,6 +129,11 @@ class RolesConfig:
     """The reward model; disabled when rewards come from rules."""
     cost: RoleConfig = _role(enabled=False)
     """The cost model of Safe-RLHF."""
+    rollout: RoleConfig = _role(enabled=False)
+    """OpenRLHF's placement: generation on a pool of its own (placement.mode standalone or custom),
+    from a copy of the actor's weights that the actor sends after every update. Its layout is
+    roles.rollout.tg (tensor parallel) x the rest of its pool (replicas); it uses the actor's
+    engine settings. Disabled: the actor generates on its own ranks (the 3D-HybridEngine)."""
 
 
 @dataclass
@@ -450,6 +455,8 @@ class Config:
         `roles.<role>.engine`. A new object; the config is not changed."""
         if role not in ROLE_NAMES:
             raise ValueError(f"unknown role {role!r}; expected one of {ROLE_NAMES}")
+        if role == "rollout":   # a copy of the actor's model
+            return self.engine_for("actor")
         base = self.engine
         if role in VALUE_ROLES:
             base = dataclasses.replace(base, value_head=True)
@@ -465,6 +472,10 @@ class Config:
         self.engine.validate("engine", require_model_path=False)
         for role in ROLE_NAMES:
             getattr(self.roles, role).validate(f"roles.{role}")
+            if role == "rollout" and self.roles.rollout.engine:
+                raise ValueError(f"roles.rollout.engine={self.roles.rollout.engine!r}: the rollout holds a "
+                                 "copy of the actor's weights and uses the actor's engine settings; set "
+                                 "them under roles.actor.engine (or engine) instead")
             if getattr(self.roles, role).engine:
                 self.engine_for(role).validate(f"roles.{role}.engine", require_model_path=False)
         for section in (self.data, self.rollout, self.hybrid, self.algorithm, self.trainer,
@@ -477,12 +488,25 @@ class Config:
             raise ValueError(f"hybrid.mode={self.hybrid.mode!r} generates with the {needs!r} grouping but "
                              f"roles.actor.grouping={self.roles.actor.grouping!r}; set roles.actor.grouping="
                              f"{needs} or pick another hybrid.mode")
+        if self.roles.rollout.enabled:
+            self._validate_rollout()
         if self.data.train_batch_size % self.algorithm.mini_batch_size:
             raise ValueError(f"algorithm.mini_batch_size={self.algorithm.mini_batch_size} must "
                              f"divide data.train_batch_size={self.data.train_batch_size} (each "
                              "step's prompts are cut into mini-batches)")
         if training:
             self._validate_training()
+
+    def _validate_rollout(self) -> None:
+        """Settings of the actor's own generation mean nothing once the rollout role generates."""
+        actor = self.roles.actor
+        for key, value, default in (("hybrid.mode", self.hybrid.mode, None),
+                                    ("hybrid.offload_optimizer", self.hybrid.offload_optimizer, False),
+                                    ("roles.actor.tg", actor.tg, None), ("roles.actor.pg", actor.pg, None)):
+            if value != default:
+                raise ValueError(f"{key}={value!r} sets up the actor's own generation (the hybrid engine), "
+                                 f"but roles.rollout.enabled=true generates on the rollout's pool: remove "
+                                 f"{key}, or set roles.rollout.enabled=false to generate on the actor")
 
     def _validate_training(self) -> None:
         enabled = [r for r in ROLE_NAMES if getattr(self.roles, r).enabled]

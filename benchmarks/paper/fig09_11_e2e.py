@@ -11,8 +11,10 @@ model shapes) picks hfrl's mapping; the NeMo-style and DS-Chat-style runs take t
 mapping with generation in the training layout, DS-Chat's with `hybrid.mode: ds_chat`. Each runs as a
 config (placement.mode custom, mapping_to_config) and the line reports the mean over the iterations
 after the first: throughput (the paper's metric: prompt + response tokens / iteration seconds), the
-iteration and stage times, and the simulator's prediction for the same mapping. OpenRLHF style cannot
-run in hfrl (its actor generates on its own training ranks): a `not_measured` line says so.
+iteration and stage times, and the simulator's prediction for the same mapping. OpenRLHF style runs
+with hfrl's rollout role (strategies.openrlhf_overrides): every model on rank 0, generation on rank 1,
+the actor's weights broadcast to it after every update (`timing_s.weight_sync`); the simulator has no
+CPU-scale prediction for it (its OpenRLHF model is paper scale only).
 
 Simulated (paper scale: A100-80GB profile, prompt 1024 + response 1024, 1024 prompts per batch;
 actor and reference of one size, critic, reward and cost models of the same size): predicted
@@ -37,16 +39,13 @@ SIM_CASES = {   # algorithm -> [(model size, device counts)]; Safe-RLHF's 5-role
     "safe_rlhf": [("7b", (16, 32)), ("13b", (32,)), ("34b", (64,)), ("70b", (64, 128))],
 }
 QUICK_SIM_CASES = {"ppo": [("7b", (16,))]}
-OPENRLHF_NOTE = ("OpenRLHF style needs the actor's generation on a device set of its own, fed by a weight "
-                 "sync after every update; hfrl's actor always generates on its own training ranks through "
-                 "the 3D-HybridEngine, and no placement or config expresses a generation-only pool, so it is "
-                 "simulated at paper scale only")
+OPENRLHF_MAPPING = "train pool [0]: every model (dp=1) | rollout pool [1]: generation (tg=1), weight sync"
 
 
 def measured(results: Results, profile, folder: Path, algorithms, steps: int) -> None:
     from hfrl.mapping import search
 
-    from strategies import predict, runnable_strategies
+    from strategies import openrlhf_overrides, predict, runnable_strategies
 
     device = ranks_on(profile, RANKS)
     for algorithm in algorithms:
@@ -62,7 +61,14 @@ def measured(results: Results, profile, folder: Path, algorithms, steps: int) ->
                 continue
             results.emit(kind="measured", strategy=name, mapping=mapping.describe(), hybrid_mode=mode or "hybridflow",
                          predicted_iteration_s=predict(workload, mapping, mode, device), note=note, **out)
-    results.emit(kind="not_measured", strategy="openrlhf", reason=OPENRLHF_NOTE)
+        case = with_overrides(config, openrlhf_overrides(config, RANKS))
+        try:
+            out = measure(case, RANKS, f"{algorithm}-openrlhf", algorithm)
+        except RuntimeError as err:
+            results.emit(kind="error", algorithm=algorithm, strategy="openrlhf", error=str(err)[-1500:])
+            continue
+        results.emit(kind="measured", strategy="openrlhf", mapping=OPENRLHF_MAPPING, hybrid_mode="rollout role",
+                     predicted_iteration_s=None, note=None, **out)
 
 
 def simulated(results: Results, cases: dict) -> None:
@@ -90,7 +96,7 @@ def draw(results: Results) -> None:
     for i, name in enumerate(MEASURABLE):
         values = [next((r["throughput_tokens_per_s"] for r in rows if r["algorithm"] == a and r["strategy"] == name),
                        0.0) for a in algorithms]
-        left.bar([j + (i - 1) * width for j in range(len(algorithms))], values, width, label=name)
+        left.bar([j + (i - 1.5) * width for j in range(len(algorithms))], values, width, label=name)
     left.set_xticks(range(len(algorithms)), algorithms)
     left.set_ylabel("tokens/s (measured)")
     left.set_title("CPU scale: 2 ranks, 17.7M actor (hfrl train)")

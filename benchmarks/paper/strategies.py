@@ -12,8 +12,9 @@ layouts, generation layout) and a resharding mode that hfrl runs or simulates wi
     openrlhf  OpenRLHF style: the actor generates on a device set of its own (a quarter or half of
               the devices, or one node, whichever is fastest) and receives the new weights every
               iteration (a broadcast of the actor over the inter-node link); every model trains and
-              runs its forward passes on the other devices. hfrl's runtime cannot run this (its actor
-              generates on its own training ranks), so it is simulated only.
+              runs its forward passes on the other devices. Simulated at paper scale; measured at
+              CPU scale with hfrl's rollout role (`openrlhf_overrides`: every model on the first
+              ranks, generation on the last, the weights broadcast after every actor update).
 
 The colocated baselines take the best colocated mapping the search finds (its per-role layouts,
 chosen so that the models fit together), as the paper gives each baseline its best parallelism.
@@ -24,7 +25,22 @@ from hfrl.mapping import GenLayout, Mapping, Planner, RolePlan, TrainLayout, Wor
     simulate, transition_time
 
 STRATEGIES = ("hfrl", "nemo", "ds_chat", "openrlhf")
-MEASURABLE = ("hfrl", "nemo", "ds_chat")
+MEASURABLE = ("hfrl", "nemo", "ds_chat", "openrlhf")
+
+
+def openrlhf_overrides(config, ranks: int, generation_ranks: int = 1) -> dict:
+    """Config overrides running `config`'s job OpenRLHF style on `ranks` ranks: every enabled role
+    on the first ranks (pool "train", default layouts: data parallel), the rollout role on the last
+    `generation_ranks` (pool "gen", tg = 1: one replica per rank), synced after every update."""
+    from hfrl.distributed.resource_pool import ROLE_NAMES
+
+    train = ranks - generation_ranks
+    roles = {role: {"pool": "train", "pp": 1, "tp": 1, "dp": -1, "pg": None, "tg": None}
+             for role in ROLE_NAMES if role != "rollout" and getattr(config.roles, role).enabled}
+    roles["rollout"] = {"enabled": True, "pool": "gen", "tg": 1}
+    return {"placement": {"mode": "custom", "pools": {"train": list(range(train)),
+                                                      "gen": list(range(train, ranks))}},
+            "roles": roles, "hybrid": {"mode": None, "offload_optimizer": False}}
 
 
 def gen_in_train_layout(mapping: Mapping) -> Mapping:

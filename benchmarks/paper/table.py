@@ -92,14 +92,14 @@ def row_e2e(lines) -> tuple[str, str, str]:
     thr = {(l["algorithm"], l["strategy"]): l["throughput_tokens_per_s"] for l in measured}
     algorithms = list(dict.fromkeys(l["algorithm"] for l in measured))
     parts, verdict = [], []
-    for base, label in (("nemo", "NeMo-style"), ("ds_chat", "DS-Chat-style")):
+    for base, label in (("nemo", "NeMo-style"), ("ds_chat", "DS-Chat-style"), ("openrlhf", "OpenRLHF-style")):
         per = {a: thr[(a, "hfrl")] / thr[(a, base)] for a in algorithms if (a, "hfrl") in thr and (a, base) in thr}
         parts.append(f"hfrl's mapping / {label}: " + ", ".join(f"{a} {x(v)}" for a, v in per.items()))
         if per:
             verdict.append(_range_verdict(f"measured vs {label}", list(per.values())))
     ranks = measured[0]["ranks"] if measured else "?"
-    measured_text = (f"{ranks} ranks, tokens/s ratios: " + "; ".join(parts) + ". OpenRLHF-style: not measurable "
-                     "in hfrl (no generation-only device set)." + _errors(lines)) if measured else "not run"
+    measured_text = (f"{ranks} ranks, tokens/s ratios: " + "; ".join(parts) + "." + _errors(lines)) \
+        if measured else "not run"
     sims = _kind(lines, "simulated")
     sim_parts = []
     for base, label in (("nemo", "NeMo-style"), ("ds_chat", "DS-Chat-style"), ("openrlhf", "OpenRLHF-style")):

@@ -153,11 +153,11 @@ class Driver(Runtime):
         return self.transport.encode_message(cmd)
 
     def create_group(self, name: str, worker_cls: type, pool: ResourcePool, dims: ParallelDims,
-                     args: tuple, kwargs: dict) -> int:
+                     args: tuple, kwargs: dict, links: tuple[tuple[int, ...], ...] = ()) -> int:
         self.check_orphans()
         gid = self._next_gid
         cmd = {"op": "create", "gid": gid, "name": name, "cls": worker_cls, "pool": pool,
-               "dims": dims, "args": args, "kwargs": kwargs}
+               "dims": dims, "args": args, "kwargs": kwargs, "links": links}
         try:
             self.transport.encode_message(cmd)
         except Exception as err:

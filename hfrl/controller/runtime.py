@@ -101,10 +101,13 @@ class Runtime:
         """Pieces this rank sent itself (producer and consumer on one rank), per (call, key)."""
 
     def create_local(self, cmd: dict) -> None:
-        """Build the role's process groups (collective over the world) and, on the pool's
+        """Build the role's process groups and its `links` (rank sets reaching outside the pool;
+        their members find them in `self.cache`), collective over the world, and, on the pool's
         ranks, construct the worker."""
         pool, dims = cmd["pool"], cmd["dims"]
         role_groups = build_groups(cmd["name"], dims, pool.ranks, self.rank, self.cache)
+        for ranks in cmd.get("links", ()):   # groups spanning pools (a weight sync), same order everywhere
+            self.cache.get(tuple(ranks))
         state = GroupState(cmd["gid"], cmd["name"], pool, dims)
         self.groups[state.gid] = state
         if self.rank in pool:

@@ -61,11 +61,13 @@ class WorkerGroup:
 
     Creating it is collective over the whole world (every rank builds the layout's process
     groups in the same order); the workers are constructed on the pool's ranks with
-    `worker_cls(*args, **kwargs)`, `self.ctx` already set.
+    `worker_cls(*args, **kwargs)`, `self.ctx` already set. `links`: rank sets reaching outside
+    the pool (a weight sync between two pools) whose process groups are created with the group's
+    own, on every rank; their members get them with `self.ctx.runtime.cache.get(ranks)`.
     """
 
     def __init__(self, worker_cls: type, pool: ResourcePool, layout: ParallelDims | None = None,
-                 *args, name: str | None = None, **kwargs):
+                 *args, name: str | None = None, links=(), **kwargs):
         layout = layout if layout is not None else ParallelDims(dp=len(pool))
         if layout.world_size != len(pool):
             raise ValueError(f"layout {layout.describe()} needs {layout.world_size} ranks but pool "
@@ -75,7 +77,8 @@ class WorkerGroup:
         self.layout = layout
         self.name = name or worker_cls.__name__
         self._runtime = get_runtime()
-        self.gid = self._runtime.create_group(self.name, worker_cls, pool, layout, args, kwargs)
+        links = tuple(tuple(int(r) for r in ranks) for ranks in links)
+        self.gid = self._runtime.create_group(self.name, worker_cls, pool, layout, args, kwargs, links)
 
     def __getattr__(self, method: str) -> Callable:
         if method.startswith("_"):

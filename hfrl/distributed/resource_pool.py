@@ -8,6 +8,11 @@ A pool is a set of global ranks. The plan maps every enabled role to one pool an
 - standalone: one pool per role.
 - custom:     pools named in `placement.pools`, each role names its pool (`roles.<role>.pool`).
 
+The optional `rollout` role (OpenRLHF's placement) generates for the actor on a pool of its own,
+in the layout pp=1, tp=tg, dp=the rest of its pool (a generation layout only), and receives the
+actor's weights after every update over `weight_sync_groups`: one group per actor pipeline stage,
+that stage's first rank of training replica 0 followed by every rollout rank.
+
 Pools never partially overlap and together cover the world exactly: a rank belonging to no pool
 would sit idle for the whole job, which is always a configuration mistake. Several roles sharing
 one pool is how colocation is expressed.
@@ -28,7 +33,7 @@ from hfrl.distributed.parallel_dims import AXES, GroupCache, ParallelDims, RoleG
 if TYPE_CHECKING:   # the schema lives above this module; plans only read its fields
     from hfrl.config import Config, PlacementConfig, RoleConfig, RolesConfig
 
-ROLE_NAMES = ("actor", "critic", "ref", "reward", "cost")
+ROLE_NAMES = ("actor", "critic", "ref", "reward", "cost", "rollout")
 PLACEMENT_MODES = ("colocate", "split", "standalone", "custom")
 SPLIT_POOLS = {"actor": ("actor", "ref"), "critic": ("critic", "reward", "cost")}
 # The largest world hfrl plans for, about ten times today's largest GPU clusters. Planning is
@@ -81,6 +86,16 @@ class PlacementPlan:
         enabled = [p.role for p in self.roles]
         raise KeyError(f"role {name!r} is not in the plan (enabled roles: {enabled})")
 
+    def weight_sync_groups(self) -> tuple[tuple[int, ...], ...]:
+        """With a rollout role: per actor pipeline stage, (its sender, *every rollout rank); the
+        sender is the stage's rank at dp=0, tp=0. Empty without a rollout role."""
+        if not any(p.role == "rollout" for p in self.roles):
+            return ()
+        actor, rollout = self.role("actor"), self.role("rollout")
+        per_stage = actor.dims.dp * actor.dims.tp
+        return tuple((actor.pool.ranks[stage * per_stage], *rollout.pool.ranks)
+                     for stage in range(actor.dims.pp))
+
     def roles_on(self, rank: int) -> list[str]:
         return [p.role for p in self.roles if rank in p.pool]
 
@@ -98,6 +113,8 @@ class PlacementPlan:
                 }
                 for p in self.roles
             },
+            **({"weight_sync": [list(g) for g in self.weight_sync_groups()]}
+               if self.weight_sync_groups() else {}),
         }
 
 
@@ -178,6 +195,36 @@ def _role_pool_names(mode: str, enabled: dict[str, RoleConfig],
     return role_pool, list(placement.pools)
 
 
+def rollout_tg(cfg: RoleConfig) -> int:
+    """The rollout role's tensor-parallel degree: roles.rollout.tg (or its tp, the same thing)."""
+    return cfg.tg if cfg.tg is not None else cfg.tp
+
+
+def _check_rollout_placement(mode: str, role_pool: dict[str, str], cfg: RoleConfig) -> None:
+    """The rollout role needs ranks of its own and generates in one pipeline stage."""
+    if mode in ("colocate", "split"):
+        raise ValueError(
+            f"roles.rollout.enabled=true with placement.mode={mode} would put the rollout on the "
+            "actor's ranks: generating there is what the hybrid engine already does (set "
+            "roles.rollout.enabled=false); for the OpenRLHF placement give the rollout a pool of "
+            "its own with placement.mode=standalone or custom (roles.rollout.pool)")
+    if role_pool.get("rollout") == role_pool.get("actor"):
+        raise ValueError(
+            f"roles.rollout.pool={role_pool['rollout']!r} is the actor's pool: to generate on the "
+            "actor's own ranks use the hybrid engine instead (roles.rollout.enabled=false), or "
+            "give the rollout a pool of its own in placement.pools")
+    if cfg.pp != 1 or cfg.pg not in (None, 1):
+        key, value = ("pp", cfg.pp) if cfg.pp != 1 else ("pg", cfg.pg)
+        raise ValueError(f"roles.rollout.{key}={value}: the rollout generates in one pipeline stage; "
+                         f"set roles.rollout.{key}=1 and split the pool with roles.rollout.tg and dp")
+    if cfg.tg is not None and cfg.tp not in (1, cfg.tg):
+        raise ValueError(f"roles.rollout.tp={cfg.tp} and roles.rollout.tg={cfg.tg}: the rollout has "
+                         "only a generation layout; set roles.rollout.tg alone")
+    if cfg.grouping != "hybridflow":
+        raise ValueError(f"roles.rollout.grouping={cfg.grouping!r}: the grouping picks how the hybrid "
+                         "engine regroups a training layout, which the rollout does not have; remove it")
+
+
 def plan_for_config(config: Config, world_size: int) -> PlacementPlan:
     """Check the launched world size against the config and build the plan.
 
@@ -206,6 +253,8 @@ def build_plan(placement: PlacementConfig, roles: RolesConfig, world_size: int) 
             raise ValueError(f"roles.{name}.pool={cfg.pool!r} is only used with "
                              f"placement.mode=custom (mode is {placement.mode!r})")
     role_pool, pool_names = _role_pool_names(placement.mode, enabled, placement)
+    if "rollout" in enabled:
+        _check_rollout_placement(placement.mode, role_pool, enabled["rollout"])
     if placement.mode in ("split", "standalone") and placement.pools:
         if set(placement.pools) != set(pool_names):
             raise ValueError(
@@ -225,9 +274,17 @@ def build_plan(placement: PlacementConfig, roles: RolesConfig, world_size: int) 
     placements = []
     for name, cfg in enabled.items():
         pool = pools[role_pool[name]]
-        dims = ParallelDims.create(len(pool), pp=cfg.pp, tp=cfg.tp, dp=cfg.dp, pg=cfg.pg,
-                                   tg=cfg.tg, grouping=cfg.grouping,
-                                   where=f"roles.{name} on pool '{pool.name}'")
+        where = f"roles.{name} on pool '{pool.name}'"
+        if name == "rollout":   # a generation layout only: its tp is tg
+            tg = rollout_tg(cfg)
+            if len(pool) % tg:
+                raise ValueError(f"roles.rollout.tg={tg} does not divide the rollout's pool '{pool.name}' of "
+                                 f"{len(pool)} ranks (tg ranks per replica): pick tg in "
+                                 f"{[d for d in range(1, len(pool) + 1) if len(pool) % d == 0]}")
+            dims = ParallelDims.create(len(pool), tp=rollout_tg(cfg), dp=cfg.dp, where=where)
+        else:
+            dims = ParallelDims.create(len(pool), pp=cfg.pp, tp=cfg.tp, dp=cfg.dp, pg=cfg.pg,
+                                       tg=cfg.tg, grouping=cfg.grouping, where=where)
         placements.append(RolePlacement(role=name, pool=pool, dims=dims))
     return PlacementPlan(world_size=world_size, mode=placement.mode,
                          pools=tuple(pools.values()), roles=tuple(placements))

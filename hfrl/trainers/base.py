@@ -6,6 +6,12 @@ algorithm and reads as the dataflow (see ppo.py). Everything else lives here, on
     setup      placement plan -> data (prompt files or a built-in task) and tokenizer -> the fresh
                model of a built-in task (init_model) -> one worker group per enabled role, on its
                pool and layout, plus rule rewards on the actor's ranks
+
+Generation: `self.generator` is the actor (the hybrid engine, on its own ranks) or, with
+roles.rollout enabled, the rollout group on its own pool (OpenRLHF's placement). Then a step calls
+`sync_rollout()` after the actor's update: the actor's ranks send the new weights straight to the
+rollout's (hfrl.workers.rollout); the next step's generate runs after it on the rollout's ranks,
+since every rank runs its commands in the order rank 0 issued them.
     fit        [resume] -> per step: prompts of the step (a pure function of seed and step) ->
                step() -> metrics.jsonl + progress bar -> validation every eval_every -> checkpoint
                every save_every -> at the end: checkpoint, merged HF export, PNG curves
@@ -39,7 +45,8 @@ from hfrl.controller import Batch, Future, WorkerGroup, get_runtime
 from hfrl.distributed.parallel_dims import ParallelDims
 from hfrl.distributed.resource_pool import plan_for_config
 from hfrl.trainers.tracking import MetricsLog, ProgressBar, plot_metrics
-from hfrl.workers import ActorWorker, CriticWorker, PolicyWorker, RewardModelWorker, RuleRewardWorker
+from hfrl.workers import (ActorWorker, CriticWorker, PolicyWorker, RewardModelWorker, RolloutWorker,
+                          RuleRewardWorker)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -137,9 +144,15 @@ class RLTrainer(ABC):
     def build_workers(self) -> None:
         cfg, tok = self.cfg, self.tokenizer
         self.num_mini_batches = cfg.data.train_batch_size // cfg.algorithm.mini_batch_size
-        self.actor = self.role_group(ActorWorker, "actor", self.engine_cfg("actor"), cfg.rollout, cfg.hybrid,
-                                     cfg.algorithm, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                     num_mini_batches=self.num_mini_batches)
+        separate = self.has_role("rollout")   # generation on the rollout's pool: no hybrid engine
+        self.actor = self.role_group(ActorWorker, "actor", self.engine_cfg("actor"), cfg.rollout,
+                                     None if separate else cfg.hybrid, cfg.algorithm, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id, num_mini_batches=self.num_mini_batches)
+        self.rollout = None
+        if separate:
+            self.rollout = self.role_group(RolloutWorker, "rollout", self.engine_cfg("actor"), cfg.rollout,
+                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                           links=self.plan.weight_sync_groups())
         self.ref = None
         if self.has_role("ref") and cfg.algorithm.kl_coef > 0:
             self.ref = self.role_group(PolicyWorker, "ref", self.engine_cfg("ref"), cfg.rollout.temperature)
@@ -153,6 +166,25 @@ class RLTrainer(ABC):
             pool = self.plan.role("actor").pool
             self.reward = WorkerGroup(RuleRewardWorker, pool, ParallelDims(dp=len(pool)), cfg.data.reward_fn,
                                       cfg.data.task, self.tokenizer_source, name="rule_reward")
+
+    @property
+    def generator(self) -> WorkerGroup:
+        """The group that generates: the rollout role when enabled, else the actor."""
+        return self.rollout if self.rollout is not None else self.actor
+
+    def sync_rollout(self) -> list[Future]:
+        """Send the actor's weights to the rollout role (nothing without one). Non-blocking; issued
+        after the actor's update, so the actor's ranks send the updated weights, and before the next
+        generate, which the rollout's ranks then run after receiving them. The call on the pool
+        without rank 0 goes first: rank 0 runs its own share inline, and the broadcast needs both."""
+        if self.rollout is None:
+            return []
+        links = self.plan.weight_sync_groups()
+        calls = [(self.rollout, "receive_weights"), (self.actor, "send_weights")]
+        if 0 in self.rollout.pool.ranks:
+            calls.reverse()
+        futures = {name: getattr(group, name)(links, blocking=False) for group, name in calls}
+        return [futures["send_weights"], futures["receive_weights"]]
 
     def trainable(self) -> dict[str, WorkerGroup]:
         """The roles whose weights a checkpoint must hold."""
@@ -196,7 +228,7 @@ class RLTrainer(ABC):
             if future is not None:
                 metrics.update({k: v for k, v in future.meta.items() if isinstance(v, (int, float))})
         metrics.update({k: v for k, v in data.meta.items() if isinstance(v, (int, float))})
-        for update in updates:
+        for update in updates:   # the roles' updates, then the weight sync (sync_rollout) if any
             metrics.update(update.result()[0])
         elapsed = time.perf_counter() - step_start
         metrics["timing_s/step"] = elapsed
@@ -216,7 +248,7 @@ class RLTrainer(ABC):
             return {}
         start = time.perf_counter()
         prompts = self.prompt_batch(self.val_data, list(range(len(self.val_data))), 0, seeded=False)
-        gen = self.actor.generate(prompts, greedy=True, blocking=False)
+        gen = self.generator.generate(prompts, greedy=True, blocking=False)
         scores = self.reward.score(gen)["scores"]
         metrics = {"val/score/mean": float(scores.mean()), "val/score/max": float(scores.max()),
                    "timing_s/validate": time.perf_counter() - start}
@@ -294,6 +326,8 @@ class RLTrainer(ABC):
         if start_step:
             bar.write(f"hfrl train: resumed from {self.checkpoint_dir(start_step)} at step {start_step}")
         summary: dict[str, Any] = {"start_step": start_step}
+        for future in self.sync_rollout():   # the rollout starts from the actor's weights, resumed or handed over
+            future.wait()
         try:
             if start_step == 0 and tcfg.eval_every:
                 summary["val_before"] = self.validate()

@@ -19,14 +19,15 @@ class GRPOTrainer(RLTrainer):
 
     def step(self, prompts: Batch) -> dict[str, float]:
         start, kl_coef = time.perf_counter(), self.kl_ctrl.value
-        gen = self.actor.generate(prompts, blocking=False)
+        gen = self.generator.generate(prompts, blocking=False)
         scores = self.reward.score(gen, blocking=False)
         old = self.actor.compute_log_probs(gen, blocking=False)
         ref = self.ref_log_probs(gen)
         data = self.actor.compute_advantages(gen, scores, old, ref, estimator=self.estimator, kl_coef=kl_coef,
                                              group_size=self.cfg.rollout.n, blocking=False)
         actor = self.actor.update(data, kl_coef=kl_coef, blocking=False)
-        return self.collect(start, dict(gen=gen, scores=scores, old=old, ref=ref), data, [actor])
+        sync = self.sync_rollout()
+        return self.collect(start, dict(gen=gen, scores=scores, old=old, ref=ref), data, [actor, *sync])
 
 
 class RLOOTrainer(GRPOTrainer):

@@ -85,6 +85,8 @@ def check_job(config, world_size: int | None = None) -> None:
             raise ValueError(f"algorithm.name={algo.name!r} compares the responses of a prompt on one rank: "
                              f"data.train_batch_size={data.train_batch_size} must be a multiple of the "
                              f"actor's dp={dp}")
+    if any(p.role == "rollout" for p in plan.roles):
+        _check_rollout_model(config, plan.role("rollout").dims.tp)
     _check_prompt_files(config.data)
     context = _context_length(config)
     need = data.max_prompt_length + rollout.max_new_tokens
@@ -102,6 +104,28 @@ def _context_length(config) -> int:
     from hfrl.models.config import ModelConfig
 
     return ModelConfig.from_pretrained(path).max_position_embeddings or math.inf
+
+
+def _check_rollout_model(config, tg: int) -> None:
+    """The rollout role's tensor parallelism must split the actor's model (its heads and MLP)."""
+    from types import SimpleNamespace
+
+    from hfrl.models.parallelize import check_tp
+
+    path = config.engine_for("actor").model_path
+    if path:
+        from hfrl.models.config import ModelConfig
+
+        model = ModelConfig.from_pretrained(path)
+    else:
+        shape = config.init_model
+        model = SimpleNamespace(num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+                                intermediate_size=shape.intermediate_size)
+    try:
+        check_tp(model, tg)
+    except ValueError as err:
+        raise ValueError(f"roles.rollout.tg={tg} cannot split the actor's model ({err}): pick a tg that "
+                         "divides its attention heads and MLP width") from None
 
 
 def _check_prompt_files(data) -> None:

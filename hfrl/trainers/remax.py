@@ -17,8 +17,8 @@ class ReMaxTrainer(RLTrainer):
 
     def step(self, prompts: Batch) -> dict[str, float]:
         start, kl_coef = time.perf_counter(), self.kl_ctrl.value
-        gen = self.actor.generate(prompts, blocking=False)
-        greedy = self.actor.generate(prompts, greedy=True, repeat=self.cfg.rollout.n, blocking=False)
+        gen = self.generator.generate(prompts, blocking=False)
+        greedy = self.generator.generate(prompts, greedy=True, repeat=self.cfg.rollout.n, blocking=False)
         scores = self.reward.score(gen, blocking=False)
         baseline = self.reward.score(greedy, blocking=False)
         old = self.actor.compute_log_probs(gen, blocking=False)
@@ -26,6 +26,7 @@ class ReMaxTrainer(RLTrainer):
         data = self.actor.compute_advantages(gen, scores, old, ref, baseline=baseline, estimator=self.estimator,
                                              kl_coef=kl_coef, blocking=False)
         actor = self.actor.update(data, kl_coef=kl_coef, blocking=False)
-        metrics = self.collect(start, dict(gen=gen, scores=scores, old=old, ref=ref), data, [actor])
+        sync = self.sync_rollout()
+        metrics = self.collect(start, dict(gen=gen, scores=scores, old=old, ref=ref), data, [actor, *sync])
         metrics["timing_s/gen_greedy"] = greedy.meta.get("timing_s/gen", 0.0)
         return metrics

@@ -37,7 +37,7 @@ class SafeRLHFTrainer(RLTrainer):
 
     def step(self, prompts: Batch) -> dict[str, float]:
         start, kl_coef = time.perf_counter(), self.kl_ctrl.value
-        gen = self.actor.generate(prompts, blocking=False)
+        gen = self.generator.generate(prompts, blocking=False)
         scores = self.reward.score(gen, blocking=False)
         costs = self.cost.score(gen, blocking=False)
         old = self.actor.compute_log_probs(gen, blocking=False)
@@ -52,8 +52,9 @@ class SafeRLHFTrainer(RLTrainer):
         cost_critic = self.cost_critic.update(data, values_key="cost_values", returns_key="cost_returns",
                                               prefix="cost_critic", blocking=False)
         actor = self.actor.update(data, kl_coef=kl_coef, blocking=False)
+        sync = self.sync_rollout()
         metrics = self.collect(start, dict(gen=gen, scores=scores, costs=costs, old=old, ref=ref, values=values,
-                                           cost_values=cost_values), data, [critic, cost_critic, actor])
+                                           cost_values=cost_values), data, [critic, cost_critic, actor, *sync])
         metrics["safe_rlhf/lagrange"] = lagrange
         return metrics
 

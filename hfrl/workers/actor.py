@@ -15,15 +15,13 @@ unless a method on another pool needs its rows; see hfrl.controller):
 """
 from __future__ import annotations
 
-import dataclasses
-import time
-
 import torch
 
 from hfrl.algorithms import agg_loss, kl_loss, ppo_clip_loss, masked_mean
-from hfrl.controller import DP_COMPUTE, MICRO_DP_COMPUTE, Batch, register
+from hfrl.controller import DP_COMPUTE, ONE_TO_ALL, Batch, register
 from hfrl.workers.advantage import advantage_columns, step_metrics
 from hfrl.workers.common import EngineWorker, response_from_shifted, timed
+from hfrl.workers.generation import ResponseGenerator
 
 TIMING_NAMES = {"old_log_probs": "timing_s/old_log_prob", "ref_log_probs": "timing_s/ref"}
 """verl's names for the time of each log-prob pass."""
@@ -49,7 +47,10 @@ class PolicyWorker(EngineWorker):
         return self.output_batch({key: response_from_shifted(log_probs, gen)}, meta)
 
 
-class ActorWorker(PolicyWorker):
+class ActorWorker(PolicyWorker, ResponseGenerator):
+    """hybrid_cfg None: the actor does not generate (a rollout role does, hfrl.workers.rollout); it
+    then builds no hybrid engine and sends its weights to the rollout after each update."""
+
     def __init__(self, engine_cfg, rollout_cfg, hybrid_cfg, algo_cfg, *, eos_token_id: int,
                  pad_token_id: int, num_mini_batches: int):
         from hfrl.hybrid_engine import HybridEngine
@@ -58,50 +59,36 @@ class ActorWorker(PolicyWorker):
         self.rollout_cfg, self.algo = rollout_cfg, algo_cfg
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.num_mini_batches = num_mini_batches
-        self.hybrid = HybridEngine.from_config(self.engine, hybrid_cfg)
-        self.rollout = self.hybrid.rollout_engine(rollout_cfg)
+        self.hybrid = self.rollout = None
+        if hybrid_cfg is not None:
+            self.hybrid = HybridEngine.from_config(self.engine, hybrid_cfg)
+            self.rollout = self.hybrid.rollout_engine(rollout_cfg)
 
-    # ---- generation ---------------------------------------------------------------------------
-    @register(protocol=MICRO_DP_COMPUTE)
-    def generate(self, prompts: Batch, greedy: bool = False, repeat: int = 1) -> Batch:
-        """prompts: prompt_ids/prompt_mask (B, P) left-padded, seed (B,) (-1: unseeded), index (B,)
-        and non-tensor columns that are carried along. Returns B * n rows (n = rollout.n, or 1 and
-        each row `repeat` times for a greedy baseline), prompt-major."""
-        from hfrl.rollout import RolloutEngine
+    @register(protocol=ONE_TO_ALL)
+    def send_weights(self, links: tuple[tuple[int, ...], ...]) -> dict:
+        """After an update: this rank's part of the weight sync to the rollout role (see
+        hfrl.workers.rollout). Training replica 0 gathers each stage over TP; the stage's tp=0 rank
+        broadcasts it over `links[stage]`; the other replicas have nothing to do."""
+        from hfrl.workers.rollout import broadcast_stage
 
-        overrides = dict(stop_token_ids=[self.eos_token_id])
-        if greedy:
-            overrides.update(temperature=0.0, n=1)
-        base = RolloutEngine.sampling_params(self.rollout_cfg, **overrides)
-        seeds = prompts["seed"].tolist()
-        params = [dataclasses.replace(base, seed=None if s < 0 else s) for s in seeds]
-        mask = prompts["prompt_mask"].bool()
-        token_lists = [row[m].tolist() for row, m in zip(prompts["prompt_ids"], mask)]
         meta: dict = {}
-        start = time.perf_counter()
-        with self.hybrid.generation():
-            out = self.rollout.generate(token_lists, params)
-        meta["timing_s/gen"] = time.perf_counter() - start
-        meta.update({k: v for k, v in self.hybrid.metrics().items() if k.startswith("timing_s/")})
-        samples_per_prompt = base.n if not greedy else repeat
-        return self._rows(prompts, out, samples_per_prompt, repeat if greedy else 1, meta)
+        with timed(meta, "timing_s/weight_sync"):
+            if self.engine.dp_rank == 0:
+                full = self.engine.stage_state_dict()   # collective over this replica's TP group
+                if self.engine.tp_rank == 0:
+                    link = links[self.engine.pp_rank]
+                    broadcast_stage(full, link[0], self.ctx.runtime.cache.get(link))
+        return meta
 
-    def _rows(self, prompts: Batch, out, per_prompt: int, repeat: int, meta: dict) -> Batch:
-        R = self.rollout_cfg.max_new_tokens
-        padded = out.padded(self.pad_token_id)
-        width = padded["responses"].shape[1]
-        responses = torch.nn.functional.pad(padded["responses"], (0, R - width), value=self.pad_token_id)
-        response_mask = torch.nn.functional.pad(padded["response_mask"], (0, R - width))
-        log_probs = torch.nn.functional.pad(padded["response_log_probs"], (0, R - width))
-        if repeat > 1:
-            responses, response_mask, log_probs = (t.repeat_interleave(repeat, 0)
-                                                   for t in (responses, response_mask, log_probs))
-        rows = prompts.repeat(per_prompt)   # prompt-major, as the engine returns samples
-        tensors = {"input_ids": torch.cat([rows["prompt_ids"], responses], 1),
-                   "attention_mask": torch.cat([rows["prompt_mask"], response_mask], 1),
-                   "response_mask": response_mask, "rollout_log_probs": log_probs,
-                   "uid": rows["index"]}
-        return Batch(tensors, {k: rows[k] for k in rows.non_tensors}, meta=meta)
+    # ---- generation (generate() and its rows: hfrl.workers.generation) ---------------------------
+    def generation_weights(self):
+        if self.hybrid is None:
+            raise RuntimeError("this actor generates nothing: roles.rollout is enabled, so call generate on "
+                               "the rollout group (RLTrainer.generator)")
+        return self.hybrid.generation()
+
+    def generation_meta(self) -> dict:
+        return {k: v for k, v in self.hybrid.metrics().items() if k.startswith("timing_s/")}
 
     # ---- advantages ---------------------------------------------------------------------------
     @register(protocol=DP_COMPUTE)
