@@ -13,8 +13,9 @@
    profile and the case's workload: the example models' shapes, its measured mean prompt length and
    its longest response (every response runs to it in the simulator), 16 prompts, mini-batch 8, one
    micro-batch per pass. The rule reward (scored on the actor's ranks) is a 1-layer, width-8 model on
-   the actor's set. Cases with more ranks than cores use `DeviceProfile.oversubscribed` (ranks
-   time-share the cores: every rate divided, every fixed cost multiplied by ranks / cores).
+   the actor's set. With more ranks than cores the simulator time-shares the cores
+   (`simulate(..., cores=)`: a stage slows by the ranks busy beside it over the cores, a waiting rank
+   leaving its core to the others).
 
 One JSON line per case: predicted and measured seconds per iteration, the relative error (the
 issue's goal: within 25%), and both per-stage breakdowns (measured `timing_s` are the workers' own
@@ -96,8 +97,7 @@ def main() -> None:
         workload = Workload("ppo", {"actor": policy, "ref": policy, "critic": policy.as_value_model(),
                                     "reward": rule_reward}, prompt_len=prompt_len, response_len=response_len,
                             num_prompts=NUM_PROMPTS, mini_batch_size=MINI_BATCH, micro_batches=1)
-        on = device.oversubscribed(row["ranks"])
-        estimate = simulate(workload, mapping_for(row["ranks"], row["placement"]), on)
+        estimate = simulate(workload, mapping_for(row["ranks"], row["placement"]), device, cores=cores)
         error = estimate.total_s / row["iteration_s"] - 1
         errors.append(error)
         print(json.dumps({"line": "validation", "ranks": row["ranks"], "placement": row["placement"],

@@ -18,14 +18,14 @@ from hfrl.mapping.plan_io import mapping_to_config
 from hfrl.mapping.search import Planner, allocations, auto_parallel, brute_force, device_counts, min_allocation, \
     search, set_partitions
 from hfrl.mapping.simulator import DATAFLOWS, Estimate, Mapping, RolePlan, Stage, Workload, role_memory, schedule, \
-    simulate, stage_time
+    simulate, stage_time, time_shared
 
 __all__ = ["GenerationCost", "GenLayout", "TrainLayout", "forward_time", "generation_cost", "generation_time",
            "inference_memory", "min_devices", "train_memory", "train_time", "transition_bytes", "transition_time",
            "PROFILES", "DeviceProfile", "calibrate", "get_profile", "load_profile", "save_profile", "MODEL_SIZES",
            "ModelSpec", "Planner", "allocations", "auto_parallel", "brute_force", "device_counts", "min_allocation",
            "search", "set_partitions", "DATAFLOWS", "Estimate", "Mapping", "RolePlan", "Stage", "Workload",
-           "role_memory", "schedule", "simulate", "stage_time", "mapping_to_config"]
+           "role_memory", "schedule", "simulate", "stage_time", "time_shared", "mapping_to_config"]
 
 
 def calibrate(*args, **kwargs) -> DeviceProfile:

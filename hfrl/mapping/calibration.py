@@ -9,10 +9,13 @@ per-layer overhead):
     forward micro-batch  f(L) = pass + L * layer              TrainEngine.compute_log_probs over 2 micro-batches, / 2
     train micro-batch    b(L) = train_pass + L * train_layer  (train_step(3 micro-batches) - train_step(1)) / 2
     optimizer step       o(L) = opt + L * opt_layer           train_step(1 micro-batch) - b(L)
+    data-parallel sync   per optimizer step when dp > 1       train_step(1 micro-batch) on 2 ranks - alone
     decode step          s(L) = step + L * decode_layer       RolloutEngine.generate: (g(20) - g(4)) / 16
     stage call           rank 0 -> both ranks -> rank 0       a DP_COMPUTE no-op of hfrl's controller
 
 Train steps use the actor's PPO loss on packed micro-batches, generation samples at temperature 1.
+The train and optimizer lines are timed on one process alone (the other idle), the rest on both
+processes at once, as data-parallel ranks run them.
 Two depths give two equations per line; the probes' own compute (the cost model's FLOP and byte
 terms at the measured roofs) is subtracted first. Each time is the median of 15 repetitions that
 interleave every measurement, so a slow spell of the machine hits them alike.
@@ -87,8 +90,8 @@ def calibrate(seconds: float = 2.0, devices_per_node: int | None = None, threads
         specs = {d: ModelSpec.from_hf_config(path) for d, path in probes.items()}
         result = _measure_two_ranks(threads, probes)
     link, latency, call = result["bandwidth"], result["latency"], result["call"]
-    fixed = fit_overheads({int(d): m for d, m in result["probes"].items()}, specs, peak, bandwidth) \
-        if overheads else {}
+    fixed = fit_overheads({int(d): m for d, m in result["probes"].items()}, specs, peak, bandwidth,
+                          solo={int(d): m for d, m in result["solo"].items()}) if overheads else {}
     total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return DeviceProfile("this-machine", peak_flops=peak, mem_bandwidth=bandwidth,
                          memory_bytes=int(total_memory // dpn), intra_node_bandwidth=link,
@@ -136,10 +139,12 @@ def _median_time(fn, reps: int, warmup: int = 2) -> float:
 
 
 
-def _probe_times(paths: dict[int, str], groups, reps: int = PROBE_REPS) -> dict[int, dict[str, float]]:
+def _probe_times(paths: dict[int, str], groups, reps: int = PROBE_REPS, train_only: bool = False
+                 ) -> dict[int, dict[str, float]]:
     """Per probe depth, median seconds of: one forward pass (two micro-batches), a PPO train step
     of one and of three micro-batches, and one generate call per DECODE_STEPS entry (temperature 1),
-    with the data-parallel `groups` (every rank of the world runs them at once). The repetitions
+    with the data-parallel `groups` (every rank of the world runs them at once; None: this process
+    alone). `train_only`: the train steps only. The repetitions
     interleave every measurement of every depth, so a slow spell of the machine hits them alike."""
     from hfrl.algorithms import ppo_clip_loss
     from hfrl.engine.config import EngineConfig, OptimConfig
@@ -168,6 +173,8 @@ def _probe_times(paths: dict[int, str], groups, reps: int = PROBE_REPS) -> dict[
             engine = TrainEngine(EngineConfig(model_path=path, optim=OptimConfig(lr=1e-5), pack_sequences=True,
                                               num_micro_batches=mbs), groups)
             calls[depth, f"train_{mbs}"] = functools.partial(engine.train_step, batch, loss_fn(engine))
+        if train_only:
+            continue
         engine = TrainEngine(EngineConfig(model_path=path, pack_sequences=True, num_micro_batches=2), groups)
         calls[depth, "forward"] = functools.partial(engine.compute_log_probs, batch)
         rollout = RolloutEngine(engine.model, kv_cache_bytes=1 << 22)
@@ -202,28 +209,40 @@ def _write_probes(folder: str) -> dict[int, str]:
 
 
 def fit_overheads(measured: dict[int, dict[str, float]], specs: dict, peak_flops: float,
-                  bandwidth: float) -> dict[str, float]:
+                  bandwidth: float, solo: dict[int, dict[str, float]] | None = None) -> dict[str, float]:
     """The profile's pass, layer, train, optimizer and decode overheads from the probe times of the
-    two depths (`measured[depth]` as `_probe_times` returns them, `specs[depth]` their ModelSpecs),
-    after subtracting what the cost model already counts at the measured roofs (module docstring)."""
+    two depths (`measured[depth]` as `_probe_times` returns them on 2 data-parallel ranks, `specs[depth]`
+    their ModelSpecs), after subtracting what the cost model already counts at the measured roofs
+    (module docstring). With `solo` (the train probes of one process alone), the train and optimizer
+    lines come from it and dp_sync_overhead_s is what data parallelism adds to a one-micro-batch
+    step (the mean over the depths of the difference: its all-reduces and the ranks waiting for
+    each other)."""
     seqs, tokens = PROBE_BATCH
     k1, k2 = DECODE_STEPS
 
     def flops_time(depth: int, passes: int) -> float:
         return specs[depth].flops_per_token(tokens) * seqs * tokens * passes / peak_flops
 
+    def residual_of(m: dict[str, float], depth: int) -> dict[str, float]:
+        one, more = TRAIN_MICRO_BATCHES
+        train_pass = (m[f"train_{more}"] - m[f"train_{one}"]) / (more - one)  # more micro-batches, same FLOPs
+        return {"train": train_pass, "optimizer": m[f"train_{one}"] - flops_time(depth, 3) - one * train_pass}
+
     def residual(depth: int) -> dict[str, float]:
         m, spec = measured[depth], specs[depth]
         decode_roof = max(spec.param_bytes(4) / bandwidth, seqs * 2 * spec.matmul_params / peak_flops)
-        one, more = TRAIN_MICRO_BATCHES
-        train_pass = (m[f"train_{more}"] - m[f"train_{one}"]) / (more - one)  # more micro-batches, same FLOPs
         return {"forward": (m["forward"] - flops_time(depth, 1)) / 2,   # two micro-batches
-                "train": train_pass,
-                "optimizer": m[f"train_{one}"] - flops_time(depth, 3) - one * train_pass,
+                **residual_of(m, depth),
                 "step": (m[f"generate_{k2}"] - m[f"generate_{k1}"]) / (k2 - k1) - decode_roof}
 
     lo, hi = PROBE_DEPTHS
     r_lo, r_hi = residual(lo), residual(hi)
+    if solo is not None:
+        one = TRAIN_MICRO_BATCHES[0]
+        sync = statistics.fmean(measured[d][f"train_{one}"] - solo[d][f"train_{one}"] for d in PROBE_DEPTHS)
+        for r, d in ((r_lo, lo), (r_hi, hi)):
+            alone = residual_of(solo[d], d)
+            r["train"], r["optimizer"] = alone["train"], alone["optimizer"]
 
     def line(key: str) -> tuple[float, float]:
         """(intercept, slope per layer) through the two depths, both clamped at 0."""
@@ -234,7 +253,10 @@ def fit_overheads(measured: dict[int, dict[str, float]], specs: dict, peak_flops
              "train": ("train_pass_overhead_s", "train_layer_overhead_s"),
              "optimizer": ("optimizer_step_overhead_s", "optimizer_layer_overhead_s"),
              "step": ("decode_step_overhead_s", "decode_layer_overhead_s")}
-    return {name: value for key, pair in names.items() for name, value in zip(pair, line(key))}
+    fitted = {name: value for key, pair in names.items() for name, value in zip(pair, line(key))}
+    if solo is not None:
+        fitted["dp_sync_overhead_s"] = max(sync, 0.0)
+    return fitted
 
 
 # ---- collectives and the controller (2 processes) --------------------------------------------
@@ -279,12 +301,14 @@ def _two_rank_worker(rank: int, world: int, port: int, out: str, threads: int, p
         bw_ar = 2 * ring * _COLLECTIVE_BYTES / max(t_ar - latency, 1e-9)
         bw_ag = ring * _COLLECTIVE_BYTES / max(t_ag - latency, 1e-9)
         groups = build_groups("probe", ParallelDims(dp=world), tuple(range(world)), rank, GroupCache())
+        solo = _probe_times(probes, None, train_only=True) if probes and rank == 0 else {}
+        dist.barrier()   # the other rank waits: rank 0's solo steps run alone
         measured = _probe_times(probes, groups) if probes else {}
         call = _controller_call_time()
         if rank == 0:
             with open(out, "w") as f:
                 json.dump({"bandwidth": (bw_ar + bw_ag) / 2, "latency": latency, "call": call,
-                           "probes": measured}, f)
+                           "probes": measured, "solo": solo}, f)
     finally:
         dist.destroy_process_group()
 

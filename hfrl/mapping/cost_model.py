@@ -146,7 +146,8 @@ def train_time(model: ModelSpec, layout: TrainLayout, device: DeviceProfile, *, 
         reduce-scatter + all-gather move the same volume;
     optimizer: Adam is memory-bound, 28 bytes of traffic per parameter of the shard (/dp under ZeRO);
     fixed costs (the device's overheads): per micro-batch and stage, train_pass + layers of the stage
-        x train_layer; per optimizer step, optimizer_step + layers of the stage x optimizer_layer.
+        x train_layer; per optimizer step, optimizer_step + layers of the stage x optimizer_layer, + dp_sync
+        when dp > 1.
     """
     if not isinstance(optimizer_steps, int) or not 1 <= optimizer_steps <= num_seqs:
         raise ValueError(f"optimizer_steps={optimizer_steps!r}: expected 1..{num_seqs} (one per mini-batch)")
@@ -160,6 +161,7 @@ def train_time(model: ModelSpec, layout: TrainLayout, device: DeviceProfile, *, 
     owned = shard_params / (layout.dp if zero_stage >= 1 else 1)
     t += owned * OPTIMIZER_TRAFFIC_PER_PARAM / (device.mem_bandwidth * device.bandwidth_efficiency)
     t += device.optimizer_step_overhead_s + layers * device.optimizer_layer_overhead_s
+    t += device.dp_sync_overhead_s if layout.dp > 1 else 0.0
     return optimizer_steps * t
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 GIB = 2**30
 OVERHEAD_FIELDS = ("call_overhead_s", "pass_overhead_s", "layer_overhead_s", "train_pass_overhead_s",
                    "train_layer_overhead_s", "decode_step_overhead_s", "decode_layer_overhead_s",
-                   "optimizer_step_overhead_s", "optimizer_layer_overhead_s")
+                   "optimizer_step_overhead_s", "optimizer_layer_overhead_s", "dp_sync_overhead_s")
 """The profile's fixed costs (seconds per event), measured by `calibrate`, 0 in datasheet profiles."""
 
 
@@ -64,6 +64,10 @@ class DeviceProfile:
     """One optimizer step, beyond its per-layer part (gradient norm, clip, skip check, LR schedule)."""
     optimizer_layer_overhead_s: float = 0.0
     """One decoder layer's tensors in one optimizer step (their Adam update and zeroed gradients)."""
+    dp_sync_overhead_s: float = 0.0
+    """One optimizer step of a data-parallel layout (dp > 1), beyond its all-reduce's bytes: the
+    step's small collectives (token counts, metrics, norm, skip check) and the ranks waiting for
+    each other."""
 
     def __post_init__(self) -> None:
         for field in ("peak_flops", "mem_bandwidth", "memory_bytes", "intra_node_bandwidth",

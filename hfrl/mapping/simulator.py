@@ -333,28 +333,78 @@ def actor_transition(workload: Workload, plan: RolePlan, device) -> float:
     return transition_time(workload.model(plan.role), plan.train, plan.gen, device)
 
 
+def intervals(stages: list[Stage], set_of: dict[str, int], times: dict[str, float],
+              transition_s: float = 0.0) -> dict[str, tuple[float, float]]:
+    """Each stage's (start, finish) under the module docstring's rule (pure: no cost model); "gen"
+    starts after the transition, which holds the actor's set right before it."""
+    free: dict[int, float] = {}
+    spans: dict[str, tuple[float, float]] = {}
+    for stage in stages:
+        s = set_of[stage.role]
+        start = max([free.get(s, 0.0)] + [spans[d][1] for d in stage.deps])
+        if stage.name == "gen":
+            start += transition_s
+        spans[stage.name] = (start, start + times[stage.name])
+        free[s] = spans[stage.name][1]
+    return spans
+
+
 def schedule(stages: list[Stage], set_of: dict[str, int], times: dict[str, float],
              transition_s: float = 0.0) -> float:
     """The iteration's finish time under the module docstring's rule (pure: no cost model)."""
-    free: dict[int, float] = {}
-    finish: dict[str, float] = {}
-    for stage in stages:
-        s = set_of[stage.role]
-        start = max([free.get(s, 0.0)] + [finish[d] for d in stage.deps])
-        if stage.name == "gen":
-            start += transition_s
-        finish[stage.name] = free[s] = start + times[stage.name]
-    return max(finish.values())
+    return max(end for _, end in intervals(stages, set_of, times, transition_s).values())
 
 
-def simulate(workload: Workload, mapping: Mapping, device) -> Estimate:
+def time_shared(stages: list[Stage], set_of: dict[str, int], set_sizes: list[int], times: dict[str, float],
+                cores: int, transition_s: float = 0.0, rounds: int = 4) -> dict[str, float]:
+    """Stage times when the sets' ranks time-share `cores` cores (CPU ranks outnumbering cores).
+
+    A stage's time grows by the mean, over its span, of max(1, busy ranks / cores), where busy ranks
+    are those of every set running a stage at that moment (a waiting rank blocks and leaves its core
+    to others). The spans depend on the times, so schedule and slowdowns are iterated `rounds` times
+    from the unshared times. Without oversubscription (sum(set_sizes) <= cores) the times are
+    returned as given."""
+    if sum(set_sizes) <= cores:
+        return dict(times)
+    scaled = dict(times)
+    for _ in range(rounds):
+        spans = intervals(stages, set_of, scaled, transition_s)
+        busy = sorted({t for span in spans.values() for t in span})
+        new = {}
+        for stage in stages:
+            start, end = spans[stage.name]
+            if end <= start:
+                new[stage.name] = times[stage.name]
+                continue
+            weighted = 0.0
+            cuts = [start] + [t for t in busy if start < t < end] + [end]
+            for a, b in zip(cuts, cuts[1:]):
+                mid = (a + b) / 2
+                running = {set_of[o.role] for o in stages if spans[o.name][0] <= mid < spans[o.name][1]}
+                weighted += (b - a) * max(1.0, sum(set_sizes[i] for i in running) / cores)
+            new[stage.name] = times[stage.name] * weighted / (end - start)
+        scaled = new
+    return scaled
+
+
+def simulate(workload: Workload, mapping: Mapping, device, *, cores: int | None = None) -> Estimate:
     """Predict one iteration of `workload` under `mapping` on `device` (see the module docstring).
 
-    Raises ValueError when the mapping does not fit: a colocated set whose roles' memory
-    (role_memory) adds up to more than a device holds, or an actor that cannot generate in what its
-    set leaves free.
+    `cores`: the mapping's ranks run as processes time-sharing this many cores (CPU ranks, more of
+    them than cores): stage times grow with the ranks busy beside them (`time_shared`). Raises
+    ValueError when the mapping does not fit: a colocated set whose roles' memory (role_memory) adds
+    up to more than a device holds, or an actor that cannot generate in what its set leaves free.
     """
-    return _simulate(workload, mapping, device, stage_time, role_memory, actor_transition)
+    estimate = _simulate(workload, mapping, device, stage_time, role_memory, actor_transition)
+    if cores is None:
+        return estimate
+    if not isinstance(cores, int) or cores < 1:
+        raise ValueError(f"cores={cores!r} must be a positive integer")
+    set_of = {role: mapping.set_of(role) for role in workload.roles}
+    times = time_shared(workload.stages, set_of, list(mapping.allocation), estimate.stages, cores,
+                        estimate.transition_s)
+    total = schedule(workload.stages, set_of, times, estimate.transition_s)
+    return Estimate(total, times, estimate.transition_s, mapping)
 
 
 def _simulate(workload: Workload, mapping: Mapping, device, time_fn, memory_fn, transition_fn) -> Estimate:

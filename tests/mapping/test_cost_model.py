@@ -250,7 +250,7 @@ def test_calibrate_this_machine(tmp_path):
 # ---- fixed costs (a calibrated CPU's overheads) ----------------------------------------------
 OVERHEADS = dict(call_overhead_s=1e-3, pass_overhead_s=2e-3, layer_overhead_s=3e-4, train_pass_overhead_s=5e-3,
                  train_layer_overhead_s=7e-4, decode_step_overhead_s=1.1e-3, decode_layer_overhead_s=1.3e-4,
-                 optimizer_step_overhead_s=1.7e-2, optimizer_layer_overhead_s=1.9e-3)
+                 optimizer_step_overhead_s=1.7e-2, optimizer_layer_overhead_s=1.9e-3, dp_sync_overhead_s=2.3e-3)
 SLOW = dataclasses.replace(A100, **OVERHEADS)
 
 
@@ -264,7 +264,10 @@ def test_fixed_costs_add_per_event():
     assert extra == pytest.approx(slots * (2e-3 + layers * 3e-4), rel=1e-9)
     extra = train_time(M7, layout, SLOW, **kw, optimizer_steps=2) - train_time(M7, layout, A100, **kw,
                                                                                optimizer_steps=2)
-    assert extra == pytest.approx(2 * (slots * (5e-3 + layers * 7e-4) + 1.7e-2 + layers * 1.9e-3), rel=1e-9)
+    assert extra == pytest.approx(2 * (slots * (5e-3 + layers * 7e-4) + 1.7e-2 + layers * 1.9e-3 + 2.3e-3), rel=1e-9)
+    solo = TrainLayout(2, 2, 1)          # dp 1: no data-parallel sync
+    extra = train_time(M7, solo, SLOW, **kw) - train_time(M7, solo, A100, **kw)
+    assert extra == pytest.approx(slots * (5e-3 + layers * 7e-4) + 1.7e-2 + layers * 1.9e-3, rel=1e-9)
     gen_kw = dict(num_seqs=4, prompt_len=64, response_len=100)
     fast = generation_cost(M7, TrainLayout(1, 8, 1), GenLayout(1, 8), A100, **gen_kw)
     slow = generation_cost(M7, TrainLayout(1, 8, 1), GenLayout(1, 8), SLOW, **gen_kw)
@@ -316,7 +319,7 @@ def test_fit_overheads_recovers_known_costs():
     specs = {d: ModelSpec(f"probe{d}", d, shape["hidden_size"], shape["intermediate_size"], shape["num_heads"],
                           shape["num_kv_heads"], shape["vocab_size"]) for d in PROBE_DEPTHS}
     o = OVERHEADS
-    measured = {}
+    measured, solo = {}, {}
     for d, spec in specs.items():
         flops = spec.flops_per_token(tokens) * seqs * tokens / peak
         micro = o["train_pass_overhead_s"] + d * o["train_layer_overhead_s"]
@@ -326,5 +329,11 @@ def test_fit_overheads_recovers_known_costs():
         measured[d] = {"forward": flops + 2 * (o["pass_overhead_s"] + d * o["layer_overhead_s"]),
                        **{f"train_{k}": 3 * flops + k * micro + opt for k in TRAIN_MICRO_BATCHES},
                        **{f"generate_{k}": 0.05 + k * step for k in DECODE_STEPS}}
-    fitted = fit_overheads(measured, specs, peak, bandwidth)
+        solo[d] = {f"train_{k}": 3 * flops + k * micro + opt for k in TRAIN_MICRO_BATCHES}
+        for k in TRAIN_MICRO_BATCHES:   # two data-parallel ranks: each step pays the sync
+            measured[d][f"train_{k}"] += o["dp_sync_overhead_s"]
+    fitted = fit_overheads(measured, specs, peak, bandwidth, solo=solo)
     assert fitted == pytest.approx({k: v for k, v in o.items() if k != "call_overhead_s"}, rel=1e-9)
+    without = fit_overheads(measured, specs, peak, bandwidth)   # no solo times: the sync sits in the optimizer
+    assert "dp_sync_overhead_s" not in without
+    assert without["optimizer_step_overhead_s"] == pytest.approx(1.7e-2 + 2.3e-3, rel=1e-9)
