@@ -172,3 +172,19 @@ def test_workload_batching_reaches_the_cost_model():
                        (dict(micro_batches=0), "micro_batches")):
         with pytest.raises(ValueError, match=match):
             Workload.paper("ppo", "7b", num_prompts=64, **bad)
+
+
+def test_time_shared_cores_by_hand():
+    """Two 1-rank sets on one core: stages slow down only while both sets are busy (a waiting rank
+    leaves its core); with a core per rank nothing changes."""
+    from hfrl.mapping import time_shared
+
+    stages = DATAFLOWS["grpo"]   # gen, reward, old_log_prob, ref, adv, update_actor
+    set_of = dict(actor=0, ref=1, reward=1)
+    times = dict(gen=10.0, reward=2.0, old_log_prob=4.0, ref=2.0, adv=1.0, update_actor=5.0)
+    assert time_shared(stages, set_of, [1, 1], times, cores=2) == times
+    shared = time_shared(stages, set_of, [1, 1], times, cores=1)
+    # gen alone 0-10; reward, then ref on set 1 beside old_log_prob on set 0: all three doubled
+    # (10-14 reward, 10-18 old, 14-18 ref); adv and the update alone again
+    assert shared == dict(gen=10.0, reward=4.0, old_log_prob=8.0, ref=4.0, adv=1.0, update_actor=5.0)
+    assert schedule(stages, set_of, shared) == 24.0 and schedule(stages, set_of, times) == 20.0
