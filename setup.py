@@ -12,7 +12,9 @@ from setuptools import setup
 # it (the kernels fall back to their PyTorch references).
 _triton = "triton>=3.0; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"
 
-_megatron = "megatron-core==0.16.1; python_version < '3.12'"
+# Tested on 0.16.1 (tests/integrations); 0.16.x patch releases keep the TransformerConfig and the
+# GPTModel state-dict names hfrl maps (test_megatron_config checks every config field is classified).
+_megatron = "megatron-core>=0.16.1,<0.17; python_version < '3.12'"
 
 setup(
     name="hfrl",

@@ -66,7 +66,7 @@ def build_model(tp: int, vocab_size: int, seed: int = 0):
     from megatron.core.transformer import TransformerConfig
 
     config = TransformerConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+        num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=128,
         normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         layernorm_epsilon=1e-6, hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp,
         use_cpu_initialization=True, params_dtype=torch.float32, init_method_std=0.05)

@@ -23,14 +23,22 @@ What `train` does, on every rank:
     4. RL                 ``hfrl.run`` of the configured trainer; actor and reference start from the
                           shards (``hfrl.workers.common.MODEL_SOURCES``) instead of a checkpoint
     5. hand back          ``copy_into_megatron``: the actor's trained shard -> the GPTModel's own
-                          parameters, in place
+                          parameters, in place (cast to their dtype, with a warning when it differs
+                          from hfrl's), then ``optimizer.reload_model_params()`` when ``train`` is
+                          given Megatron's optimizer (its fp32 main params would otherwise overwrite
+                          the RL weights on its next step)
+
+The vocabulary: hfrl trains over the true one (the tokenizer's); Megatron's padding rows are neither
+read nor updated (megatron_weights' docstring).
 
 Refused on every rank alike, with the value and the fix. Before any collective (from the degrees
 every rank reads locally): context parallelism, expert parallelism, virtual pipeline stages, an hfrl
 config whose actor/reference layout is not the job's, architectures hfrl's decoder lacks (see
 megatron_weights). Right after the one gather of memberships, before hfrl creates a group: a rank
-order hfrl cannot express. megatron-core is an optional extra (``pip install hfrl[megatron]``),
-imported when these functions run.
+order hfrl cannot express. The weight conversion's checks depend on the stage (which weights a rank
+holds): every rank converts, then one all-reduce of a failure flag over the world
+(``agree_on_success``) makes every rank raise before ``hfrl.run`` if any rank failed. megatron-core
+is an optional extra (``pip install hfrl[megatron]``), imported when these functions run.
 
 CUDA: nothing here needs it. Megatron's own forward does, in two places (RoPE moves its frequencies
 to ``torch.cuda.current_device()``; attention forks the CUDA RNG tracker); ``cpu_forward`` bypasses
@@ -53,10 +61,10 @@ from hfrl.integrations.megatron_weights import (
 )
 
 __all__ = ["ADOPTED_AXES", "AdoptedGroups", "MEGATRON_NAMES", "MegatronLayout", "MegatronSizes", "ModelSource",
-           "TE_NORM_NAMES", "adopt_parallel_state", "check_config", "check_layout", "check_sizes", "copy_into_megatron",
-           "cpu_forward", "hfrl_model_config", "hfrl_to_megatron", "layout_overrides", "megatron_to_hfrl",
-           "qkv_from_megatron", "qkv_to_megatron", "read_parallel_state", "read_sizes", "stage_model", "train",
-           "vocab_row_moves", "write_model_folder"]
+           "TE_NORM_NAMES", "adopt_parallel_state", "agree_on_success", "check_config", "check_layout", "check_sizes",
+           "copy_into_megatron", "cpu_forward", "hfrl_model_config", "hfrl_to_megatron", "layout_overrides",
+           "megatron_to_hfrl", "model_folder", "qkv_from_megatron", "qkv_to_megatron", "read_parallel_state",
+           "read_sizes", "stage_model", "train", "vocab_row_moves", "write_model_folder"]
 
 ADOPTED_AXES = {
     "tp": "get_tensor_model_parallel_group",
@@ -361,8 +369,40 @@ def _stage_layers(model: Any, adopted: AdoptedGroups, num_layers: int) -> tuple[
     return layer_range
 
 
-def train(model: Any, config: Any, *, vocab_size: int | None = None,
-          adopted: AdoptedGroups | None = None) -> dict[str, Any] | None:
+def agree_on_success(error: BaseException | None, what: str) -> None:
+    """One all-reduce over the world (the default group) of every rank's failure flag: when any rank
+    failed, every rank raises, a failing one its own ``error``, the others a ValueError naming the failing
+    ranks. Lets a rank-dependent check (a pipeline stage's weights) fail the job alike on every rank,
+    before any rank enters the next collective. Collective."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    failed[dist.get_rank()] = int(error is not None)
+    dist.all_reduce(failed)
+    ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
+    if error is not None:
+        raise error
+    if ranks:
+        raise ValueError(f"{what} failed on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} "
+                         "(their own error says why); every rank stops here")
+
+
+def _warn_dtype(model: Any, actor: Any) -> None:
+    """A warning when the hand-back casts: hfrl trained in another dtype than Megatron's parameters."""
+    import logging
+
+    theirs = next((p.dtype for p in model.parameters()), None)
+    ours = next((p.dtype for p in actor.parameters()), None)
+    if theirs is not None and ours is not None and theirs != ours:
+        logging.getLogger(__name__).warning(
+            "hfrl trained the actor in %s; its weights are cast to Megatron's parameter dtype %s on the hand-back "
+            "(the RL update loses the precision %s keeps beyond %s)", ours, theirs, ours, theirs)
+
+
+def train(model: Any, config: Any, *, vocab_size: int | None = None, adopted: AdoptedGroups | None = None,
+          optimizer: Any | None = None) -> dict[str, Any] | None:
     """Run ``config``'s RL algorithm on ``model`` (this rank's stage and TP shard of a megatron-core GPTModel,
     unwrapped from DDP/Float16Module) with the job's groups, then write the trained actor weights into
     ``model``'s parameters. Collective: every rank of the job calls it. Returns the run's summary on
@@ -371,18 +411,20 @@ def train(model: Any, config: Any, *, vocab_size: int | None = None,
     ``config``: an ``hfrl.config.Config`` whose actor/ref (and critic, if it reads the actor's weights) have
     the job's layout (``layout_overrides``) and no engine.model_path. Its trainer.run_dir holds the run's
     metrics and hfrl's own checkpoints; trainer.resume is turned off (the job's weights are the start).
-    ``vocab_size``: the true vocabulary, default the tokenizer's.
+    ``vocab_size``: the true vocabulary, default the tokenizer's (hfrl trains over it alone: Megatron's
+    padded vocabulary rows are left untouched, see megatron_weights).
 
-    The parameters change in place: an optimizer keeping its own fp32 copies of them (Megatron's
-    mixed-precision and distributed optimizers) must reload those afterwards
-    (``optimizer.reload_model_params()``).
+    ``optimizer``: Megatron's optimizer of ``model``, if any. The parameters change in place, but
+    Megatron's mixed-precision and distributed optimizers keep fp32 main copies of them that their next
+    step would copy back over the RL weights; ``optimizer.reload_model_params()`` is called after the
+    hand-back (when it has one) so they start from the RL weights instead. Without it, call that yourself.
     """
     import hfrl
     from hfrl.config import resolve_for_run
     from hfrl.data import load_tokenizer
     from hfrl.trainers import run_trainer
     from hfrl.trainers.job import check_job
-    from hfrl.workers.common import MODEL_SOURCES
+    from hfrl.workers.common import model_source
 
     # Every check that needs no other rank first, so a bad job fails alike everywhere before a collective.
     check_config(config, adopted.layout if adopted is not None else read_sizes())
@@ -394,18 +436,31 @@ def train(model: Any, config: Any, *, vocab_size: int | None = None,
     actor = config.roles.actor
     adopted = adopted or adopt_parallel_state(pg=actor.pg, tg=actor.tg, grouping=actor.grouping)
     layer_range = _stage_layers(model, adopted, hf_config.num_layers)
-    folder = Path(config.trainer.run_dir).absolute() / MODEL_FOLDER
+    folder = model_folder(config.trainer.run_dir)
     write_model_folder(folder, hf_config, tokenizer)
     run_config = resolve_for_run(config, [f"engine.model_path={folder}", "trainer.resume=false"], training=True)
     check_job(run_config)
 
-    tp_group = adopted.own["tp"]
-    source = ModelSource(megatron_to_hfrl(model.state_dict(), hf_config, layer_range, tp_group), hf_config,
-                         layer_range, adopted.dims)
-    MODEL_SOURCES[str(folder)] = source
+    # The conversion's checks depend on the stage (its weights): agree on them before hfrl.run's groups.
+    tp_group, state, error = adopted.own["tp"], None, None
     try:
+        state = megatron_to_hfrl(model.state_dict(), hf_config, layer_range, tp_group)
+    except Exception as err:   # noqa: BLE001 - re-raised by agree_on_success, on this rank
+        error = err
+    agree_on_success(error, "converting the Megatron weights (megatron_to_hfrl)")
+    source = ModelSource(state, hf_config, layer_range, adopted.dims)
+    with model_source(folder, source):
         summary = hfrl.run(run_trainer, run_config, config=run_config, adopted_groups=adopted.pairs())
-    finally:
-        MODEL_SOURCES.pop(str(folder), None)
-    copy_into_megatron(model, source.models["actor"].state_dict(), hf_config, layer_range, tp_group)
+    trained = source.models["actor"]
+    _warn_dtype(model, trained)
+    copy_into_megatron(model, trained.state_dict(), hf_config, layer_range, tp_group)
+    if optimizer is not None and hasattr(optimizer, "reload_model_params"):
+        optimizer.reload_model_params()   # its fp32 main params <- the RL weights
     return summary
+
+
+def model_folder(run_dir: str | os.PathLike) -> Path:
+    """run_dir/megatron_model, spelled as MODEL_SOURCES keys it (``model_source_key``: the real path)."""
+    from hfrl.workers.common import model_source_key
+
+    return Path(model_source_key(Path(run_dir) / MODEL_FOLDER))

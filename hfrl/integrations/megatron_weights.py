@@ -17,9 +17,18 @@ its layers exactly as Megatron does:
                               that hold them (``vocab_row_moves``); Megatron's padding rows (>= V) never
                               leave Megatron and come back unchanged, so a round trip is bit-identical.
 
-``hfrl_model_config`` reads the architecture off a GPTModel and refuses, naming every one, the
-features hfrl's Llama-family decoder does not have (MoE, MLA, qk-norm, LayerNorm, non-gated MLPs,
-learned positions, interleaved or scaled RoPE, uneven pipeline splits, ...).
+What hfrl trains on the vocabulary: the true one. hfrl's log-probs (and so its RL losses, KL and
+entropy) normalise over the V true rows only; Megatron's loss normalises over all V_meg rows, its
+padding rows (random at initialisation, never a target) included. hfrl neither reads nor updates
+those rows: they come back from the hand-back exactly as they were, and keep what Megatron's own
+softmax gives them (a small probability mass that hfrl's policy does not see). A token sampled by
+hfrl is always < V.
+
+``hfrl_model_config`` reads the architecture off a GPTModel and refuses, naming every field, its value
+and the accepted ones, anything hfrl's Llama-family decoder would compute differently: the check is
+inverted, every forward-changing TransformerConfig field is listed (``FORWARD_FIELDS``, name ->
+accepted values) or mapped (``MAPPED_FIELDS``: sizes, biases, epsilon, scale, sliding window), so a
+setting that adds no weights (a layer without RoPE, an off-by-one softmax, ...) cannot slip through.
 """
 from __future__ import annotations
 
@@ -68,12 +77,94 @@ IGNORED_SUFFIXES = ("_extra_state",)
 # ---- the architecture --------------------------------------------------------------------------------
 
 
+FORWARD_FIELDS: dict[str, tuple[Any, ...]] = {
+    # TransformerConfig field                   the values hfrl's decoder computes the same forward for
+    "normalization":                            ("RMSNorm",),
+    "layernorm_zero_centered_gamma":            (False,),
+    "apply_residual_connection_post_layernorm": (False,),
+    "gated_linear_unit":                        (True,),
+    "activation_func":                          (F.silu,),
+    "glu_linear_offset":                        (0.0,),
+    "activation_func_clamp_value":              (None,),
+    "rotary_interleaved":                       (False,),
+    "no_rope_freq":                             (None,),
+    "mrope_section":                            (None,),
+    "softmax_type":                             ("vanilla",),
+    "qk_layernorm":                             (False,),
+    "qk_l2_norm":                               (False,),
+    "attention_output_gate":                    (False,),
+    "multi_latent_attention":                   (False,),
+    "experimental_attention_variant":           (None,),
+    "linear_attention_freq":                    (None,),
+    "num_moe_experts":                          (None, 0),
+    "mtp_num_layers":                           (None, 0),
+    "heterogeneous_block_specs":                (False,),
+    "is_hybrid_model":                          (False,),
+    "num_layers_in_first_pipeline_stage":       (None,),
+    "num_layers_in_last_pipeline_stage":        (None,),
+    "pipeline_model_parallel_layout":           (None,),
+    "account_for_embedding_in_pipeline_split":  (False,),
+    "account_for_loss_in_pipeline_split":       (False,),
+}
+"""Every TransformerConfig field that changes what the model computes (or where its layers sit) and that
+hfrl does not map: each must hold one of these values (the first is Megatron's default, or hfrl's
+Llama-style choice), else ``hfrl_model_config`` refuses. A field missing from an older megatron-core
+counts as its default."""
+MAPPED_FIELDS: tuple[str, ...] = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "layernorm_epsilon", "add_bias_linear", "add_qkv_bias", "softmax_scale", "window_size", "window_attn_skip_freq",
+    "apply_query_key_layer_scaling",   # divides the scale by the layer number, multiplies it back: no change
+)
+"""Forward-changing fields hfrl reads into its ModelConfig (or checks against it) instead."""
+NUMERICS_FIELDS: tuple[str, ...] = (
+    "params_dtype", "bf16", "fp16", "fp32_residual_connection", "attention_softmax_in_fp32", "fp8", "fp4",
+    "first_last_layers_bf16", "hidden_dropout", "attention_dropout",
+)
+"""Precision and dropout: how Megatron computes the same function, not which one. hfrl trains in its own
+engine's precision and without dropout, whatever these say."""
+FIX = ("build the GPTModel Llama-style (RMSNorm, SwiGLU, RoPE, vanilla softmax; get_gpt_layer_local_spec or "
+       "the Transformer Engine spec) to embed hfrl")
+
+
+def _value(value: Any) -> str:
+    return getattr(value, "__name__", None) or repr(value)
+
+
+def _accepted(value: Any, accepted: tuple[Any, ...]) -> bool:
+    # booleans by identity (False must not pass for 0, nor 1 for True); functions by identity
+    return any(value is a or (not callable(a) and not isinstance(a, bool) and not isinstance(value, bool)
+                              and value == a) for a in accepted)
+
+
+def _window(cfg: Any, num_layers: int, problems: list[str]) -> tuple[int | None, tuple[str, ...] | None]:
+    """hfrl's (sliding_window, layer_types) for Megatron's window_size = (left, right) and
+    window_attn_skip_freq. Megatron's sliding mask lets query i see keys i - left .. i + right (it replaces
+    the causal mask): causal needs right = 0, and hfrl's window (a query sees itself and the window - 1
+    keys before it) is left + 1."""
+    window = getattr(cfg, "window_size", None)
+    if not window:
+        return None, None
+    left, right = window
+    if right != 0 or left < 0:
+        problems.append(f"window_size={tuple(window)} (hfrl's sliding window is causal: use (left >= 0, 0))")
+        return None, None
+    skip = getattr(cfg, "window_attn_skip_freq", None)   # megatron.core.transformer.utils.is_layer_window_attention
+    if skip is None:
+        sliding = [True] * num_layers
+    elif isinstance(skip, int):
+        sliding = [(i + 1) % skip != 0 for i in range(num_layers)]
+    else:
+        sliding = [bool(s) for s in skip]
+    return left + 1, tuple("sliding_attention" if s else "full_attention" for s in sliding)
+
+
 def hfrl_model_config(model: Any, vocab_size: int | None = None, **token_ids: int | None) -> ModelConfig:
     """The hfrl ModelConfig of a megatron-core GPTModel (any pipeline stage: the same on every rank).
 
     ``vocab_size``: the true vocabulary (the tokenizer's); Megatron's ``model.vocab_size`` is usually
     padded past it. None takes Megatron's as is. ``token_ids``: pad/bos/eos_token_id for config.json.
-    ValueError listing every feature hfrl cannot represent.
+    Pure (no collective): every rank raises alike. ValueError naming every field and value hfrl cannot
+    represent (``FORWARD_FIELDS`` off their accepted values, unmappable windows, positions, splits).
     """
     cfg = model.config
     problems = []
@@ -82,28 +173,18 @@ def hfrl_model_config(model: Any, vocab_size: int | None = None, **token_ids: in
         if not ok:
             problems.append(what)
 
+    for key, accepted in FORWARD_FIELDS.items():
+        value = getattr(cfg, key, accepted[0])
+        need(_accepted(value, accepted), f"{key}={_value(value)} (hfrl needs {' or '.join(map(_value, accepted))})")
     need(getattr(model, "position_embedding_type", None) == "rope",
          f"position_embedding_type={getattr(model, 'position_embedding_type', None)!r} (hfrl uses RoPE: 'rope')")
-    need(getattr(model, "rotary_percent", 1.0) == 1.0, f"rotary_percent={model.rotary_percent} (hfrl rotates whole heads: 1.0)")
+    need(getattr(model, "rotary_percent", 1.0) == 1.0,
+         f"rotary_percent={getattr(model, 'rotary_percent', 1.0)} (hfrl rotates whole heads: 1.0)")
     need(not getattr(model, "rotary_scaling", False), "rope_scaling=True (Llama-3.1 RoPE scaling is not mapped yet)")
     rotary = getattr(model, "rotary_pos_emb", None)
     need(getattr(rotary, "seq_len_interpolation_factor", None) is None, "seq_len_interpolation_factor is set")
-    need(not cfg.rotary_interleaved, "rotary_interleaved=True (hfrl rotates halves, as HF Llama does)")
-    need(cfg.normalization == "RMSNorm", f"normalization={cfg.normalization!r} (hfrl uses 'RMSNorm')")
-    need(not cfg.layernorm_zero_centered_gamma, "layernorm_zero_centered_gamma=True")
-    need(cfg.gated_linear_unit and cfg.activation_func is F.silu,
-         "the MLP is not SwiGLU (needs gated_linear_unit=True, activation_func=F.silu)")
-    need(not cfg.qk_layernorm, "qk_layernorm=True")
-    need(not cfg.multi_latent_attention, "multi_latent_attention=True")
-    need(not cfg.num_moe_experts, f"num_moe_experts={cfg.num_moe_experts} (hfrl has no MoE layers)")
-    need(not getattr(cfg, "mtp_num_layers", None), f"mtp_num_layers={getattr(cfg, 'mtp_num_layers', None)}")
-    need(not cfg.apply_residual_connection_post_layernorm, "apply_residual_connection_post_layernorm=True")
     need(cfg.softmax_scale is None or math.isclose(cfg.softmax_scale, cfg.kv_channels ** -0.5),
-         f"softmax_scale={cfg.softmax_scale} (hfrl scales by 1/sqrt(head_dim))")
-    for key in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage", "pipeline_model_parallel_layout"):
-        need(getattr(cfg, key, None) is None, f"{key}={getattr(cfg, key, None)} (hfrl splits layers evenly)")
-    for key in ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
-        need(not getattr(cfg, key, False), f"{key}=True (hfrl splits layers evenly)")
+         f"softmax_scale={cfg.softmax_scale} (hfrl scales by 1/sqrt(head_dim): None)")
     pp = cfg.pipeline_model_parallel_size
     need(cfg.num_layers % pp == 0, f"num_layers={cfg.num_layers} is not a multiple of pipeline parallel {pp}")
     meg_vocab = model.vocab_size
@@ -116,16 +197,26 @@ def hfrl_model_config(model: Any, vocab_size: int | None = None, **token_ids: in
     model_type = "qwen2" if qkv_bias and not linear_bias else "llama"
     need(model_type != "qwen2" or head_dim * num_heads == cfg.hidden_size,
          "add_qkv_bias without add_bias_linear (Qwen2) needs kv_channels * num_attention_heads == hidden_size")
+    sliding_window, layer_types = _window(cfg, cfg.num_layers, problems)
+    if sliding_window is not None:
+        if model_type == "llama" and not qkv_bias and all(t == "sliding_attention" for t in layer_types):
+            model_type = "mistral"   # config.json keeps a window only for Mistral and Qwen2
+        elif model_type != "qwen2":
+            problems.append(f"window_size={tuple(cfg.window_size)} with window_attn_skip_freq="
+                            f"{cfg.window_attn_skip_freq} and add_bias_linear={cfg.add_bias_linear}: hfrl's model "
+                            "folder can hold a window on every layer without biases (Mistral) or with q/k/v "
+                            "biases only (Qwen2); use window_size=None or one of those")
     if problems:
         raise ValueError("this megatron-core GPTModel has features hfrl's decoder does not: "
-                         + "; ".join(problems) + ". Build the model Llama-style (RMSNorm, SwiGLU, RoPE) to embed hfrl")
+                         + "; ".join(problems) + f". To embed hfrl, {FIX}")
     return ModelConfig(
         model_type=model_type, vocab_size=vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.ffn_hidden_size, num_layers=cfg.num_layers, num_heads=num_heads,
         num_kv_heads=cfg.num_query_groups or num_heads, head_dim=head_dim, rms_norm_eps=cfg.layernorm_epsilon,
         rope_theta=float(model.rotary_base), max_position_embeddings=model.max_sequence_length,
         tie_word_embeddings=bool(model.share_embeddings_and_output_weights), attention_bias=qkv_bias,
-        o_proj_bias=linear_bias, mlp_bias=linear_bias, pad_token_id=token_ids.get("pad_token_id"))
+        o_proj_bias=linear_bias, mlp_bias=linear_bias, sliding_window=sliding_window, layer_types=layer_types,
+        pad_token_id=token_ids.get("pad_token_id"))
 
 
 def stage_model(config: ModelConfig, layer_range: tuple[int, int], tp_group: Any, *, device: Any = "meta",
@@ -245,16 +336,23 @@ def megatron_to_hfrl(megatron_state: Mapping[str, torch.Tensor], config: ModelCo
     tp = tp_world_size(tp_group)
     plan, shapes = _plan(config, layer_range, tp_group)
     weights = {k: v for k, v in megatron_state.items() if not k.endswith(IGNORED_SUFFIXES)}
-    out, used = {}, set()
+    # The names first, before the vocab rows' collective: a stage-dependent mismatch raises here on its own.
+    names = {spec.name: megatron_name(spec.name, weights) for spec in plan if not _tied_here(config, spec, plan)}
+    missing = {ours: theirs for ours, theirs in names.items() if theirs not in weights}
+    if missing:
+        ours, theirs = next(iter(missing.items()))
+        raise ValueError(f"the Megatron state dict has no {theirs!r} (for hfrl's {ours}; {len(missing)} missing); "
+                         f"its weights: {sorted(weights)[:8]}...")
+    unused = sorted(set(weights) - set(names.values()))
+    if unused:
+        raise ValueError(f"Megatron weights {unused[:6]} have no place in hfrl's decoder (MEGATRON_NAMES); "
+                         "converting would drop them")
+    out = {}
     for spec in plan:
         if _tied_here(config, spec, plan):
             out[spec.name] = out["embed_tokens.weight"]
             continue
-        name = megatron_name(spec.name, weights)
-        if name not in weights:
-            raise ValueError(f"the Megatron state dict has no {name!r} (for hfrl's {spec.name}); its weights: "
-                             f"{sorted(weights)[:8]}...")
-        used.add(name)
+        name = names[spec.name]
         local = weights[name].detach()
         kind = relation(spec)
         if kind == "qkv":
@@ -268,10 +366,6 @@ def megatron_to_hfrl(megatron_state: Mapping[str, torch.Tensor], config: ModelCo
             raise ValueError(f"Megatron's {name} has local shape {tuple(weights[name].shape)}, which does not give "
                              f"hfrl's {spec.name} of shape {shapes[spec.name]} (tp={tp}, layers {layer_range})")
         out[spec.name] = local
-    unused = sorted(set(weights) - used)
-    if unused:
-        raise ValueError(f"Megatron weights {unused[:6]} have no place in hfrl's decoder (MEGATRON_NAMES); "
-                         "converting would drop them")
     return out
 
 

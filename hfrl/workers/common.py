@@ -118,11 +118,33 @@ class MetricSums:
 
 
 MODEL_SOURCES: dict[str, Callable] = {}
-"""Models handed over in memory instead of read from a checkpoint, by the absolute path of the
+"""Models handed over in memory instead of read from a checkpoint, by ``model_source_key`` of the
 folder a role's `engine.model_path` names (which then needs only config.json). Process-local: a
 program that already holds the weights (a Megatron job, hfrl.integrations.megatron) registers a
-source on every rank before hfrl.run. `source(ctx, engine_cfg)` returns this rank's shard as a
-new model on each call (the actor and the reference must not share parameters)."""
+source on every rank before hfrl.run (``model_source``). `source(ctx, engine_cfg)` returns this rank's
+shard as a new model on each call (the actor and the reference must not share parameters)."""
+
+
+def model_source_key(path: str | os.PathLike) -> str:
+    """The one spelling of a model folder that registration and lookup share: the real path (absolute,
+    ``..`` and symlinks resolved), so ``run/../x``, ``./x`` and a link to x name the same source."""
+    return os.path.realpath(os.fspath(path))
+
+
+@contextmanager
+def model_source(path: str | os.PathLike, source: Callable) -> Iterator[None]:
+    """``source`` registered in MODEL_SOURCES for the folder ``path`` inside this block."""
+    key = model_source_key(path)
+    MODEL_SOURCES[key] = source
+    try:
+        yield
+    finally:
+        MODEL_SOURCES.pop(key, None)
+
+
+def lookup_model_source(path: str | os.PathLike | None) -> Callable | None:
+    """The source registered for the folder ``path`` (None when none is, or ``path`` is empty)."""
+    return MODEL_SOURCES.get(model_source_key(path)) if path else None
 
 
 class EngineWorker(Worker):
@@ -131,7 +153,7 @@ class EngineWorker(Worker):
     def build_engine(self, engine_cfg):
         from hfrl.engine import TrainEngine
 
-        source = MODEL_SOURCES.get(os.path.abspath(engine_cfg.model_path)) if engine_cfg.model_path else None
+        source = lookup_model_source(engine_cfg.model_path)
         model = source(self.ctx, engine_cfg) if source is not None else None
         self.engine = TrainEngine(engine_cfg, self.ctx.groups, model=model)   # CUDA under NCCL, else the CPU
         return self.engine

@@ -77,6 +77,26 @@ def _refuse_case(init_kwargs, overrides, run_dir):
         mps.destroy_model_parallel()
 
 
+def _stage_dependent_failure(run_dir):
+    """train() on pp2 where every stage was built with pre_process=True (a user error): stage 1 holds an
+    embedding hfrl's stage 1 has no place for, stage 0 converts fine. Every rank must raise, before hfrl.run."""
+    from megatron.core import parallel_state as mps
+
+    from hfrl.config import load_config
+    from hfrl.integrations.megatron import layout_overrides, train
+
+    mps.initialize_model_parallel(pipeline_model_parallel_size=2)
+    try:
+        config = load_config(None, ["data.task=max_digit", f"trainer.run_dir={run_dir}", "data.max_prompt_length=32",
+                                    "rollout.max_new_tokens=16", *layout_overrides()])
+        train(build_gpt(1, 2, pre_process=True), config)
+        return None
+    except ValueError as err:
+        return str(err)
+    finally:
+        mps.destroy_model_parallel()
+
+
 def _refuse_architecture():
     """A GPTModel with LayerNorm, qk-norm, a plain GeLU MLP and learned positions: all named at once."""
     import torch
@@ -109,9 +129,11 @@ WEIGHT_CASES = {"tp2": dict(tp=2, pp=1, tied=False), "tp2_tied": dict(tp=2, pp=1
                 "tp2xpp2": dict(tp=2, pp=2, tied=False)}
 
 
-def build_gpt(tp: int, pp: int, tied: bool = False):
-    """A 2-layer Llama-style GPTModel (GQA 4 heads / 2 groups) on this rank, every weight random (norms
-    too); replicated tensors alike on the TP ranks, as Megatron keeps them."""
+def build_gpt(tp: int, pp: int, tied: bool = False, pre_process: bool | None = None):
+    """A 2-layer Llama-style GPTModel (GQA 8 heads / 4 query groups: at tp2 each rank holds 2 groups of 2
+    query heads, so the QKV regrouping is no identity) on this rank, every weight random (norms too);
+    replicated tensors alike on the TP ranks, as Megatron keeps them. ``pre_process``: default the first
+    stage's."""
     import zlib
 
     import torch
@@ -121,7 +143,7 @@ def build_gpt(tp: int, pp: int, tied: bool = False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+    cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4,
                             ffn_hidden_size=48, use_cpu_initialization=True, params_dtype=torch.float32,
                             normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False,
                             activation_func=F.silu, hidden_dropout=0.0, attention_dropout=0.0,
@@ -129,7 +151,8 @@ def build_gpt(tp: int, pp: int, tied: bool = False):
                             pipeline_dtype=torch.float32)
     model = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=MEGATRON_VOCAB,
                      max_sequence_length=64, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=tied, pre_process=mps.is_pipeline_first_stage(),
+                     share_embeddings_and_output_weights=tied,
+                     pre_process=mps.is_pipeline_first_stage() if pre_process is None else pre_process,
                      post_process=mps.is_pipeline_last_stage())
     tp_rank = mps.get_tensor_model_parallel_rank()
     with torch.no_grad():
@@ -224,6 +247,7 @@ def four_rank_body(rank, world_size, run_dir):
     adopted = {name: _adopt_case(rank, *case) for name, case in ADOPT_CASES.items()}
     refused = {name: _refuse_case(*case, run_dir) for name, case in REFUSE_CASES.items()}
     refused["architecture"] = _refuse_architecture()
+    refused["stage_dependent"] = _stage_dependent_failure(run_dir)
     weights = {name: _weights_case(rank, **case) for name, case in WEIGHT_CASES.items()}
     return adopted, refused, weights
 
@@ -263,8 +287,9 @@ def test_generation_groups_derived_from_adopted_ones(four_ranks):
     ("context_parallel", ["context_parallel_size=2", "context_parallel_size=1"]),
     ("rank_order", ["Megatron's pp groups [[0, 1], [2, 3]]", "hfrl's [[0, 2], [1, 3]]", "'tp-cp-ep-dp-pp'"]),
     ("config_layout", ["roles.actor.tp=1 but the Megatron job has tp=2", "set roles.actor.tp=2"]),
-    ("architecture", ["position_embedding_type='learned_absolute'", "normalization='LayerNorm'",
-                      "the MLP is not SwiGLU", "qk_layernorm=True"]),
+    ("architecture", ["position_embedding_type='learned_absolute'", "normalization='LayerNorm' (hfrl needs 'RMSNorm')",
+                      "gated_linear_unit=False (hfrl needs True)", "activation_func=gelu (hfrl needs silu)",
+                      "qk_layernorm=True (hfrl needs False)"]),
 ])
 def test_refused_on_every_rank(four_ranks, case, words):
     for rank, (_, refused, _) in enumerate(four_ranks):
@@ -272,6 +297,18 @@ def test_refused_on_every_rank(four_ranks, case, words):
         assert message is not None, f"{case} was accepted on rank {rank}"
         for word in words:
             assert word in message, (rank, message)
+
+
+def test_stage_dependent_conversion_error_stops_every_rank(four_ranks):
+    # pp2 x dp2: ranks 2, 3 hold stage 1, whose stray embedding fails the conversion; ranks 0, 1 would
+    # otherwise go on into hfrl.run's group creation and wait there for ever.
+    for rank, (_, refused, _) in enumerate(four_ranks):
+        message = refused["stage_dependent"]
+        assert message is not None, f"rank {rank} went on past a failed conversion"
+        if rank in (2, 3):
+            assert "embedding.word_embeddings.weight" in message and "no place in hfrl's decoder" in message
+        else:
+            assert "failed on ranks 2, 3" in message, message
 
 
 @pytest.mark.parametrize("case", sorted(WEIGHT_CASES))
