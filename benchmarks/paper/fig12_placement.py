@@ -11,7 +11,9 @@ and the placement's line uses that one ("auto" is the overall best).
 Measured (CPU scale, PPO, `hfrl train` on 4 ranks; common.py's models and batch; four ranks time-share
 the two cores, and the profile the search uses says so: DeviceProfile.oversubscribed): one run per
 placement (placement.mode custom, mapping_to_config), the mean throughput over the iterations after
-the first.
+the first. Each line's `predicted_iteration_s` is the simulator's for that mapping with the cores
+time-shared among the ranks busy at each moment (`simulate(..., cores=2)`), which, unlike the
+uniform oversubscribed profile, lets a waiting rank leave its core to the others.
 
 Simulated (paper scale, A100-80GB, the paper's workload): predicted tokens/s of each placement for
 PPO with 7B actor, reference, critic and reward on 16-64 GPUs, and with a 13B actor and reference and
@@ -70,7 +72,8 @@ def measured(results: Results, profile, folder: Path, steps: int) -> None:
             continue
         out.pop("placement", None)
         results.emit(kind="measured", placement=name, mapping=mapping.describe(), note=note,
-                     predicted_iteration_s=simulate(workload, mapping, device).total_s, **out)
+                     predicted_iteration_s=simulate(workload, mapping, profile, cores=profile.devices_per_node).total_s,
+                     **out)
 
 
 def simulated(results: Results, cases) -> None:
