@@ -57,7 +57,7 @@ PROBE_REPS = 15
 
 
 def calibrate(seconds: float = 2.0, devices_per_node: int | None = None, threads: int | None = None,
-              overheads: bool = True) -> DeviceProfile:
+              overheads: bool = True, reps: int = PROBE_REPS) -> DeviceProfile:
     """Measure this machine into a profile named "this-machine" (`seconds` + ~10-20 s).
 
     - peak_flops: best fp32 `torch.mm` rate (1024^3) at `threads` threads;
@@ -68,7 +68,7 @@ def calibrate(seconds: float = 2.0, devices_per_node: int | None = None, threads
     - collective_latency_s: a 4-byte all-reduce; call_overhead_s: a no-op DP_COMPUTE call of hfrl's
       controller on the same 2 processes (a 2-row batch out and back);
     - the pass, layer, decode and optimizer overheads: the probes of the module docstring
-      (`overheads=False` leaves them 0);
+      (`overheads=False` leaves them 0; `reps` repetitions each, fewer for a quicker, noisier profile);
     - inter_node_bandwidth = intra (one node); devices_per_node = os.cpu_count() // threads unless
       given; memory_bytes = physical memory / devices_per_node (ranks share it);
     - efficiencies 1.0: these are measured roofs, not datasheet peaks.
@@ -88,7 +88,7 @@ def calibrate(seconds: float = 2.0, devices_per_node: int | None = None, threads
     with tempfile.TemporaryDirectory(prefix="hfrl-calibrate-") as tmp:
         probes = _write_probes(tmp) if overheads else {}
         specs = {d: ModelSpec.from_hf_config(path) for d, path in probes.items()}
-        result = _measure_two_ranks(threads, probes)
+        result = _measure_two_ranks(threads, probes, reps)
     link, latency, call = result["bandwidth"], result["latency"], result["call"]
     fixed = fit_overheads({int(d): m for d, m in result["probes"].items()}, specs, peak, bandwidth,
                           solo={int(d): m for d, m in result["solo"].items()}) if overheads else {}
@@ -266,18 +266,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _measure_two_ranks(threads: int, probes: dict[int, str]) -> dict:
+def _measure_two_ranks(threads: int, probes: dict[int, str], reps: int = PROBE_REPS) -> dict:
     """Rank 0's results of `_two_rank_worker` on 2 spawned local gloo ranks."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "two_ranks.json")
-        mp.spawn(_two_rank_worker, args=(2, _free_port(), out, threads, probes), nprocs=2, join=True)
+        mp.spawn(_two_rank_worker, args=(2, _free_port(), out, threads, probes, reps), nprocs=2, join=True)
         with open(out) as f:
             return json.load(f)
 
 
-def _two_rank_worker(rank: int, world: int, port: int, out: str, threads: int, probes: dict[int, str]) -> None:
+def _two_rank_worker(rank: int, world: int, port: int, out: str, threads: int, probes: dict[int, str],
+                     reps: int = PROBE_REPS) -> None:
     """One of 2 ranks measuring, all at once as `hfrl train`'s ranks run: the gloo links (per-device
     ring bandwidth, latency of a 4-byte all-reduce), a controller call, and the probes (data
     parallel over both ranks). Rank 0 writes the result."""
@@ -301,9 +302,9 @@ def _two_rank_worker(rank: int, world: int, port: int, out: str, threads: int, p
         bw_ar = 2 * ring * _COLLECTIVE_BYTES / max(t_ar - latency, 1e-9)
         bw_ag = ring * _COLLECTIVE_BYTES / max(t_ag - latency, 1e-9)
         groups = build_groups("probe", ParallelDims(dp=world), tuple(range(world)), rank, GroupCache())
-        solo = _probe_times(probes, None, train_only=True) if probes and rank == 0 else {}
+        solo = _probe_times(probes, None, reps, train_only=True) if probes and rank == 0 else {}
         dist.barrier()   # the other rank waits: rank 0's solo steps run alone
-        measured = _probe_times(probes, groups) if probes else {}
+        measured = _probe_times(probes, groups, reps) if probes else {}
         call = _controller_call_time()
         if rank == 0:
             with open(out, "w") as f:

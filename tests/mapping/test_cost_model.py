@@ -240,8 +240,10 @@ def test_layout_enumeration():
 def test_calibrate_this_machine(tmp_path):
     from hfrl.mapping.calibration import calibrate
 
-    profile = calibrate(0.3)
+    profile = calibrate(0.3, reps=2)
     assert profile.name == "this-machine" and profile.devices_per_node == (os.cpu_count() or 1)
+    assert profile.call_overhead_s > 0 and profile.decode_step_overhead_s + profile.decode_layer_overhead_s > 0
+    assert profile.layer_overhead_s + profile.pass_overhead_s > 0
     assert profile.peak_flops > 1e8 and profile.mem_bandwidth > 1e8 and profile.intra_node_bandwidth > 1e6
     save_profile(profile, str(tmp_path / "p.json"))
     assert get_profile(str(tmp_path / "p.json")) == profile
