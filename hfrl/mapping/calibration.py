@@ -58,15 +58,15 @@ PROBE_REPS = 15
 
 def calibrate(seconds: float = 2.0, devices_per_node: int | None = None, threads: int | None = None,
               overheads: bool = True, reps: int = PROBE_REPS) -> DeviceProfile:
-    """Measure this machine into a profile named "this-machine" (`seconds` + ~10-20 s).
+    """Measure this machine into a profile named "this-machine" (`seconds` + ~20-40 s).
 
     - peak_flops: best fp32 `torch.mm` rate (1024^3) at `threads` threads;
     - mem_bandwidth: best large-tensor copy rate (bytes read + written per second);
     - intra_node_bandwidth: gloo all-reduce (64 MiB) and all-gather (64 MiB out) between 2 local
       processes, as the per-device ring bandwidth the cost model divides by (all-reduce moves
       2(n-1)/n of the bytes per rank, all-gather (n-1)/n of the output); the mean of the two;
-    - collective_latency_s: a 4-byte all-reduce; call_overhead_s: a no-op DP_COMPUTE call of hfrl's
-      controller on the same 2 processes (a 2-row batch out and back);
+    - collective_latency_s: a 4-byte all-reduce; call_overhead_s: half a producer/consumer pair of
+      DP_COMPUTE calls of hfrl's controller on the same 2 processes, carrying a stage's columns;
     - the pass, layer, decode and optimizer overheads: the probes of the module docstring
       (`overheads=False` leaves them 0; `reps` repetitions each, fewer for a quicker, noisier profile);
     - inter_node_bandwidth = intra (one node); devices_per_node = os.cpu_count() // threads unless
@@ -76,6 +76,8 @@ def calibrate(seconds: float = 2.0, devices_per_node: int | None = None, threads
     threads = int(threads or os.environ.get("OMP_NUM_THREADS") or 1)
     if threads < 1:
         raise ValueError(f"threads={threads}: must be >= 1")
+    if not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps={reps!r}: must be a positive number of repetitions")
     dpn = devices_per_node or max((os.cpu_count() or 1) // threads, 1)
     budget = max(float(seconds), 0.2)
     previous = torch.get_num_threads()
