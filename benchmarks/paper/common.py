@@ -89,6 +89,12 @@ class Results:
     def png(self) -> Path:
         return self.out / f"{self.name}.png"
 
+    def save_figure(self, fig) -> None:
+        """Lay out `fig`, write it to `png()` and close it."""
+        fig.tight_layout()
+        fig.savefig(self.png(), dpi=100)
+        pyplot().close(fig)
+
     def close(self) -> None:
         self._file.close()
 

@@ -113,9 +113,7 @@ def draw(results: Results) -> None:
     right.set_ylabel("hfrl speedup (predicted)")
     right.set_title("paper scale, simulated (A100-80GB, 1024 x (1024 + 1024) tokens)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(results.png(), dpi=100)
-    plt.close(fig)
+    results.save_figure(fig)
 
 
 def main() -> None:

@@ -113,9 +113,7 @@ def draw(results: Results) -> None:
     right.set_ylabel("tokens/s (predicted)")
     right.set_title("paper scale, simulated: PPO (A100-80GB)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(results.png(), dpi=100)
-    plt.close(fig)
+    results.save_figure(fig)
 
 
 def main() -> None:

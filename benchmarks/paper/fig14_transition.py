@@ -166,9 +166,7 @@ def draw(results: Results) -> None:
         side.legend(fontsize=8)
     left.set_title(f"measured: {RANKS} ranks, pp1 tp4 -> tg2 (gloo)")
     right.set_title("simulated: A100-80GB, layouts of the module docstring")
-    fig.tight_layout()
-    fig.savefig(results.png(), dpi=100)
-    plt.close(fig)
+    results.save_figure(fig)
 
 
 def main() -> None:

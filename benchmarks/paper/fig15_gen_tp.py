@@ -156,9 +156,7 @@ def draw(results: Results) -> None:
     right.set_ylabel("seconds (predicted)")
     right.set_title("simulated: A100-80GB, training tp 8")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(results.png(), dpi=100)
-    plt.close(fig)
+    results.save_figure(fig)
 
 
 def main() -> None:

@@ -67,9 +67,7 @@ def draw(results: Results) -> None:
     right.set_xticks(range(len(rows)), [f"{r['algorithm']}\n{r['model']} x{r['devices']}" for r in rows], fontsize=7)
     right.set_ylabel("search time (s, this machine)")
     right.set_title("model size and GPUs scaled together")
-    fig.tight_layout()
-    fig.savefig(results.png(), dpi=100)
-    plt.close(fig)
+    results.save_figure(fig)
 
 
 def main() -> None:

@@ -130,9 +130,7 @@ def draw(results: Results) -> None:
     right.axhline(1.0, color="grey", lw=0.8)
     right.set_ylabel("strong-scaling efficiency")
     right.set_title("simulated: hfrl's mapping, A100-80GB")
-    fig.tight_layout()
-    fig.savefig(results.png(), dpi=100)
-    plt.close(fig)
+    results.save_figure(fig)
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ interleave every measurement, so a slow spell of the machine hits them alike.
 
 Ranks of `hfrl train` on a CPU run one thread each (torchrun's default OMP_NUM_THREADS=1), so the
 measurement runs at `threads` (default: OMP_NUM_THREADS, else 1) and the profile counts one device
-per core; `DeviceProfile.oversubscribed` covers runs with more ranks than cores.
+per core; for runs with more ranks than cores, `simulate(..., cores=)` time-shares the cores among
+the busy ranks (`DeviceProfile.oversubscribed` divides them evenly all the time).
 """
 from __future__ import annotations
 
