@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from hfrl.models.llama import CausalLM
+from hfrl.rollout.decode import DecodeForward
 from hfrl.rollout.kv_cache import CacheShape, DecodeAttention, PagedKVCache, PrefillAttention, free_device_bytes
 from hfrl.rollout.sampling import (
     GREEDY_BELOW, SamplingFlags, SamplingParams, as_int, as_real, sample, spread_seeds, token_log_probs,
@@ -146,6 +147,7 @@ class RolloutEngine:
         self.kv_cache_fraction = float(kv_cache_fraction)
         self.max_blocks_per_seq = math.ceil(self.max_model_len / block_size)
         self.cache: PagedKVCache | None = None
+        self._decode_forward = DecodeForward(model, self.max_model_len)
         # NCCL groups take CUDA tensors only; gloo takes host tensors
         self._comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
 
@@ -323,7 +325,10 @@ class RolloutEngine:
         if local_logits is not None:
             logits = local_logits(hidden).contiguous()  # (N, V_local)
         else:
-            logits = torch.mm(head.weight, hidden.t()).t().contiguous()  # (N, V_local), row-major
+            rows = hidden
+            if hidden.shape[0] == 1 and hidden.device.type == "cpu":  # a 1-column product is MKL's GEMV, which
+                rows = hidden.expand(2, -1)  # streamed the head at half the rate of a 2-column GEMM (measured)
+            logits = torch.mm(head.weight, rows.t())[:, :hidden.shape[0]].t().contiguous()  # (N, V_local)
         if self.tp > 1:
             from hfrl.distributed.tensor_parallel import gather_vocab_logits
 
@@ -526,8 +531,7 @@ class _Run:
         width = int(self.nblk.max())
         backend = DecodeAttention(self.cache, slots.to(device), self.tables[:, :width].to(device, torch.int32),
                                   (pos + 1).to(device, torch.int32))
-        hidden = engine.model(self.nxt[None].to(device), position_ids=pos[None].to(device), attention=backend,
-                              return_hidden=True)[0]  # (R, H)
+        hidden = engine._decode_forward(self.nxt.to(device), pos.to(device), backend)  # (R, H)
         self.ctx = pos + 1
         self._sample_and_record(engine._logits(hidden), self.rid)
         self.nxt = self.out_tokens[self.rid, self.gen_len[self.rid] - 1]

@@ -167,14 +167,19 @@ class DecodeAttention(AttentionBackend):
         self._plans: dict[int | None, DecodePlan] = {}  # one per sliding window, shared by the layers
 
     def attend(self, layer_idx, q, k, v, sliding_window):
-        self.cache.write(layer_idx, self.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+        out = self.attend_rows(layer_idx, q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                               sliding_window)  # (N, nh, hd)
+        return out.transpose(0, 1)[None]  # (1, nh, N, hd)
+
+    def attend_rows(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    sliding_window: int | None) -> torch.Tensor:
+        """``attend`` with one row per sequence: q (N, nh, hd), k and v (N, nkv, hd) -> (N, nh, hd)."""
+        self.cache.write(layer_idx, self.slots, k, v)
         plan = None
         if not use_triton(q):
             plan = self._plans.get(sliding_window)
             if plan is None:
                 plan = self._plans[sliding_window] = plan_decode(self.block_tables, self.seq_lens,
                                                                  self.cache.block_size, sliding_window)
-        out = decode_attention(q[0].transpose(0, 1), self.cache.k[layer_idx], self.cache.v[layer_idx],
-                               self.block_tables, self.seq_lens, sliding_window=sliding_window,
-                               plan=plan)  # (N, nh, hd)
-        return out.transpose(0, 1)[None]  # (1, nh, N, hd)
+        return decode_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], self.block_tables,
+                                self.seq_lens, sliding_window=sliding_window, plan=plan)
