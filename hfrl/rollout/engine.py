@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from hfrl.models.llama import CausalLM
-from hfrl.rollout.decode import DecodeForward
+from hfrl.rollout.decode import DecodeForward, PackedLinear
 from hfrl.rollout.kv_cache import CacheShape, DecodeAttention, PagedKVCache, PrefillAttention, free_device_bytes
 from hfrl.rollout.sampling import (
     GREEDY_BELOW, SamplingFlags, SamplingParams, as_int, as_real, sample, spread_seeds, token_log_probs,
@@ -148,6 +148,7 @@ class RolloutEngine:
         self.max_blocks_per_seq = math.ceil(self.max_model_len / block_size)
         self.cache: PagedKVCache | None = None
         self._decode_forward = DecodeForward(model, self.max_model_len)
+        self._packed_head: PackedLinear | None = None
         # NCCL groups take CUDA tensors only; gloo takes host tensors
         self._comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
 
@@ -292,6 +293,9 @@ class RolloutEngine:
         self._check_fits(cache, requests)
         seeds = self._base_seeds(requests)
         try:
+            # the head's weight in oneDNN's layout for this call (its values change between calls)
+            self._packed_head = (PackedLinear.of(self.model.lm_head.weight)
+                                 if getattr(self.model.lm_head, "local_logits", None) is None else None)
             out = _Run(self, cache, requests, seeds).run()
             if cache.num_free != cache.num_blocks:  # an invariant: a leak would shrink every later call
                 raise RuntimeError(f"KV cache leak: {cache.num_blocks - cache.num_free} blocks still held after "
@@ -299,6 +303,7 @@ class RolloutEngine:
             return out
         finally:
             cache.reset()
+            self._packed_head = None
 
     def _base_seeds(self, requests) -> list[int]:
         """Each request's seed; unseeded ones draw from torch's generator on the TP group's first rank."""
@@ -314,8 +319,9 @@ class RolloutEngine:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, H) final hidden states -> (N, V) full-vocabulary fp32 logits on every TP rank.
 
-        The head's matmul is taken as W @ h^T: on CPU (MKL, fp32) that measured 1.3-3.4x faster than
-        F.linear's h @ W^T for a 32000 x 256 head at 2..64 rows.
+        On CPU in fp32 the head is the weight packed for oneDNN at the start of ``generate``
+        (``PackedLinear``); otherwise its matmul is W @ h^T, which on CPU (MKL, fp32) measured 1.3-3.4x
+        faster than F.linear's h @ W^T for a 32000 x 256 head at 2..64 rows.
         Padded vocabulary rows of a vocab-parallel head are cut off below, so their -inf mask is moot.
         """
         # Reads lm_head.weight directly (hfrl's own CausalLM/VocabParallelLMHead: no bias, no hooks); a head
@@ -324,6 +330,8 @@ class RolloutEngine:
         local_logits = getattr(head, "local_logits", None)
         if local_logits is not None:
             logits = local_logits(hidden).contiguous()  # (N, V_local)
+        elif self._packed_head is not None:
+            logits = self._packed_head(hidden)  # (N, V_local)
         else:
             rows = hidden
             if hidden.shape[0] == 1 and hidden.device.type == "cpu":  # a 1-column product is MKL's GEMV, which
