@@ -8,8 +8,9 @@ F.scaled_dot_product_attention with a length mask), medians; ``speedup`` = basel
 ``kv_bytes`` is the K and V the sequences own (sum of lengths x kv heads x head_dim x 2 x element
 size), ``gb_per_s`` / ``baseline_gb_per_s`` that over the time. Each timed call reads another
 layer's cache (layers rotate until they exceed the 32 MiB L3), as the engine's decode step does.
-``--chunks`` adds ``chunk_ms``: the PyTorch path at each forced chunk size (16 = one chunk per
-block, the "flattened" scheme; 512 = nearly one padded chunk per sequence).
+``chunk_sizes`` is the (full, tail) chunk lengths the PyTorch path picks (tail None: one length).
+``--chunks`` adds ``chunk_ms``: the PyTorch path at each forced single chunk size (16 = one chunk
+per block, the "flattened" scheme; 512 = nearly one padded chunk per sequence).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hfrl_kernels.decode_attention import choose_chunk_size, decode_attention_reference
+from hfrl_kernels.decode_attention import choose_chunk_sizes, decode_attention_reference
 
 CASES = [  # name, batch, num_heads, num_kv_heads, head_dim, block_size, (min_len, max_len)
     ("ragged64_gqa2", 64, 8, 4, 64, 16, (20, 400)),
@@ -103,7 +104,7 @@ def main() -> None:
                "speedup": round(baseline_ms / ms, 2), "kv_bytes": kv_bytes,
                "gb_per_s": round(kv_bytes / ms / 1e6, 2),
                "baseline_gb_per_s": round(kv_bytes / baseline_ms / 1e6, 2),
-               "chunk_size": choose_chunk_size(lens.long()), "max_abs_diff": err}
+               "chunk_sizes": choose_chunk_sizes(lens.long()), "max_abs_diff": err}
         if args.chunks:
             row["chunk_ms"] = {c: round(median_ms(lambda k, v: ours(k, v, c), caches, args.reps), 2)
                                for c in (16, 32, 64, 128, 256, 512)}

@@ -111,13 +111,21 @@ def _validate_lengths(seq_lens: torch.Tensor, capacity: int) -> None:
 # ---- PyTorch path (production on CPU) -------------------------------------------------------------
 
 CHUNK_SIZES = (32, 64, 128, 256, 512)
+TAIL_CHUNK_SIZES = (16, 32)
 CHUNK_OVERHEAD_TOKENS = 48
 """Cost of one chunk in the fused attention beyond its keys, in keys (calibrated with
 benchmarks/decode_attention.py: small chunks pay per-chunk overhead, large ones pad more)."""
+GROUP_OVERHEAD_TOKENS = 384
+"""Cost of a second group of chunks (one more fused call, and a merge), in keys."""
 
 
-def choose_chunk_size(spans: torch.Tensor) -> int:
-    """The chunk length minimising padded keys + per-chunk overhead over this batch's key spans.
+def choose_chunk_sizes(spans: torch.Tensor) -> tuple[int, int | None]:
+    """The chunk lengths (C, c) minimising padded keys + per-chunk overhead over this batch's key spans.
+
+    Every sequence's keys fill chunks of C; what is left over (its tail) goes either into one more,
+    padded, chunk of C or into chunks of c, whichever costs that sequence less. c None: one chunk
+    length for all. Two lengths pad less (a 150-key span costs 128 + 32 rather than 256 keys) for
+    the price of a second fused call.
 
     Measured with benchmarks/decode_attention.py --chunks (fp32, 2 threads, caches rotating past L3;
     ms per call for C = 16 / 32 / 64 / 128 / 256 / 512, then padded gather + SDPA):
@@ -125,6 +133,23 @@ def choose_chunk_size(spans: torch.Tensor) -> int:
     B=8, lengths 1800..2200: 17.8 / 13.3 / 9.7 / 8.4 / 8.0 / 7.6, SDPA 11.2. C=16 is the
     one-chunk-per-block "flattened" scheme: no padded work, but per-chunk overhead dominates.
     """
+    spans = spans.to(torch.int64)[None, :]  # (1, B)
+    pairs = [(c_big, None) for c_big in CHUNK_SIZES]
+    pairs += [(c_big, c) for c_big in CHUNK_SIZES for c in TAIL_CHUNK_SIZES if c < c_big]
+    big = torch.tensor([p[0] for p in pairs])[:, None]  # (P, 1)
+    small = torch.tensor([p[1] or 1 for p in pairs])[:, None]
+    one_level = torch.tensor([p[1] is None for p in pairs])[:, None]
+    full, tail = spans // big, spans % big
+    cost_big_tail = (tail > 0) * (big + CHUNK_OVERHEAD_TOKENS)
+    cost_small_tail = (tail + small - 1) // small * (small + CHUNK_OVERHEAD_TOKENS)
+    use_small = ~one_level & (cost_small_tail < cost_big_tail)
+    cost = full * (big + CHUNK_OVERHEAD_TOKENS) + torch.where(use_small, cost_small_tail, cost_big_tail)
+    total = cost.sum(dim=1) + GROUP_OVERHEAD_TOKENS * use_small.any(dim=1)
+    return pairs[int(total.argmin())]
+
+
+def choose_chunk_size(spans: torch.Tensor) -> int:
+    """The best single chunk length (``choose_chunk_sizes`` without tail chunks)."""
     spans = spans.to(torch.float64)
 
     def cost(c: int) -> float:
@@ -137,46 +162,78 @@ def choose_chunk_size(spans: torch.Tensor) -> int:
 class DecodePlan:
     """The chunking of one decode step's batch, shared by all its layers (PyTorch path).
 
-    seq (num_chunks,): each chunk's sequence; slots (num_chunks, chunk): flat cache indices of its
-    keys; valid (num_chunks, chunk): which of them are real keys.
+    The chunks come in groups of one length each (at most two: full chunks, then tail chunks).
+    Per group: ``chunks[i]`` its length, ``seqs[i]`` (n_i,) each chunk's sequence, ``valids[i]``
+    (n_i, chunk) which of its keys are real. ``slots`` (sum of n_i * chunk_i,): the flat cache
+    indices of every group's keys, group after group, so one gather serves all groups.
     """
 
-    def __init__(self, batch: int, block_size: int, sliding_window: int | None, chunk: int,
-                 seq: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor):
-        self.batch, self.block_size, self.sliding_window, self.chunk = batch, block_size, sliding_window, chunk
-        self.seq, self.slots, self.valid = seq, slots.reshape(-1), valid
-        self._bias: dict[torch.dtype, torch.Tensor] = {}
+    def __init__(self, batch: int, block_size: int, sliding_window: int | None,
+                 groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]):
+        self.batch, self.block_size, self.sliding_window = batch, block_size, sliding_window
+        groups = [g for g in groups if g[1].numel()]
+        self.chunks = [g[0] for g in groups]
+        self.seqs = [g[1] for g in groups]
+        self.valids = [g[3] for g in groups]
+        self.slots = torch.cat([g[2].reshape(-1) for g in groups])
+        self.seq = torch.cat(self.seqs)  # every chunk's sequence, in group order
+        self._bias: dict[torch.dtype, list[torch.Tensor]] = {}
 
     @property
     def num_chunks(self) -> int:
         return self.seq.numel()
 
-    def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """(num_chunks, 1, 1, chunk) additive mask: 0 for keys, -inf for padding."""
+    @property
+    def one_per_sequence(self) -> bool:
+        """Chunk b is sequence b's only chunk (one group, a chunk per sequence)."""
+        return len(self.chunks) == 1 and self.num_chunks == self.batch
+
+    @property
+    def chunk(self) -> int:
+        """The (first) group's chunk length."""
+        return self.chunks[0]
+
+    def bias(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Per group, (n_i, 1, 1, chunk_i) additive masks: 0 for keys, -inf for padding."""
         if dtype not in self._bias:
-            bias = torch.zeros(self.num_chunks, 1, 1, self.chunk, dtype=dtype, device=self.valid.device)
-            self._bias[dtype] = bias.masked_fill_(~self.valid[:, None, None, :], float("-inf"))
+            self._bias[dtype] = [
+                torch.zeros(valid.shape[0], 1, 1, valid.shape[1], dtype=dtype, device=valid.device)
+                .masked_fill_(~valid[:, None, None, :], float("-inf")) for valid in self.valids]
         return self._bias[dtype]
 
 
 def plan_decode(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
                 sliding_window: int | None = None, chunk_size: int | None = None) -> DecodePlan:
-    """Chunk every sequence's key range [start, seq_len) once for all layers of a decode step."""
+    """Chunk every sequence's key range [start, seq_len) once for all layers of a decode step.
+
+    chunk_size forces one chunk length for all keys; None picks ``choose_chunk_sizes``."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
     _validate_lengths(seq_lens, block_tables.shape[1] * block_size)
     lens = seq_lens.long()
     starts = (lens - sliding_window).clamp_min(0) if sliding_window else torch.zeros_like(lens)
-    chunk = chunk_size or choose_chunk_size(lens - starts)
-    seq, slots, valid = _chunk_slots(block_tables, starts, lens, block_size, chunk)
-    return DecodePlan(lens.numel(), block_size, sliding_window, chunk, seq, slots, valid)
+    spans = lens - starts
+    big, small = (chunk_size, None) if chunk_size else choose_chunk_sizes(spans)
+    full, tail = spans // big, spans % big
+    if small is None:
+        n_big, n_small = full + (tail > 0), torch.zeros_like(full)
+    else:
+        n_tail = (tail + small - 1) // small
+        use_small = n_tail * (small + CHUNK_OVERHEAD_TOKENS) < (tail > 0) * (big + CHUNK_OVERHEAD_TOKENS)
+        n_big = full + ((tail > 0) & ~use_small)
+        n_small = torch.where(use_small, n_tail, 0)
+    groups = [(big, *_chunk_slots(block_tables, starts, lens, block_size, big, n_big, starts))]
+    if small is not None:
+        groups.append((small, *_chunk_slots(block_tables, starts, lens, block_size, small, n_small,
+                                             starts + full * big)))
+    return DecodePlan(lens.numel(), block_size, sliding_window, groups)
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor, *,
                                scale: float | None = None, sliding_window: int | None = None,
                                chunk_size: int | None = None) -> torch.Tensor:
-    """``decode_attention`` in PyTorch (same arguments); chunk_size None picks ``choose_chunk_size``."""
+    """``decode_attention`` in PyTorch (same arguments); chunk_size None picks ``choose_chunk_sizes``."""
     _validate(q, k_cache, v_cache, block_tables, seq_lens, sliding_window, None)
     plan = plan_decode(block_tables, seq_lens, k_cache.shape[1], sliding_window, chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -187,32 +244,41 @@ def _reference(q, k_cache, v_cache, plan: DecodePlan, scale):
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    num_chunks, chunk, seq = plan.num_chunks, plan.chunk, plan.seq
-
-    def gather(cache):  # (num_chunks, num_kv_heads, chunk, head_dim), a strided view of one copy
-        tokens = cache.flatten(0, 1).index_select(0, plan.slots)
-        return tokens.view(num_chunks, chunk, num_kv_heads, head_dim).transpose(1, 2)
-
+    seq = plan.seq
+    # one gather per cache for all groups; group i is a strided (n_i, kv heads, chunk_i, hd) view of it
+    keys = k_cache.flatten(0, 1).index_select(0, plan.slots)
+    values = v_cache.flatten(0, 1).index_select(0, plan.slots)
     q_chunks = q.reshape(batch, num_kv_heads, group, head_dim)
-    if num_chunks != batch:
+    if not plan.one_per_sequence:
         q_chunks = q_chunks.index_select(0, seq)
-    out, lse = _chunk_attention(q_chunks, gather(k_cache), gather(v_cache), plan.bias(q.dtype), scale)
-    if num_chunks == batch:  # one chunk per sequence: nothing to merge
-        return out.to(q.dtype).reshape(batch, num_heads, head_dim)
+    outs, lses, key0, chunk0 = [], [], 0, 0
+    for chunk, bias in zip(plan.chunks, plan.bias(q.dtype)):
+        n = bias.shape[0]
+
+        def part(tokens):
+            return tokens[key0:key0 + n * chunk].view(n, chunk, num_kv_heads, head_dim).transpose(1, 2)
+
+        out, lse = _chunk_attention(q_chunks[chunk0:chunk0 + n], part(keys), part(values), bias, scale)
+        outs.append(out)
+        lses.append(lse)
+        key0, chunk0 = key0 + n * chunk, chunk0 + n
+    if plan.one_per_sequence:  # nothing to merge
+        return outs[0].to(q.dtype).reshape(batch, num_heads, head_dim)
+    out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
     return _merge_chunks(out, lse, seq, batch).to(q.dtype).reshape(batch, num_heads, head_dim)
 
 
-def _chunk_slots(block_tables, starts, lens, block_size: int, chunk: int):
-    """Chunks of every sequence's key range [start, len), flattened over the batch.
+def _chunk_slots(block_tables, starts, lens, block_size: int, chunk: int, counts, first_key):
+    """``counts[b]`` chunks of ``chunk`` keys for every sequence b, from key ``first_key[b]`` on,
+    flattened over the batch.
 
     Returns seq (num_chunks,): the owning sequence; slots (num_chunks, chunk): flat cache indices
     (block * block_size + offset); valid (num_chunks, chunk): which slots are real keys. Padding
     slots re-read the sequence's first key, so no slot outside the sequence is ever read.
     """
-    counts = (lens - starts + chunk - 1) // chunk
     seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), counts)
     first_chunk = torch.cumsum(counts, 0) - counts
-    chunk_start = starts[seq] + (torch.arange(seq.numel(), device=lens.device) - first_chunk[seq]) * chunk
+    chunk_start = first_key[seq] + (torch.arange(seq.numel(), device=lens.device) - first_chunk[seq]) * chunk
     pos = chunk_start[:, None] + torch.arange(chunk, device=lens.device)   # (num_chunks, chunk)
     valid = pos < lens[seq, None]
     pos = torch.where(valid, pos, starts[seq, None])
