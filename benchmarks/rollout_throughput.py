@@ -16,7 +16,9 @@ Cases (one JSON line each: case, tokens_per_s, baseline_tokens_per_s, speedup, p
 A ``decode_roof`` line sets hfrl's decode time against the memory roof: the time to read the
 weights once per decode step plus every sequence's KV cache once, at the bandwidth this machine
 measures for a large sum (the bound no decode step can beat on a memory-bound machine).
-Same thread count for both (torch's default unless ``--threads``). ``row_step_ratio`` is the
+Same thread count for both (torch's default unless ``--threads``). The ragged case times each engine
+``--repeats`` times, interleaved, and reports the medians (``speedup_each``: every pair's ratio);
+this machine's speed drifts by tens of percent between minutes. ``row_step_ratio`` is the
 gain continuous batching alone can bring at an equal cost per decoded row (transformers decodes
 every row until the longest one ends); a larger speedup needs a cheaper row or step.
 """
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -104,6 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small model and batch (smoke test)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cases", default="ragged,grpo")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved timed runs of each engine in the ragged case; medians are reported")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,9 +127,14 @@ def main(argv=None) -> int:
         stops, lengths = pick_stops([s.token_ids for s in free_run.samples], rng, low=min(8, max_new))
         greedy = SamplingParams(temperature=0, max_new_tokens=max_new, stop_token_ids=stops)
         engine.generate(prompts[:4], greedy)  # warm-up
-        out, t_hfrl = timed(lambda: engine.generate(prompts, greedy))
-        with torch.no_grad():
-            base, t_hf = timed(lambda: hf_generate(ref, prompts, max_new, set(stops), do_sample=False))
+        ours_s, theirs_s = [], []
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits both
+            out, t = timed(lambda: engine.generate(prompts, greedy))
+            ours_s.append(t)
+            with torch.no_grad():
+                base, t = timed(lambda: hf_generate(ref, prompts, max_new, set(stops), do_sample=False))
+            theirs_s.append(t)
+        t_hfrl, t_hf = statistics.median(ours_s), statistics.median(theirs_s)
         ours = [s.token_ids for s in out.samples]
         tokens = sum(map(len, ours))
         print(json.dumps(dict(
@@ -135,6 +145,7 @@ def main(argv=None) -> int:
             # transformers decodes every row until the longest finishes; hfrl only live rows. Their
             # ratio bounds what removing finished rows alone can gain at equal cost per row.
             row_step_ratio=len(ours) * max(map(len, ours)) / tokens, hfrl_s=t_hfrl, transformers_s=t_hf,
+            repeats=args.repeats, speedup_each=[round(b / a, 3) for a, b in zip(ours_s, theirs_s)],
             prefill_s=out.stats["time_prefill_s"], decode_s=out.stats["time_decode_s"],
             decode_steps=out.stats["decode_steps"], kv_peak_bytes=out.stats["kv_peak_bytes"])), flush=True)
         # Memory roof of the decode steps: weights (minus the embedding table, read by row) once per

@@ -164,7 +164,7 @@ def _scaled(logits: torch.Tensor, temperature: torch.Tensor, any_scaled: bool | 
 def token_log_probs(logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(tokens) (N,) fp32 under ``logits / temperature`` (raw logits where temperature is 0)."""
     scaled = _scaled(logits, temperature)
-    return scaled.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
+    return torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None]).squeeze(1)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -180,18 +180,30 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     if flags is None:
         flags = SamplingFlags.of(temperature, top_k, top_p, logits.shape[-1])
     scaled = _scaled(logits, temperature, flags.any_scaled)  # (N, V), contiguous
-    lse = torch.logsumexp(scaled, dim=-1)  # (N,)
+    # log_softmax, not x - logsumexp(x): on CPU it measured 2x faster than logsumexp alone (48 x 32000)
+    log_probs = torch.log_softmax(scaled, dim=-1)  # (N, V)
     if flags.all_greedy:
-        tokens = scaled.argmax(dim=-1)
+        tokens = argmax_rows(scaled)
     else:
         rows = (temperature >= GREEDY_BELOW).nonzero().squeeze(1) if flags.any_greedy else None
         pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        probs = (pick(scaled) - pick(lse)[:, None]).exp_()
+        probs = pick(log_probs).exp()
         if flags.max_top_k or flags.any_top_p:
             probs = _filter(probs, pick(top_k), pick(top_p), flags.max_top_k, flags.any_top_p)
         drawn = _inverse_cdf(probs, pick(seeds), pick(steps))
-        tokens = drawn if rows is None else scaled.argmax(dim=-1).index_copy_(0, rows, drawn)
-    return tokens, scaled.gather(1, tokens[:, None]).squeeze(1) - lse
+        tokens = drawn if rows is None else argmax_rows(scaled).index_copy_(0, rows, drawn)
+    return tokens, log_probs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of (N, V) as int64, the first maximum on ties. On the host through numpy,
+    whose argmax is vectorised: torch's CPU argmax measured 11x slower at 48 x 32000 (1.87 vs 0.16 ms)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+        try:
+            return torch.from_numpy(x.contiguous().numpy().argmax(axis=-1)).to(torch.int64)
+        except RuntimeError:  # torch without numpy support
+            pass
+    return x.argmax(dim=-1)
 
 
 def _inverse_cdf(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
