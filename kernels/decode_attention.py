@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from hfrl_kernels import triton_available, use_triton
@@ -119,13 +120,13 @@ GROUP_OVERHEAD_TOKENS = 384
 """Cost of a second group of chunks (one more fused call, and a merge), in keys."""
 
 
-def choose_chunk_sizes(spans: torch.Tensor) -> tuple[int, int | None]:
+def choose_chunk_sizes(spans) -> tuple[int, int | None]:
     """The chunk lengths (C, c) minimising padded keys + per-chunk overhead over this batch's key spans.
 
     Every sequence's keys fill chunks of C; what is left over (its tail) goes either into one more,
     padded, chunk of C or into chunks of c, whichever costs that sequence less. c None: one chunk
     length for all. Two lengths pad less (a 150-key span costs 128 + 32 rather than 256 keys) for
-    the price of a second fused call.
+    the price of a second fused call. ``spans``: (B,) key counts, a host tensor or array.
 
     Measured with benchmarks/decode_attention.py --chunks (fp32, 2 threads, caches rotating past L3;
     ms per call for C = 16 / 32 / 64 / 128 / 256 / 512, then padded gather + SDPA):
@@ -133,28 +134,28 @@ def choose_chunk_sizes(spans: torch.Tensor) -> tuple[int, int | None]:
     B=8, lengths 1800..2200: 17.8 / 13.3 / 9.7 / 8.4 / 8.0 / 7.6, SDPA 11.2. C=16 is the
     one-chunk-per-block "flattened" scheme: no padded work, but per-chunk overhead dominates.
     """
-    spans = spans.to(torch.int64)[None, :]  # (1, B)
-    pairs = [(c_big, None) for c_big in CHUNK_SIZES]
-    pairs += [(c_big, c) for c_big in CHUNK_SIZES for c in TAIL_CHUNK_SIZES if c < c_big]
-    big = torch.tensor([p[0] for p in pairs])[:, None]  # (P, 1)
-    small = torch.tensor([p[1] or 1 for p in pairs])[:, None]
-    one_level = torch.tensor([p[1] is None for p in pairs])[:, None]
+    spans = np.asarray(spans, dtype=np.int64)[None, :]  # (1, B)
+    big, small, one_level = _CANDIDATES
     full, tail = spans // big, spans % big
     cost_big_tail = (tail > 0) * (big + CHUNK_OVERHEAD_TOKENS)
     cost_small_tail = (tail + small - 1) // small * (small + CHUNK_OVERHEAD_TOKENS)
     use_small = ~one_level & (cost_small_tail < cost_big_tail)
-    cost = full * (big + CHUNK_OVERHEAD_TOKENS) + torch.where(use_small, cost_small_tail, cost_big_tail)
-    total = cost.sum(dim=1) + GROUP_OVERHEAD_TOKENS * use_small.any(dim=1)
-    return pairs[int(total.argmin())]
+    cost = full * (big + CHUNK_OVERHEAD_TOKENS) + np.where(use_small, cost_small_tail, cost_big_tail)
+    total = cost.sum(axis=1) + GROUP_OVERHEAD_TOKENS * use_small.any(axis=1)
+    return _PAIRS[int(total.argmin())]
 
 
-def choose_chunk_size(spans: torch.Tensor) -> int:
+_PAIRS = [(c, None) for c in CHUNK_SIZES] + [(c, t) for c in CHUNK_SIZES for t in TAIL_CHUNK_SIZES if t < c]
+_CANDIDATES = (np.array([p[0] for p in _PAIRS])[:, None], np.array([p[1] or 1 for p in _PAIRS])[:, None],
+               np.array([p[1] is None for p in _PAIRS])[:, None])  # (P, 1) each: C, c, no tail chunks
+
+
+def choose_chunk_size(spans) -> int:
     """The best single chunk length (``choose_chunk_sizes`` without tail chunks)."""
-    spans = spans.to(torch.float64)
+    spans = np.asarray(spans, dtype=np.float64)
 
     def cost(c: int) -> float:
-        chunks = torch.ceil(spans / c)
-        return float((chunks * (c + CHUNK_OVERHEAD_TOKENS)).sum())
+        return float((np.ceil(spans / c) * (c + CHUNK_OVERHEAD_TOKENS)).sum())
 
     return min(CHUNK_SIZES, key=cost)
 
@@ -163,21 +164,23 @@ class DecodePlan:
     """The chunking of one decode step's batch, shared by all its layers (PyTorch path).
 
     The chunks come in groups of one length each (at most two: full chunks, then tail chunks).
-    Per group: ``chunks[i]`` its length, ``seqs[i]`` (n_i,) each chunk's sequence, ``valids[i]``
-    (n_i, chunk) which of its keys are real. ``slots`` (sum of n_i * chunk_i,): the flat cache
-    indices of every group's keys, group after group, so one gather serves all groups.
+    ``chunks[i]`` is group i's length and ``biases[i]`` its (n_i, 1, 1, chunk_i) fp32 additive mask
+    (0 for keys, -inf for padding); ``seq`` (num_chunks,) every chunk's sequence, group after group;
+    ``slots`` (sum of n_i * chunk_i,) the flat cache indices of every group's keys in that order, so
+    one gather serves all groups. Planned on the host (numpy: a few microseconds an op, where this
+    many small torch ops took a millisecond a step), then moved to the cache's device.
     """
 
     def __init__(self, batch: int, block_size: int, sliding_window: int | None,
-                 groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]):
+                 groups: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], device: torch.device):
         self.batch, self.block_size, self.sliding_window = batch, block_size, sliding_window
-        groups = [g for g in groups if g[1].numel()]
+        groups = [g for g in groups if g[1].size]
         self.chunks = [g[0] for g in groups]
-        self.seqs = [g[1] for g in groups]
-        self.valids = [g[3] for g in groups]
-        self.slots = torch.cat([g[2].reshape(-1) for g in groups])
-        self.seq = torch.cat(self.seqs)  # every chunk's sequence, in group order
-        self._bias: dict[torch.dtype, list[torch.Tensor]] = {}
+        self.seq = torch.from_numpy(np.concatenate([g[1] for g in groups])).to(device)
+        self.slots = torch.from_numpy(np.concatenate([g[2].reshape(-1) for g in groups])).to(device)
+        self.biases = [torch.from_numpy(np.where(g[3], np.float32(0), np.float32(-np.inf))[:, None, None, :])
+                       .to(device) for g in groups]
+        self._bias: dict[torch.dtype, list[torch.Tensor]] = {torch.float32: self.biases}
 
     @property
     def num_chunks(self) -> int:
@@ -194,11 +197,9 @@ class DecodePlan:
         return self.chunks[0]
 
     def bias(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """Per group, (n_i, 1, 1, chunk_i) additive masks: 0 for keys, -inf for padding."""
+        """``biases`` in ``dtype``."""
         if dtype not in self._bias:
-            self._bias[dtype] = [
-                torch.zeros(valid.shape[0], 1, 1, valid.shape[1], dtype=dtype, device=valid.device)
-                .masked_fill_(~valid[:, None, None, :], float("-inf")) for valid in self.valids]
+            self._bias[dtype] = [b.to(dtype) for b in self.biases]
         return self._bias[dtype]
 
 
@@ -210,23 +211,23 @@ def plan_decode(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: 
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
     _validate_lengths(seq_lens, block_tables.shape[1] * block_size)
-    lens = seq_lens.long()
-    starts = (lens - sliding_window).clamp_min(0) if sliding_window else torch.zeros_like(lens)
+    tables = block_tables.cpu().numpy().astype(np.int64)
+    lens = seq_lens.cpu().numpy().astype(np.int64)
+    starts = np.maximum(lens - sliding_window, 0) if sliding_window else np.zeros_like(lens)
     spans = lens - starts
     big, small = (chunk_size, None) if chunk_size else choose_chunk_sizes(spans)
     full, tail = spans // big, spans % big
     if small is None:
-        n_big, n_small = full + (tail > 0), torch.zeros_like(full)
+        n_big, n_small = full + (tail > 0), np.zeros_like(full)
     else:
         n_tail = (tail + small - 1) // small
         use_small = n_tail * (small + CHUNK_OVERHEAD_TOKENS) < (tail > 0) * (big + CHUNK_OVERHEAD_TOKENS)
         n_big = full + ((tail > 0) & ~use_small)
-        n_small = torch.where(use_small, n_tail, 0)
-    groups = [(big, *_chunk_slots(block_tables, starts, lens, block_size, big, n_big, starts))]
+        n_small = np.where(use_small, n_tail, 0)
+    groups = [(big, *_chunk_slots(tables, starts, lens, block_size, big, n_big, starts))]
     if small is not None:
-        groups.append((small, *_chunk_slots(block_tables, starts, lens, block_size, small, n_small,
-                                             starts + full * big)))
-    return DecodePlan(lens.numel(), block_size, sliding_window, groups)
+        groups.append((small, *_chunk_slots(tables, starts, lens, block_size, small, n_small, starts + full * big)))
+    return DecodePlan(lens.size, block_size, sliding_window, groups, block_tables.device)
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -268,22 +269,22 @@ def _reference(q, k_cache, v_cache, plan: DecodePlan, scale):
     return _merge_chunks(out, lse, seq, batch).to(q.dtype).reshape(batch, num_heads, head_dim)
 
 
-def _chunk_slots(block_tables, starts, lens, block_size: int, chunk: int, counts, first_key):
+def _chunk_slots(tables: np.ndarray, starts: np.ndarray, lens: np.ndarray, block_size: int, chunk: int,
+                 counts: np.ndarray, first_key: np.ndarray):
     """``counts[b]`` chunks of ``chunk`` keys for every sequence b, from key ``first_key[b]`` on,
-    flattened over the batch.
+    flattened over the batch (host arrays).
 
     Returns seq (num_chunks,): the owning sequence; slots (num_chunks, chunk): flat cache indices
     (block * block_size + offset); valid (num_chunks, chunk): which slots are real keys. Padding
     slots re-read the sequence's first key, so no slot outside the sequence is ever read.
     """
-    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), counts)
-    first_chunk = torch.cumsum(counts, 0) - counts
-    chunk_start = first_key[seq] + (torch.arange(seq.numel(), device=lens.device) - first_chunk[seq]) * chunk
-    pos = chunk_start[:, None] + torch.arange(chunk, device=lens.device)   # (num_chunks, chunk)
+    seq = np.repeat(np.arange(lens.size), counts)
+    first_chunk = np.cumsum(counts) - counts
+    chunk_start = first_key[seq] + (np.arange(seq.size) - first_chunk[seq]) * chunk
+    pos = chunk_start[:, None] + np.arange(chunk)  # (num_chunks, chunk)
     valid = pos < lens[seq, None]
-    pos = torch.where(valid, pos, starts[seq, None])
-    blocks = block_tables[seq[:, None], pos // block_size].long()
-    return seq, blocks * block_size + pos % block_size, valid
+    pos = np.where(valid, pos, starts[seq, None])
+    return seq, tables[seq[:, None], pos // block_size] * block_size + pos % block_size, valid
 
 
 def _chunk_attention(q, k, v, bias, scale: float):
