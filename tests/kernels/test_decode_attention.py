@@ -182,3 +182,19 @@ def test_bad_input(changes, match):
     args, kwargs = _bad(**changes(args))
     with pytest.raises(ValueError, match=match):
         da.decode_attention(**args, **kwargs)
+
+
+def test_two_chunk_lengths_cover_every_key_once():
+    """A plan with full and tail chunks: every real key is in exactly one chunk of its sequence, and
+    the result equals the naive one, also when each sequence has one chunk but in either group."""
+    for lens in ([150] * 12 + [10, 300, 33, 128], [100] * 8 + [10] * 8):
+        case = make_cache(lens, 8, 2, 64, 16)
+        plan = da.plan_decode(case[3], case[4], 16)
+        assert len(plan.chunks) == 2, plan.chunks
+        seq = plan.seq.repeat_interleave(torch.tensor([c for c, b in zip(plan.chunks, plan.biases)
+                                                       for _ in range(b.shape[0])]))
+        real = torch.cat([(b.reshape(b.shape[0], -1) == 0).reshape(-1) for b in plan.biases])
+        keys = plan.slots[real]
+        assert keys.unique().numel() == keys.numel() == sum(lens)
+        assert torch.equal(torch.bincount(seq[real], minlength=len(lens)), torch.tensor(lens))
+        torch.testing.assert_close(da.decode_attention_reference(*case), naive(*case), atol=1e-5, rtol=1e-5)

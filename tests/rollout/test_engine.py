@@ -219,3 +219,51 @@ def test_per_prompt_seeds_from_the_config(saved):
     _, path = saved["llama_gqa_tied"]
     out = engine_for(path).generate([PROMPTS[0]] * 3, step0)
     assert len({tuple(s.token_ids) for s in out.samples}) == 6  # the same prompt, six different streams
+
+
+@pytest.mark.parametrize("case", ["qwen2_bias", "mistral_window"])
+def test_decode_forward_equals_the_model_forward(saved, case):
+    """The engine's lean decode step (RoPE table, W @ x^T, its own RMSNorm) computes what the
+    model's own forward computes through the same cache backend, and stores the same keys/values."""
+    from hfrl.rollout.decode import DecodeForward
+    from hfrl.rollout.kv_cache import CacheShape, DecodeAttention, PagedKVCache
+
+    model = weights.from_pretrained(saved[case][1]).eval()
+    config, attn = model.config, model.layers[0].attn
+    shape = CacheShape(config.num_layers, attn.num_kv_heads, config.head_dim, 4, torch.float32)
+    lens = torch.tensor([1, 7, 40, 23])  # positions past Mistral's window (32) too
+    tables = torch.arange(4 * 10).view(4, 10)
+    gen = torch.Generator().manual_seed(0)
+    caches = []
+    for _ in range(2):
+        cache = PagedKVCache(shape, 40, torch.device("cpu"))
+        cache.k.copy_(torch.randn(cache.k.shape, generator=gen.manual_seed(1)))
+        cache.v.copy_(torch.randn(cache.v.shape, generator=gen.manual_seed(2)))
+        caches.append(cache)
+    pos = lens - 1
+    slots = tables[torch.arange(4), pos // 4] * 4 + pos % 4
+    tokens = torch.tensor([3, 17, 99, 5])
+
+    def backend(cache):
+        return DecodeAttention(cache, slots, tables.to(torch.int32), lens.to(torch.int32))
+
+    with torch.no_grad():
+        expected = model(tokens[None], position_ids=pos[None], attention=backend(caches[0]), return_hidden=True)[0]
+        got = DecodeForward(model, config.max_position_embeddings)(tokens, pos, backend(caches[1]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_head_equals_the_plain_product():
+    from hfrl.rollout.decode import PackedLinear
+
+    weight = torch.randn(1000, 64, generator=torch.Generator().manual_seed(0))
+    packed = PackedLinear.of(weight)
+    if not torch.backends.mkldnn.is_available():
+        assert packed is None
+        return
+    for rows in (1, 2, 7, 64, 100):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(packed(x), x @ weight.t(), atol=1e-4, rtol=1e-5)
+    assert PackedLinear.of(weight.bfloat16()) is None  # fp32 only: other dtypes keep the plain GEMM

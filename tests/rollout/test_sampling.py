@@ -102,3 +102,15 @@ def test_block_allocator_counts_references():
     cache.release(a[:2])
     with pytest.raises(RuntimeError, match="released more often"):
         cache.release(a[:1])
+
+
+def test_argmax_rows_equals_torch_argmax_with_ties():
+    from hfrl.rollout.sampling import argmax_rows
+
+    x = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    x[2, [3, 30]] = 9.0  # a tie: the first index wins, as torch's argmax gives it
+    x[4] = -1.0  # all equal
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    assert argmax_rows(x).tolist()[2] == 3 and argmax_rows(x).tolist()[4] == 0
+    assert torch.equal(argmax_rows(x.double()), x.argmax(dim=-1))
+    assert argmax_rows(x).dtype == torch.int64
