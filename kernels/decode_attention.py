@@ -13,12 +13,16 @@ Two implementations, picked by ``hfrl_kernels.use_triton(q)``:
   split's keys once for the whole group of query heads sharing that kv head and writes a partial
   (max, sum of exponentials, weighted values); a second kernel merges the splits. With one split the
   first kernel writes the output itself.
-- ``decode_attention_reference`` (PyTorch): the production path on CPU, not only a reference. It cuts
-  every sequence's key range into chunks of C tokens, gathers all chunks of the batch into one
-  (num_chunks, C) tensor (padding only each sequence's last chunk), runs one fused attention over
-  the chunks that also returns each chunk's log-sum-exp, and merges a sequence's chunks by their
-  log-sum-exps: flash-decoding with C-token splits, without a per-sequence loop or padding every
-  sequence to the longest.
+- ``decode_attention_reference`` (PyTorch): the production path on CPU, not only a reference. A
+  plan made once per decode step (``plan_decode``, on the host) cuts every sequence's key range into
+  chunks: full chunks of C keys and small tail chunks of c keys (a 150-key sequence is 128 + 32, not
+  a padded 256), with no per-sequence loop and no padding to the longest sequence. On CPU in fp32
+  (``_bag_attention``) the chunks' keys are gathered and scored with one batched matmul, the softmax
+  runs over each sequence's chunks together, and the values are never gathered: the weighted sum is
+  ``F.embedding_bag`` straight over the paged value cache, the probabilities its per-sample weights.
+  Elsewhere (bf16, a GPU without Triton) ``_flash_chunks`` gathers keys and values and runs ATen's
+  fused attention per chunk, merging a sequence's chunks by their log-sum-exps (flash-decoding with
+  C-token splits).
 """
 from __future__ import annotations
 
