@@ -122,7 +122,12 @@ CHUNK_OVERHEAD_TOKENS = 48
 """Cost of one chunk in the fused attention beyond its keys, in keys (calibrated with
 benchmarks/decode_attention.py: small chunks pay per-chunk overhead, large ones pad more)."""
 GROUP_OVERHEAD_TOKENS = 384
-"""Cost of a second group of chunks (one more fused call, and a merge), in keys."""
+"""Cost of a second group of chunks (one more call per layer), in keys."""
+MERGE_OVERHEAD_TOKENS = 3072
+"""Cost of merging chunks into sequences (a sequence with several chunks, or two groups): some twenty
+small ops per layer, in keys of the whole batch. Padding costs less than its keys suggest (a padded
+slot re-reads its sequence's first key, already in cache), so one padded chunk per sequence often
+beats splitting: measured on benchmarks/decode_attention.py shapes and the rollout benchmark's."""
 
 
 def choose_chunk_sizes(spans) -> tuple[int, int | None]:
@@ -146,8 +151,15 @@ def choose_chunk_sizes(spans) -> tuple[int, int | None]:
     cost_small_tail = (tail + small - 1) // small * (small + CHUNK_OVERHEAD_TOKENS)
     use_small = ~one_level & (cost_small_tail < cost_big_tail)
     cost = full * (big + CHUNK_OVERHEAD_TOKENS) + np.where(use_small, cost_small_tail, cost_big_tail)
-    total = cost.sum(axis=1) + GROUP_OVERHEAD_TOKENS * use_small.any(axis=1)
-    return _PAIRS[int(total.argmin())]
+    two_groups = use_small.any(axis=1)
+    merge = two_groups | (spans > big).any(axis=1)
+    total = cost.sum(axis=1) + GROUP_OVERHEAD_TOKENS * two_groups + MERGE_OVERHEAD_TOKENS * merge
+    best = int(total.argmin())
+    # or one chunk per sequence, as long as the longest: no merge at all
+    whole = -(-int(spans.max()) // 16) * 16
+    if spans.shape[1] * (whole + CHUNK_OVERHEAD_TOKENS) < total[best]:
+        return whole, None
+    return _PAIRS[best]
 
 
 _PAIRS = [(c, None) for c in CHUNK_SIZES] + [(c, t) for c in CHUNK_SIZES for t in TAIL_CHUNK_SIZES if t < c]

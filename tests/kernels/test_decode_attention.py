@@ -187,7 +187,8 @@ def test_bad_input(changes, match):
 def test_two_chunk_lengths_cover_every_key_once():
     """A plan with full and tail chunks: every real key is in exactly one chunk of its sequence, and
     the result equals the naive one, also when each sequence has one chunk but in either group."""
-    for lens in ([150] * 12 + [10, 300, 33, 128], [100] * 8 + [10] * 8):
+    assert len(da.plan_decode(*make_cache([300, 20, 150], 8, 2, 64, 16)[3:], 16).chunks) == 1  # one padded chunk each
+    for lens in ([400, 33] + [150] * 20 + [10] * 20, [120] * 10 + [10] * 100):
         case = make_cache(lens, 8, 2, 64, 16)
         plan = da.plan_decode(case[3], case[4], 16)
         assert len(plan.chunks) == 2, plan.chunks
