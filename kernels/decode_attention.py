@@ -136,7 +136,9 @@ def choose_chunk_sizes(spans) -> tuple[int, int | None]:
     Every sequence's keys fill chunks of C; what is left over (its tail) goes either into one more,
     padded, chunk of C or into chunks of c, whichever costs that sequence less. c None: one chunk
     length for all. Two lengths pad less (a 150-key span costs 128 + 32 rather than 256 keys) for
-    the price of a second fused call. ``spans``: (B,) key counts, a host tensor or array.
+    the price of a second call per layer; several chunks per sequence cost a merge. The last
+    candidate is one chunk per sequence, as long as the longest span (rounded up to 16 keys): most
+    padding, but no merge. ``spans``: (B,) key counts, a host tensor or array.
 
     Measured with benchmarks/decode_attention.py --chunks (fp32, 2 threads, caches rotating past L3;
     ms per call for C = 16 / 32 / 64 / 128 / 256 / 512, then padded gather + SDPA):
@@ -155,8 +157,7 @@ def choose_chunk_sizes(spans) -> tuple[int, int | None]:
     merge = two_groups | (spans > big).any(axis=1)
     total = cost.sum(axis=1) + GROUP_OVERHEAD_TOKENS * two_groups + MERGE_OVERHEAD_TOKENS * merge
     best = int(total.argmin())
-    # or one chunk per sequence, as long as the longest: no merge at all
-    whole = -(-int(spans.max()) // 16) * 16
+    whole = -(-int(spans.max()) // 16) * 16  # one chunk per sequence, as long as the longest: no merge
     if spans.shape[1] * (whole + CHUNK_OVERHEAD_TOKENS) < total[best]:
         return whole, None
     return _PAIRS[best]

@@ -13,7 +13,8 @@ every activation kept as (rows, ...):
   transposed): on CPU (MKL, fp32) that measured 1.3-1.7x faster than F.linear's ``x @ W^T`` at
   4..64 rows for this project's layer shapes. The sums are the same, in another order: results
   match ``Decoder.forward`` to float rounding, not bit for bit.
-- RMSNorm is the module's formula in fewer ops (a sum scaled by 1/H for the mean).
+- An fp32 RMSNorm is the module's formula in fewer ops (a sum scaled by 1/H for the mean; equal to
+  float rounding).
 - Attention is the backend's ``attend_rows`` on (rows, heads, hd).
 
 Any other module (a row-parallel layer with its all-reduce, the hybrid engine's piece layers, the
@@ -21,7 +22,8 @@ embedding) is called as it is, so tensor parallelism and resharded weights work 
 
 ``PackedLinear`` is the head's matmul on CPU: the weight reordered once per ``generate`` into
 oneDNN's blocked layout (what inductor does to frozen fp32 linears), which made a whole decode
-step 1.2-1.4x faster at 8..64 rows here than MKL's GEMM on the plain weight.
+step 1.2-1.4x faster at 8..64 rows here than MKL's GEMM on the plain weight. The packed copy lives
+for the call; a head larger than a quarter of the host's available memory is not packed.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from torch import nn
 
 from hfrl.distributed.tensor_parallel import ColumnParallelLinear
 from hfrl.models.llama import CausalLM, RMSNorm
+from hfrl.rollout.kv_cache import free_device_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ class PackedLinear:
         if (weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2
                 or not torch.backends.mkldnn.is_available()):
             return None
+        if weight.numel() * weight.element_size() > free_device_bytes(weight.device) // 4:
+            return None  # the copy would crowd the host: the plain GEMM needs no second copy
         try:
             return cls(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), cls.BATCH_HINT))
         except (RuntimeError, AttributeError) as err:  # a torch built without the op: the plain GEMM serves
