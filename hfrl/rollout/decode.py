@@ -45,8 +45,10 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (whose forward is exactly x @ W^T + b without grad), else the module's own forward."""
     kind = type(module)
     if kind is nn.Linear or (isinstance(module, ColumnParallelLinear) and not module.gather_output):
-        y = torch.mm(module.weight, x.t()).t()  # (rows, out), a transposed view
-        return y if module.bias is None else y + module.bias
+        if module.bias is None:
+            return torch.mm(module.weight, x.t()).t()  # (rows, out), a transposed view
+        # the bias inside the product, as F.linear adds it: one rounding, not two (it matters in bf16)
+        return torch.addmm(module.bias[:, None], module.weight, x.t()).t()
     return module(x)
 
 

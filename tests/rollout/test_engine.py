@@ -267,3 +267,17 @@ def test_packed_head_equals_the_plain_product():
         x = torch.randn(rows, 64)
         torch.testing.assert_close(packed(x), x @ weight.t(), atol=1e-4, rtol=1e-5)
     assert PackedLinear.of(weight.bfloat16()) is None  # fp32 only: other dtypes keep the plain GEMM
+
+
+def test_decode_linear_adds_the_bias_inside_the_product():
+    """W @ x^T with the bias added by addmm, as F.linear does: in bf16 a bias added after the
+    product's rounding differed from F.linear in a quarter of the outputs (Qwen2's q/k/v bias)."""
+    from torch import nn
+
+    from hfrl.rollout.decode import linear
+
+    torch.manual_seed(0)
+    layer, x = nn.Linear(256, 384).bfloat16(), torch.randn(8, 256).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(linear(layer, x), layer(x))
+        torch.testing.assert_close(linear(layer.float(), x.float()), layer(x.float()), atol=1e-5, rtol=1e-5)

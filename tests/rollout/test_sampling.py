@@ -114,3 +114,4 @@ def test_argmax_rows_equals_torch_argmax_with_ties():
     assert argmax_rows(x).tolist()[2] == 3 and argmax_rows(x).tolist()[4] == 0
     assert torch.equal(argmax_rows(x.double()), x.argmax(dim=-1))
     assert argmax_rows(x).dtype == torch.int64
+    assert argmax_rows(torch.tensor([1.0, 3.0, 2.0])).item() == 1  # a single row, as torch.argmax
