@@ -35,6 +35,24 @@ LAYOUTS = {4: [(1, 4, 1, 2), (1, 4, 1, 1), (2, 2, 1, 1)], 8: [(1, 4, 1, 2), (2, 
 MODES = ("ds_chat", "hybridflow_v", "hybridflow")
 
 
+
+def round_trip_seconds(hybrid, iters: int) -> float:
+    """Median over ``iters`` (after one warm-up) of train -> generate -> train, slowest rank's time."""
+    import torch
+    import torch.distributed as dist
+
+    times = []
+    for i in range(iters + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        hybrid.enter()
+        hybrid.exit()
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        if i:
+            times.append(float(elapsed))
+    return statistics.median(times)
+
 def child(args) -> None:
     import torch
     import torch.distributed as dist
@@ -60,19 +78,10 @@ def child(args) -> None:
                 engines[grouping] = TrainEngine(EngineConfig(model_path=args.path), groups)
             engine = engines[grouping]
             hybrid = HybridEngine(engine, mode=mode)
-            times = []
-            for i in range(args.iters + 1):
-                dist.barrier()
-                start = time.perf_counter()
-                hybrid.enter()
-                hybrid.exit()
-                elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                if i:
-                    times.append(float(elapsed))
+            round_trip = round_trip_seconds(hybrid, args.iters)
             counters = torch.tensor([hybrid.last.received, hybrid.last.peak, hybrid.resident_gen], dtype=torch.float64)
             dist.all_reduce(counters, op=dist.ReduceOp.MAX)
-            seconds[mode] = statistics.median(times)
+            seconds[mode] = round_trip
             specs = plan.generation_specs(engine.model_config, ParallelDims(pp=pp, tp=tp, dp=engine.dims.dp), 0)
             m_bytes = sum(plan.model_bytes_of(specs, tp, 4))
             if rank == 0:

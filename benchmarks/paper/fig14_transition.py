@@ -22,16 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from common import ROOT, Results, out_dir, parser, pyplot  # noqa: E402
+from transition_time import round_trip_seconds  # noqa: E402
 
 RANKS, LAYOUT = 4, (1, 4, 1, 2)   # (pp, tp, pg, tg)
 SIZES = {"15m": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8),
@@ -67,15 +68,7 @@ def child(paths: list[str], iters: int) -> None:
                                                 tuple(range(world)), rank, cache))
             engine = engines[grouping]
             hybrid = HybridEngine(engine, mode=mode)
-            times = []
-            for i in range(iters + 1):
-                dist.barrier()
-                start = time.perf_counter()
-                hybrid.enter()
-                hybrid.exit()
-                elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                times.append(float(elapsed))
+            seconds = round_trip_seconds(hybrid, iters)
             received = torch.tensor([hybrid.last.received], dtype=torch.float64)
             dist.all_reduce(received, op=dist.ReduceOp.MAX)
             specs = plan.generation_specs(engine.model_config, ParallelDims(pp=pp, tp=tp, dp=engine.dims.dp), 0)
@@ -83,7 +76,7 @@ def child(paths: list[str], iters: int) -> None:
             if rank == 0:
                 print("RESULT " + json.dumps({
                     "mode": mode, "layout": f"pp{pp} tp{tp} dp{engine.dims.dp} -> pg{pg} tg{tg}",
-                    "seconds": statistics.median(times[1:]), "bytes_per_rank": int(received),
+                    "seconds": seconds, "bytes_per_rank": int(received),
                     "predicted_bytes_per_rank": int(predict(engine.dims, mode).received * m_bytes),
                     "model_bytes": m_bytes, "iters": iters}), flush=True)
             del hybrid
