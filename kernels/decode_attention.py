@@ -168,16 +168,6 @@ _CANDIDATES = (np.array([p[0] for p in _PAIRS])[:, None], np.array([p[1] or 1 fo
                np.array([p[1] is None for p in _PAIRS])[:, None])  # (P, 1) each: C, c, no tail chunks
 
 
-def choose_chunk_size(spans) -> int:
-    """The best single chunk length (``choose_chunk_sizes`` without tail chunks)."""
-    spans = np.asarray(spans, dtype=np.float64)
-
-    def cost(c: int) -> float:
-        return float((np.ceil(spans / c) * (c + CHUNK_OVERHEAD_TOKENS)).sum())
-
-    return min(CHUNK_SIZES, key=cost)
-
-
 class DecodePlan:
     """The chunking of one decode step's batch, shared by all its layers (PyTorch path).
 
@@ -210,11 +200,6 @@ class DecodePlan:
     def one_per_sequence(self) -> bool:
         """Chunk b is sequence b's only chunk (one group, a chunk per sequence)."""
         return len(self.chunks) == 1 and self.num_chunks == self.batch
-
-    @property
-    def chunk(self) -> int:
-        """The (first) group's chunk length."""
-        return self.chunks[0]
 
     def bias(self, dtype: torch.dtype) -> list[torch.Tensor]:
         """``biases`` in ``dtype``."""
@@ -326,18 +311,17 @@ def _bag_attention(q, k_cache, v_cache, plan: DecodePlan, scale):
             chunk0 += s.shape[0]
         total = torch.zeros_like(seq_max).index_add_(0, seq, torch.cat([e.sum(dim=-1) for e in exps]))
         inverse = total.reciprocal_().index_select(0, seq)[..., None]
-        weights = torch.cat([e.mul_(inverse[c0:c0 + e.shape[0]]).reshape(-1)
-                             for e, c0 in zip(exps, _starts([e.shape[0] for e in exps]))])
+        weights, chunk0 = [], 0
+        for e in exps:
+            weights.append(e.mul_(inverse[chunk0:chunk0 + e.shape[0]]).reshape(-1))
+            chunk0 += e.shape[0]
+        weights = torch.cat(weights)
     out = F.embedding_bag(value_rows, v_cache.reshape(-1, head_dim), offsets, mode="sum",
                           per_sample_weights=weights)  # (num_chunks * num_heads, head_dim)
     if plan.one_per_sequence:
         return out.view(batch, num_heads, head_dim)
     acc = torch.zeros(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
     return acc.index_add_(0, plan.seq, out.view(-1, num_heads, head_dim))
-
-
-def _starts(sizes: list[int]) -> list[int]:
-    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 def _flash_chunks(q, k_cache, v_cache, plan: DecodePlan, scale):
