@@ -269,3 +269,16 @@ def destroy_distributed() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def collective_device(group=None) -> "torch.device":
+    """Where a tensor handed to a collective on ``group`` (None: the default group) must live: the
+    current CUDA device when the group runs NCCL, which takes no host tensors, the CPU otherwise
+    (gloo, MPI, or no process group at all). Small bookkeeping tensors (flags, counts, metric sums)
+    go through this, so the same code runs under gloo on a laptop and NCCL on a cluster."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

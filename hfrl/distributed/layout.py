@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from hfrl.config import Config
-from hfrl.distributed.env import DistContext, detect_env, init_distributed
+from hfrl.distributed.env import DistContext, collective_device, detect_env, init_distributed
 from hfrl.distributed.parallel_dims import AXES, AXIS_DOCS, GroupCache, RoleGroups
 from hfrl.distributed.resource_pool import (MAX_WORLD_SIZE, PlacementPlan, build_process_groups,
                                             plan_for_config)
@@ -30,7 +30,7 @@ def check_groups(groups: dict[str, RoleGroups], rank: int) -> dict[str, Any]:
             if axis not in role_groups.groups:
                 continue
             members = role_groups.ranks[axis]
-            value = torch.tensor([rank], dtype=torch.int64)
+            value = torch.tensor([rank], dtype=torch.int64, device=collective_device(role_groups.groups[axis]))
             dist.all_reduce(value, group=role_groups.groups[axis])
             if value.item() != sum(members):
                 raise RuntimeError(f"{role_groups.role}/{axis} group {list(members)}: all-reduce "

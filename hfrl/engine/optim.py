@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
+from hfrl.distributed.env import collective_device
 from hfrl.distributed.data_parallel import (LOW_PRECISION, GradBucketer, ZeroOneOptimizer,
                                             group_size_rank, unique_params)
 from hfrl.distributed.tensor_parallel import DUPLICATE_ATTR, REPLICATED_ROWS_ATTR, SHARD_ATTR
@@ -211,7 +212,7 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, tp_group: An
     A group of None means that axis has size 1 (as everywhere in hfrl; never the default world).
     """
     params = [p for p in params if p.grad is not None]
-    device = params[0].grad.device if params else _collective_device(tp_group if tp_group is not None else pp_group)
+    device = params[0].grad.device if params else collective_device(tp_group if tp_group is not None else pp_group)
     total_sq = _sum_of_squares(_grads_counted_here(params, group_size_rank(tp_group)[1]), device)
     for group in (tp_group, pp_group, dp_group):
         if group is not None and group_size_rank(group)[0] > 1:
@@ -248,12 +249,6 @@ def clip_optimizer_grads(optimizer: MixedPrecisionAdamW | ZeroOneOptimizer, max_
     return clip_grad_norm(optimizer.master_params, max_norm, tp_group, pp_group, dp_group)
 
 
-def _collective_device(group: Any) -> torch.device:
-    if dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def should_skip_step(grad_norm: float, skip_nonfinite: bool, groups: Sequence[Any] = ()) -> bool:
     """True on every rank of ``groups`` if the norm is inf/NaN on any of them.
 
@@ -265,7 +260,7 @@ def should_skip_step(grad_norm: float, skip_nonfinite: bool, groups: Sequence[An
     bad = torch.tensor(0.0 if math.isfinite(grad_norm) else 1.0)
     for group in groups:
         if group is not None and group_size_rank(group)[0] > 1:
-            bad = bad.to(_collective_device(group))
+            bad = bad.to(collective_device(group))
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
     if float(bad) == 0.0:
         return False

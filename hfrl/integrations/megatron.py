@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from hfrl.distributed.env import collective_device
 from hfrl.distributed.parallel_dims import GroupCache, ParallelDims, RoleGroups, build_groups
 from hfrl.integrations.megatron_weights import (
     MEGATRON_NAMES, TE_NORM_NAMES, copy_into_megatron, hfrl_model_config, hfrl_to_megatron, megatron_to_hfrl,
@@ -377,8 +378,7 @@ def agree_on_success(error: BaseException | None, what: str) -> None:
     import torch
     import torch.distributed as dist
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=collective_device())
     failed[dist.get_rank()] = int(error is not None)
     dist.all_reduce(failed)
     ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]

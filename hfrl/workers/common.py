@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hfrl.controller import ONE_TO_ALL, Batch, Worker, register
+from hfrl.distributed.env import collective_device
 
 
 def prompt_width(batch: Batch) -> int:
@@ -103,9 +104,12 @@ class MetricSums:
         ext_names = list(self.extremes)
         ext = torch.tensor([v for n in ext_names for v in self.extremes[n]], dtype=torch.float64)
         if group is not None and dist.get_world_size(group) > 1:
+            device = collective_device(group)   # NCCL takes no host tensors
+            sums, ext = sums.to(device), ext.to(device)
             dist.all_reduce(sums, group=group)
             if len(ext):
                 dist.all_reduce(ext, op=dist.ReduceOp.MIN, group=group)
+            sums, ext = sums.cpu(), ext.cpu()
         out = {}
         for i, name in enumerate(names):
             total, count = sums[2 * i].item(), sums[2 * i + 1].item()

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from hfrl.controller import ONE_TO_ALL, Worker, register
+from hfrl.distributed.env import collective_device
 from hfrl.workers.common import timed
 from hfrl.workers.generation import ResponseGenerator
 
@@ -83,8 +84,9 @@ class RolloutWorker(Worker, ResponseGenerator):
                     for name in names:
                         local = shard_tensor(specs[name], full, tp_rank, tp, replicate_kv_heads=True)
                         params[name].copy_(local)
-        total = torch.tensor([received], dtype=torch.float64)
-        dist.all_reduce(total, group=self.ctx.groups.groups["role"])
+        role = self.ctx.groups.groups["role"]
+        total = torch.tensor([received], dtype=torch.float64, device=collective_device(role))
+        dist.all_reduce(total, group=role)
         return {"rollout/sync_bytes": float(total.item()), **meta}
 
     @register(protocol=ONE_TO_ALL)
