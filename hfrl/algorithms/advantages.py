@@ -11,6 +11,7 @@ Every estimator has one signature, so the trainer picks one by name from the con
         gamma=1.0, lam=1.0,     # discount and GAE lambda     (gae, reinforce_plus_plus)
         norm_by_std=True,       # GRPO: divide by the group std
         eps=1e-6,               # GRPO: added to the group std
+        sum_all=None,           # whitening over every DP rank (gae, reinforce_plus_plus[_baseline])
     )                           # -> (B, L), (B, L), both 0 at masked positions, float32
 
 A sequence's score is the sum of its valid token rewards (an outcome reward placed on the last
@@ -19,8 +20,9 @@ valid tokens. Rows with no valid token (padding rows) are left out of group stat
 
 Group statistics use ``torch.unique(return_inverse=True)`` and ``index_add``: no Python loop over
 rows or groups; GAE and the reward-to-go loop over the L time steps, vectorised over B. Results are
-computed in float32 whatever the input dtype. Per-rank: whitening uses this rank's tokens, and a
-group must not be split across ranks.
+computed in float32 whatever the input dtype. Each rank computes its own rows: a group must not be
+split across ranks, and the estimators that whiten take ``sum_all`` (an all-reduce over the DP group,
+see ``masked_whiten``) so the whitening statistics are the whole batch's, as on one rank.
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def _broadcast(per_row: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @register_advantage("gae")
 def gae_advantages(token_rewards, response_mask, *, values=None, group_index=None, baseline=None,
-                   gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6):
+                   gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6, sum_all=None):
     """Generalised advantage estimation (Schulman et al. 2016) over each row's valid tokens.
 
     The valid tokens of a row, in order, are its episode: the step after a valid token is the next
@@ -119,7 +121,7 @@ def gae_advantages(token_rewards, response_mask, *, values=None, group_index=Non
         steps.append(adv_t)
     advantages = torch.stack(steps[::-1], dim=1) * mask  # (B, L)
     returns = (advantages + values) * mask
-    return masked_whiten(advantages, mask), returns
+    return masked_whiten(advantages, mask, sum_all=sum_all), returns
 
 
 def _scores(token_rewards, response_mask):
@@ -129,7 +131,7 @@ def _scores(token_rewards, response_mask):
 
 @register_advantage("grpo")
 def grpo_advantages(token_rewards, response_mask, *, values=None, group_index=None, baseline=None,
-                    gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6):
+                    gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6, sum_all=None):
     """GRPO (Shao et al. 2024): (score - group mean) / (group std + eps), std unbiased as torch.std.
 
     ``norm_by_std=False`` keeps only the mean subtraction (Dr. GRPO). A group with a single valid
@@ -148,7 +150,7 @@ def grpo_advantages(token_rewards, response_mask, *, values=None, group_index=No
 
 @register_advantage("rloo")
 def rloo_advantages(token_rewards, response_mask, *, values=None, group_index=None, baseline=None,
-                    gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6):
+                    gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6, sum_all=None):
     """RLOO (Ahmadian et al. 2024): score minus the mean of the other samples of its group,
     ``a_i = s_i - (sum_g - s_i) / (n_g - 1)``; a group of one gets 0. ``returns = advantages``.
     """
@@ -163,7 +165,7 @@ def rloo_advantages(token_rewards, response_mask, *, values=None, group_index=No
 
 @register_advantage("remax")
 def remax_advantages(token_rewards, response_mask, *, values=None, group_index=None, baseline=None,
-                     gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6):
+                     gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6, sum_all=None):
     """ReMax (Li et al. 2023): score minus ``baseline`` (the greedy response's score, per row),
     on every valid token; no whitening. ``returns = advantages``.
     """
@@ -186,23 +188,24 @@ def _reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> to
 
 @register_advantage("reinforce_plus_plus")
 def reinforce_pp_advantages(token_rewards, response_mask, *, values=None, group_index=None,
-                            baseline=None, gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6):
+                            baseline=None, gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6, sum_all=None):
     """REINFORCE++ (Hu 2025): discounted reward-to-go over the valid tokens, whitened over the
     batch's valid tokens. ``returns`` = the reward-to-go before whitening.
     """
     rewards, mask = _prepare(token_rewards, response_mask)
     returns = _reward_to_go(rewards, mask, gamma)
-    return masked_whiten(returns, mask), returns
+    return masked_whiten(returns, mask, sum_all=sum_all), returns
 
 
 @register_advantage("reinforce_plus_plus_baseline")
 def reinforce_pp_baseline_advantages(token_rewards, response_mask, *, values=None, group_index=None,
-                                     baseline=None, gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6):
+                                     baseline=None, gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6, sum_all=None):
     """REINFORCE++-baseline: score minus its group's mean, on every valid token, then whitened over
     the batch's valid tokens. ``returns = advantages``.
     """
     scores, mask = _scores(token_rewards, response_mask)
     _check_rows("group_index", group_index, scores.shape[0], "reinforce_plus_plus_baseline")
     count, total, _ = _group_stats(scores, group_index, sequence_mask(mask))
-    advantages = masked_whiten(_broadcast(scores - total / count.clamp(min=1), mask), mask)
+    advantages = masked_whiten(_broadcast(scores - total / count.clamp(min=1), mask), mask,
+                               sum_all=sum_all)
     return advantages, advantages

@@ -2,12 +2,14 @@
 
 Every per-token tensor here is (B, L) over response tokens with a ``mask`` (B, L) of 0/1 (float,
 int or bool). Masked positions never contribute, whatever value they hold. These are per-rank
-functions: a caller that wants statistics over all DP ranks reduces across ranks itself.
+functions, except ``masked_whiten``, which takes a ``sum_all`` to whiten over every DP rank's tokens.
 
 Empty selections never raise and never sync the device: a mean over no tokens is 0 and a variance
 over fewer than two tokens is 0, so a degenerate batch yields zeros instead of NaN.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -53,17 +55,35 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return sq_sum / n.clamp(min=1)
 
 
+SumAll = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a small float64 tensor over the data-parallel ranks (an all-reduce) and returns the sum."""
+
+
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    sum_all: SumAll | None = None,
 ) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) with mean and unbiased var over the valid tokens.
 
     ``shift_mean=False`` adds the mean back (scale only). Masked positions come out 0.
-    Shape: same as ``x``.
+    ``sum_all``: the mean and var are those of every data-parallel rank's valid tokens together
+    (two all-reduces of float64 sums, the second of squared deviations from the global mean), so
+    the batch is whitened as if one rank held all of it, whatever the DP size; None: this rank's
+    tokens only. Shape: same as ``x``.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
+    w = _as_weight(mask, x).double()
+    x64 = x.double()
+    stats = torch.stack([(x64 * w).sum(), w.sum()])  # sum, count
+    if sum_all is not None:
+        stats = sum_all(stats)
+    count = stats[1]
+    mean = stats[0] / count.clamp(min=1)
+    sq_dev = ((x64 - mean) ** 2 * w).sum()[None]
+    if sum_all is not None:
+        sq_dev = sum_all(sq_dev)
+    var = torch.where(count > 1, sq_dev[0] / (count - 1).clamp(min=1), torch.zeros_like(count))
+    mean, inv_std = mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
+    whitened = (x - mean) * inv_std
     if not shift_mean:
         whitened = whitened + mean
     return whitened * _as_weight(mask, whitened)

@@ -19,7 +19,7 @@ import torch
 
 from hfrl.algorithms import agg_loss, kl_loss, ppo_clip_loss, masked_mean
 from hfrl.controller import DP_COMPUTE, ONE_TO_ALL, Batch, register
-from hfrl.workers.advantage import advantage_columns, step_metrics
+from hfrl.workers.advantage import advantage_columns, dp_sum, step_metrics
 from hfrl.workers.common import EngineWorker, response_from_shifted, timed
 from hfrl.workers.generation import ResponseGenerator
 
@@ -107,7 +107,8 @@ class ActorWorker(PolicyWorker, ResponseGenerator):
                 self.algo, gen, scores["scores"], old["old_log_probs"], estimator=estimator,
                 ref_log_probs=column(ref, "ref_log_probs"), values=column(values, "values"),
                 costs=column(costs, "scores"), cost_values=column(cost_values, "values"),
-                baseline=column(baseline, "scores"), kl_coef=kl_coef, lagrange=lagrange, group_size=group_size)
+                baseline=column(baseline, "scores"), kl_coef=kl_coef, lagrange=lagrange, group_size=group_size,
+                sum_all=dp_sum(self.dp_group))
         metrics = step_metrics(gen, scores["scores"], old["old_log_probs"], out, column(values, "values"),
                                column(costs, "scores"))
         meta.update(metrics.reduce(self.dp_group))

@@ -1,7 +1,9 @@
 """The step's training columns from its rollouts: rewards -> KL penalty -> advantages, per rank.
 
-Pure tensor code (no engine, no process group), so it is tested against hand computations; the
-actor's `compute_advantages` calls it on the rows it holds and reduces the metrics over DP.
+Tensor code on the rows one rank holds (no engine), so it is tested against hand computations; the
+actor's `compute_advantages` calls it with `sum_all=dp_sum(dp_group)`, so that the estimators that
+whiten (GAE, REINFORCE++) use the statistics of the whole batch over DP, as on one rank, and it
+reduces the metrics over DP.
 
     scores (N,) at each response's last token -> token rewards (N, R)
     - kl_coef * KL(old || ref) per token        (algorithm.kl_in_reward)
@@ -15,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from hfrl.algorithms import (apply_kl_in_reward, get_advantage, kl_penalty, safe_rlhf_advantages,
                              scores_to_token_rewards)
 from hfrl.controller import Batch
+from hfrl.distributed.env import collective_device
 from hfrl.workers.common import MetricSums, to_token_columns
 
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus_baseline")
@@ -41,8 +45,10 @@ def advantage_columns(algo, gen: Batch, scores: torch.Tensor, old_log_probs: tor
                       estimator: str, ref_log_probs: torch.Tensor | None = None,
                       values: torch.Tensor | None = None, costs: torch.Tensor | None = None,
                       cost_values: torch.Tensor | None = None, baseline: torch.Tensor | None = None,
-                      kl_coef: float = 0.0, lagrange: float = 0.0, group_size: int = 1) -> Advantages:
-    """`algo` is the AlgorithmConfig; per-response tensors are (N, R), scores (N,)."""
+                      kl_coef: float = 0.0, lagrange: float = 0.0, group_size: int = 1,
+                      sum_all=None) -> Advantages:
+    """`algo` is the AlgorithmConfig; per-response tensors are (N, R), scores (N,). `sum_all` sums over
+    the DP group, so that whitening estimators whiten over the whole batch (``masked_whiten``)."""
     mask = gen["response_mask"].float()
     if estimator in GROUP_ESTIMATORS:
         check_whole_groups(gen["uid"], group_size)
@@ -56,13 +62,13 @@ def advantage_columns(algo, gen: Batch, scores: torch.Tensor, old_log_probs: tor
                                               algo.kl_estimator)
     advantages, returns = get_advantage(estimator)(
         token_rewards, mask, values=values, group_index=gen["uid"], baseline=baseline,
-        gamma=algo.gamma, lam=algo.lam, norm_by_std=algo.group_norm_by_std)
+        gamma=algo.gamma, lam=algo.lam, norm_by_std=algo.group_norm_by_std, sum_all=sum_all)
     columns = {"input_ids": gen["input_ids"], "attention_mask": gen["attention_mask"],
                "loss_mask": to_token_columns(mask, gen), "old_log_probs": to_token_columns(old_log_probs, gen)}
     if costs is not None:
         cost_rewards = scores_to_token_rewards(costs.float(), mask)
         cost_adv, cost_returns = get_advantage("gae")(cost_rewards, mask, values=cost_values, gamma=algo.gamma,
-                                                      lam=algo.lam)
+                                                      lam=algo.lam, sum_all=sum_all)
         advantages = safe_rlhf_advantages(advantages, cost_adv, lagrange)
         columns["cost_values"] = to_token_columns(cost_values, gen)
         columns["cost_returns"] = to_token_columns(cost_returns, gen)
@@ -104,6 +110,21 @@ def step_metrics(gen: Batch, scores: torch.Tensor, old_log_probs: torch.Tensor, 
     metrics.total("perf/total_tokens", float(gen["attention_mask"].sum()))
     metrics.total("perf/num_sequences", float(len(gen)))
     return metrics
+
+
+def dp_sum(group):
+    """``sum_all`` for ``group``: an all-reduce (sum) of a small tensor on the group's collective
+    device, returned where it came from; None when the group has one rank (nothing to sum)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    device = collective_device(group)
+
+    def sum_all(t: torch.Tensor) -> torch.Tensor:
+        summed = t.to(device, copy=True)
+        dist.all_reduce(summed, group=group)
+        return summed.to(t.device)
+
+    return sum_all
 
 
 def check_whole_groups(uid: torch.Tensor, group_size: int) -> None:

@@ -117,3 +117,53 @@ def test_step_metrics_totals_and_means():
     assert metrics["prompt_length/mean"] == 2.5        # 2 and 3 prompt tokens
     assert metrics["perf/total_tokens"] == 8.0 and metrics["perf/num_sequences"] == 2.0
     assert metrics["response_length/clip_ratio/mean"] == 0.5
+
+
+WHITENING = ("gae", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+
+
+def _whitening_batch():
+    """8 rows of ragged responses (groups of 2 ids), rewards and values; rows 0-2 go to rank 0, 3-7 to
+    rank 1, so the ranks hold different numbers of rows and of valid tokens."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([2, 7, 4, 6, 1, 5, 3, 7])
+    mask = (torch.arange(7)[None] < lengths[:, None]).float()
+    rewards = torch.randn(8, 7, generator=g) * mask
+    values = torch.randn(8, 7, generator=g) * mask
+    uid = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3])   # whole groups on each rank: [0 0 0] [1 1 2 2 3]
+    return rewards, mask, values, uid
+
+
+def _dp_whitening(rank, world_size):
+    import torch.distributed as dist
+
+    from hfrl.algorithms import get_advantage
+    from hfrl.workers.advantage import dp_sum
+
+    rewards, mask, values, uid = _whitening_batch()
+    rows = slice(0, 3) if rank == 0 else slice(3, 8)
+    sum_all = dp_sum(dist.group.WORLD)
+    out = {}
+    for name in WHITENING:
+        kwargs = dict(values=values[rows], group_index=uid[rows], gamma=0.9, lam=0.8)
+        out[name] = get_advantage(name)(rewards[rows], mask[rows], sum_all=sum_all, **kwargs)[0]
+        out[name + "/local"] = get_advantage(name)(rewards[rows], mask[rows], **kwargs)[0]
+    return out
+
+
+def test_whitening_over_dp_ranks_equals_one_rank():
+    """GAE and REINFORCE++ whiten over the whole batch: 2 ranks holding 3 and 5 rows (unequal token
+    counts) give the advantages of one rank holding all 8, not each rank's own whitening."""
+    from hfrl.algorithms import get_advantage
+    from tests.multiproc import run_ranks
+
+    rewards, mask, values, uid = _whitening_batch()
+    per_rank = run_ranks(2, _dp_whitening, init=True, timeout=120)
+    for name in WHITENING:
+        whole = get_advantage(name)(rewards, mask, values=values, group_index=uid, gamma=0.9, lam=0.8)[0]
+        split = torch.cat([per_rank[0][name], per_rank[1][name]])
+        torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+        local = torch.cat([per_rank[0][name + "/local"], per_rank[1][name + "/local"]])
+        assert not torch.allclose(local, whole, atol=1e-3), name   # the case tells the two apart
+        valid = mask.bool()
+        assert abs(float(split[valid].mean())) < 1e-5 and abs(float(split[valid].std()) - 1) < 1e-4
