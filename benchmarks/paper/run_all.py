@@ -7,7 +7,9 @@ results.
 
 This machine is calibrated once (hfrl.mapping.calibrate, ~45 s) and the profile is passed to every
 script that searches a CPU-scale mapping. fig09_11_e2e runs before scaling, which reads its
-simulated lines. Each script's wall time goes to results/run_all.jsonl.
+simulated lines. Each script's wall time goes to results/run_all.jsonl. With --only, the other
+scripts' lines there are kept, and the machine profile already in the results folder is reused (so
+every figure's search ran on one calibration); pass --profile to use another.
 """
 from __future__ import annotations
 
@@ -48,7 +50,14 @@ def main() -> int:
     if args.quick and not args.readme:
         shutil.copy(HERE / "README.md", readme)
     start = time.perf_counter()
+    scripts = [s for s in table.SCRIPTS if args.only is None or s in args.only]
+    profile = args.profile
+    if profile is None and args.only and (out / PROFILE_FILE).exists():
+        profile = str(out / PROFILE_FILE)
+    kept = _kept_records(out / "run_all.jsonl", scripts, profile is not None) if args.only else []
     log = open(out / "run_all.jsonl", "w")
+    log.writelines(kept)
+    log.flush()
 
     def record(**fields):
         text = json.dumps({"figure": "run_all", **fields})
@@ -56,8 +65,6 @@ def main() -> int:
         log.write(text + "\n")
         log.flush()
 
-    scripts = [s for s in table.SCRIPTS if args.only is None or s in args.only]
-    profile = args.profile
     if profile is None and any(s in PROFILED for s in scripts):
         from hfrl.mapping import calibrate, save_profile
 
@@ -81,6 +88,16 @@ def main() -> int:
            readme=str(readme))
     log.close()
     return 1 if failed else 0
+
+
+def _kept_records(path: Path, rerun: list[str], keep_calibration: bool) -> list[str]:
+    """The lines of an earlier run_all.jsonl that this --only run does not replace: other scripts'
+    wall times (not the old total), and the calibration's when its profile is reused."""
+    if not path.exists():
+        return []
+    replaced = set(rerun) | {"total"} | (set() if keep_calibration else {"calibrate"})
+    lines = [line if line.endswith("\n") else line + "\n" for line in path.read_text().splitlines()]
+    return [line for line in lines if line.strip() and json.loads(line).get("script") not in replaced]
 
 
 if __name__ == "__main__":

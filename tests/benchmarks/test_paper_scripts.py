@@ -155,3 +155,19 @@ def test_runnable_generates_with_one_stage():
     nemo, _ = runnable(w, mapping(TrainLayout(2, 4, 2), GenLayout(2, 4)), device, gen_in_train=True)
     actor = nemo.plan("actor")
     assert actor.train.pp == 1 and actor.gen == GenLayout(1, actor.train.tp)
+
+
+def test_run_all_only_keeps_the_other_scripts_wall_times(tmp_path):
+    """`run_all.py --only X` rewrites run_all.jsonl: the other scripts' lines survive, X's and the
+    old total go, and the calibration line stays only when its profile is reused."""
+    import run_all
+
+    log = tmp_path / "run_all.jsonl"
+    lines = [{"figure": "run_all", "kind": "wall_time", "script": s, "seconds": 1.0}
+             for s in ("calibrate", "fig09_11_e2e", "fig14_transition", "fig16_search_time", "total")]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    kept = [json.loads(line)["script"] for line in run_all._kept_records(log, ["fig14_transition"], True)]
+    assert kept == ["calibrate", "fig09_11_e2e", "fig16_search_time"]
+    kept = [json.loads(line)["script"] for line in run_all._kept_records(log, ["fig09_11_e2e"], False)]
+    assert kept == ["fig14_transition", "fig16_search_time"]
+    assert run_all._kept_records(tmp_path / "absent.jsonl", ["fig14_transition"], True) == []
