@@ -281,6 +281,7 @@ class RLTrainer(ABC):
         done = complete_checkpoints(self.run_dir)
         for old in done[:-keep] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
+        remove_incomplete_checkpoints(self.run_dir)
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -291,7 +292,9 @@ class RLTrainer(ABC):
     def resume(self) -> int:
         """The step to start at: that of the newest complete checkpoint, restored, or 0. Starting
         over (trainer.resume=false) moves an earlier run's checkpoints aside, to
-        checkpoints.previous/, so they are neither resumed nor mixed with this run's."""
+        checkpoints.previous/, so they are neither resumed nor mixed with this run's. The temporary
+        folders of saves a killed run interrupted are settled first (remove_incomplete_checkpoints)."""
+        self.notices.extend(remove_incomplete_checkpoints(self.run_dir))
         done = complete_checkpoints(self.run_dir)
         if done and not self.cfg.trainer.resume:
             previous = self.run_dir / f"{CHECKPOINTS}.previous"
@@ -371,6 +374,34 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.name.startswith("step_") and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def remove_incomplete_checkpoints(run_dir: Path) -> list[str]:
+    """Settle the hidden temporary folders (``.step_N.tmp``) that saves write and then rename into
+    place, left behind by a run killed during a save; call only when no save is under way. One that
+    holds a readable trainer_state.json (written last) is whole: it is renamed to ``step_N`` when
+    that is missing (the kill fell between deleting an older step_N and the rename), never lost.
+    Any other is a save that never finished, as large as a checkpoint and never resumed: deleted.
+    Returns one line per folder saying which."""
+    root = Path(run_dir) / CHECKPOINTS
+    done = []
+    for tmp in sorted(root.glob(".step_*.tmp")) if root.is_dir() else []:
+        final = root / tmp.name[1:-len(".tmp")]
+        if _readable_state(tmp) and not final.exists():
+            os.replace(tmp, final)
+            done.append(f"recovered {final} from the complete save {tmp.name} that a killed run had not renamed")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            done.append(f"deleted {tmp}: an incomplete checkpoint left by an interrupted save")
+    return done
+
+
+def _readable_state(folder: Path) -> bool:
+    try:
+        json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _needs_fresh_model(config) -> bool:
