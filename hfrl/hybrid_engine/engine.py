@@ -96,8 +96,11 @@ def _gather(outs: list[torch.Tensor], ranks: list[int], group) -> int:
         return 0
     sizes = {t.numel() for t in outs}
     if outs[0].is_cuda and len(sizes) == 1:
-        me = dist.get_rank(group)
-        dist.all_gather(outs, outs[me], group=group)
+        # all_gather fills by group rank (ascending global rank); ``outs`` is in member order, which
+        # differs where a pool lists its ranks out of order (placement.pools.x=[3, 2, ...])
+        by_group_rank = sorted(range(len(ranks)), key=lambda j: dist.get_group_rank(group, ranks[j]))
+        me = ranks.index(dist.get_rank())
+        dist.all_gather([outs[j] for j in by_group_rank], outs[me], group=group)
         return sum(t.nbytes for t in outs)
     for j, tensor in enumerate(outs):
         dist.broadcast(tensor, src=ranks[j], group=group)
@@ -517,8 +520,8 @@ class HybridEngine:
         mine = flat[coord.dp * self.chunk:(coord.dp + 1) * self.chunk] if dp > 1 else flat
         recv = torch.empty(self.num_members * self.chunk, dtype=self.dtype, device=self.device)
         n, me = self.num_members, self.dense_member
-        if self.device.type == "cuda" and n > 1:
-            all_gather_flat(recv, mine, group)
+        if self.device.type == "cuda" and n > 1 and self.dense_ranks == sorted(self.dense_ranks):
+            all_gather_flat(recv, mine, group)   # group rank order is member order here
         else:  # the broadcasts read this rank's contribution from its own slot
             recv[me * self.chunk:(me + 1) * self.chunk].copy_(mine)
             _gather(list(recv.split(self.chunk)), self.dense_ranks, group)

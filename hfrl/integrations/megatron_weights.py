@@ -306,6 +306,8 @@ def move_vocab_rows(local: torch.Tensor, out: torch.Tensor, vocab_size: int, gro
             buffer = torch.empty_like(out[at])
             ops.append(dist.P2POp(dist.irecv, buffer, dist.get_global_rank(group, src), group))
             received.append((at, buffer))
+    if tp > 1:  # every rank: batched P2P as a group's first collective needs all of them (NCCL's lazy init)
+        dist.barrier(group=group)
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()

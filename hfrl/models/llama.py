@@ -168,8 +168,15 @@ class Attention(nn.Module):
         elif isinstance(attn_mask, PackedAttention):
             y = attn_mask.attend(q, k, v, enable_gqa=nh != nkv)  # (1, nh, T, hd)
         else:
+            gqa = nh != nkv
+            if gqa and attn_mask is not None and q.is_cuda:
+                # CUDA runs GQA only in the flash and math kernels, and flash takes no mask: with a mask
+                # that would be the math kernel's (B, nh, T, T) fp32 scores. Shared kv heads repeated,
+                # the memory-efficient kernel takes the mask (same values).
+                k, v = (t.repeat_interleave(nh // nkv, dim=1) for t in (k, v))
+                gqa = False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                               enable_gqa=nh != nkv)  # (B, nh, T, hd)
+                                               enable_gqa=gqa)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return self.o_proj(y)  # (B, T, H); row-parallel under TP: partial sums before the all-reduce
 

@@ -38,8 +38,14 @@ def _available_host_bytes() -> int:
 
 
 def free_device_bytes(device: torch.device) -> int:
-    """Free memory of ``device``: the CUDA allocator's view on GPUs, MemAvailable on the host."""
+    """Free memory of ``device``: the driver's view on GPUs, MemAvailable on the host.
+
+    On CUDA, the caching allocator's unused blocks (the previous rollout's KV cache, the training
+    step's activations, optimizer states offloaded by the hybrid engine) are returned to the driver
+    first: cudaMemGetInfo counts them as used, and a budget taken as a fraction of it would shrink
+    from the second rollout on."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     return _available_host_bytes()

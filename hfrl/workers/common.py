@@ -35,9 +35,9 @@ def prompt_width(batch: Batch) -> int:
 
 def response_from_shifted(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     """(N, T-1) outputs where column t is about token t+1 (next-token log-probs) -> (N, R) of the
-    response tokens, 0 on padding."""
+    response tokens, 0 on padding. On ``values``' device (the engine's; the batch is on the host)."""
     P, R = prompt_width(batch), batch["response_mask"].shape[1]
-    return values[:, P - 1:P - 1 + R] * batch["response_mask"].to(values.dtype)
+    return values[:, P - 1:P - 1 + R] * batch["response_mask"].to(values.device, values.dtype)
 
 
 def response_from_states(values: torch.Tensor, batch: Batch) -> torch.Tensor:

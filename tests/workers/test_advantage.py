@@ -36,6 +36,10 @@ def test_columns_line_up_with_the_tokens():
     assert response_from_states(states, gen).tolist() == [[2.0, 3.0], [7.0, 0.0]]
     per_token = to_token_columns(torch.tensor([[10.0, 11.0], [12.0, 0.0]]), gen)
     assert per_token.tolist() == [[0, 0, 0, 10, 11], [0, 0, 0, 12, 0]]
+    # the engine's outputs stay on its device (CUDA under NCCL; "meta" stands in for it here) while
+    # the batch's mask is on the host: the mask goes to the outputs' device
+    on_device = response_from_shifted(torch.zeros(2, 4, device="meta", dtype=torch.bfloat16), gen)
+    assert on_device.device.type == "meta" and on_device.shape == (2, 2) and on_device.dtype == torch.bfloat16
 
 
 def test_remax_rows_get_their_own_baseline():
