@@ -180,10 +180,12 @@ class RLTrainer(ABC):
         if self.rollout is None:
             return []
         links = self.plan.weight_sync_groups()
-        calls = [(self.rollout, "receive_weights"), (self.actor, "send_weights")]
+        dims = self.plan.role("rollout").dims
+        rollout_tp = tuple(dims.coord(i).tp for i in range(dims.world_size))   # in pool order, as links[s][1:]
+        calls = [(self.rollout, "receive_weights", (links,)), (self.actor, "send_weights", (links, rollout_tp, dims.tp))]
         if 0 in self.rollout.pool.ranks:
             calls.reverse()
-        futures = {name: getattr(group, name)(links, blocking=False) for group, name in calls}
+        futures = {name: getattr(group, name)(*args, blocking=False) for group, name, args in calls}
         return [futures["send_weights"], futures["receive_weights"]]
 
     def trainable(self) -> dict[str, WorkerGroup]:

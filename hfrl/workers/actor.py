@@ -65,11 +65,13 @@ class ActorWorker(PolicyWorker, ResponseGenerator):
             self.rollout = self.hybrid.rollout_engine(rollout_cfg)
 
     @register(protocol=ONE_TO_ALL)
-    def send_weights(self, links: tuple[tuple[int, ...], ...]) -> dict:
+    def send_weights(self, links: tuple[tuple[int, ...], ...], rollout_tp: tuple[int, ...], tg: int) -> dict:
         """After an update: this rank's part of the weight sync to the rollout role (see
         hfrl.workers.rollout). Training replica 0 gathers each stage over TP; the stage's tp=0 rank
-        broadcasts it over `links[stage]`; the other replicas have nothing to do."""
-        from hfrl.workers.rollout import broadcast_stage
+        sends it over `links[stage]` to the rollout ranks `links[stage][1:]`, whose TP ranks (of tg)
+        are `rollout_tp`; the other replicas have nothing to do."""
+        from hfrl.models.weights import param_plan
+        from hfrl.workers.rollout import send_stage
 
         meta: dict = {}
         with timed(meta, "timing_s/weight_sync"):
@@ -77,7 +79,8 @@ class ActorWorker(PolicyWorker, ResponseGenerator):
                 full = self.engine.stage_state_dict()   # collective over this replica's TP group
                 if self.engine.tp_rank == 0:
                     link = links[self.engine.pp_rank]
-                    broadcast_stage(full, link[0], self.ctx.runtime.cache.get(link))
+                    specs = {spec.name: spec for spec in param_plan(self.engine.model_config)}
+                    send_stage(full, specs, link, self.ctx.runtime.cache.get(link), rollout_tp, tg)
         return meta
 
     # ---- generation (generate() and its rows: hfrl.workers.generation) ---------------------------

@@ -7,14 +7,16 @@
 
                for each actor pipeline stage s (in order), over link group s = (sender, *rollout ranks):
                    sender (stage s, dp=0, tp=0) gathers the stage's full tensors over its TP group
-                   broadcast the stage's header [(names, shape, dtype)], then each distinct tensor
-                   every rollout rank copies its own TP shard of each tensor into its model
+                   broadcast the stage's header [(names, kind, shape, dtype)], then per distinct tensor
+                     a TP-split one (tg > 1): scatter, each rollout rank gets its own TP shard
+                     a replicated one (norms; every tensor at tg = 1): broadcast
+                   every rollout rank copies what it got into its model
 
 Weights travel actor rank -> rollout ranks over those groups (NCCL on GPUs), never through rank 0's
-control channel. Every rollout rank receives every full tensor once: bytes per sync = the actor's
-parameter bytes (each tied or shared tensor once) x the rollout pool's ranks, reported as
-`rollout/sync_bytes` (a rollout rank at tg > 1 keeps 1/tg of them; sending shards instead would cut
-the bytes by tg and is not done).
+control channel, and each rollout rank receives only what it keeps: bytes per sync = the actor's
+parameter bytes (each tied or shared tensor once) x the rollout's replicas, plus the replicated
+tensors (and the kv heads copied where tg exceeds the kv heads) x the other TP ranks, reported as
+`rollout/sync_bytes`.
 """
 from __future__ import annotations
 
@@ -25,22 +27,47 @@ import torch.distributed as dist
 
 from hfrl.controller import ONE_TO_ALL, Worker, register
 from hfrl.distributed.env import collective_device
+from hfrl.models.weights import ParamSpec, model_param_plan, shard_tensor
 from hfrl.workers.common import timed
 from hfrl.workers.generation import ResponseGenerator
 
 
-def broadcast_stage(full: dict[str, torch.Tensor], src: int, group) -> None:
-    """Sender side: one stage's full tensors (global names) to every other member of `group`."""
+def send_stage(full: dict[str, torch.Tensor], specs: dict[str, ParamSpec], link: tuple[int, ...], group,
+               rollout_tp: tuple[int, ...], tg: int) -> None:
+    """Sender side: one stage's full tensors (global names, ``specs`` their plan) to the rollout ranks
+    ``link[1:]`` (TP ranks ``rollout_tp``) over ``group``: TP-split tensors as each rank's shard, the
+    others whole."""
+    src = link[0]
     distinct: dict[tuple, list[str]] = {}
     tensors: dict[tuple, torch.Tensor] = {}
     for name, tensor in full.items():   # a tied lm_head shares the embedding's storage: sent once
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        spec = specs[name]
+        kind = "full" if tg == 1 or spec.shard == "replicated" else "shard"
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, kind, spec.shard, spec.hf_shapes, spec.unit)
         distinct.setdefault(key, []).append(name)
-        tensors[key] = tensor
-    header = [(names, tuple(tensors[k].shape), tensors[k].dtype) for k, names in distinct.items()]
+        tensors[key] = tensor.detach()
+    header = []
+    for key, names in distinct.items():
+        tensor, kind = tensors[key], key[3]
+        if kind == "shard":   # its shape, from the plan alone
+            shape = tuple(shard_tensor(specs[names[0]], tensor.to("meta"), 0, tg, replicate_kv_heads=True).shape)
+        else:
+            shape = tuple(tensor.shape)
+        header.append((names, kind, shape, tensor.dtype))
     dist.broadcast_object_list([header], src=src, group=group)
-    for key in distinct:
-        dist.broadcast(tensors[key].detach().contiguous(), src=src, group=group)
+    slot = {rank: dist.get_group_rank(group, rank) for rank in link}   # scatter lists go by group rank
+    for (names, kind, shape, _), key in zip(header, distinct):
+        tensor = tensors[key]
+        if kind == "full":
+            dist.broadcast(tensor.contiguous(), src=src, group=group)
+            continue
+        shards = [shard_tensor(specs[names[0]], tensor, r, tg, replicate_kv_heads=True).contiguous()
+                  for r in range(tg)]
+        own = torch.empty_like(shards[0])   # the sender's slot: it keeps nothing
+        scatter = [own] * len(link)
+        for rank, tp in zip(link[1:], rollout_tp):
+            scatter[slot[rank]] = shards[tp]
+        dist.scatter(own, scatter, src=src, group=group)
 
 
 class RolloutWorker(Worker, ResponseGenerator):
@@ -66,8 +93,6 @@ class RolloutWorker(Worker, ResponseGenerator):
     def receive_weights(self, links: tuple[tuple[int, ...], ...]) -> dict:
         """Receive every actor stage's weights (see the module docstring); {"rollout/sync_bytes":
         bytes received by the whole rollout pool}."""
-        from hfrl.models.weights import model_param_plan, shard_tensor
-
         specs = {spec.name: spec for spec in model_param_plan(self.model)}
         params = dict(self.model.named_parameters(remove_duplicate=False))
         tp, tp_rank = self.ctx.dims.tp, self.ctx.coord.tp
@@ -77,13 +102,16 @@ class RolloutWorker(Worker, ResponseGenerator):
                 group = self.ctx.runtime.cache.get(tuple(link))
                 box = [None]
                 dist.broadcast_object_list(box, src=link[0], group=group)
-                for names, shape, dtype in box[0]:
-                    full = torch.empty(shape, dtype=dtype, device=self.model.embed_tokens.weight.device)
-                    dist.broadcast(full, src=link[0], group=group)
-                    received += full.nbytes
+                for names, kind, shape, dtype in box[0]:
+                    got = torch.empty(shape, dtype=dtype, device=self.model.embed_tokens.weight.device)
+                    if kind == "shard":   # this rank's TP shard
+                        dist.scatter(got, None, src=link[0], group=group)
+                    else:
+                        dist.broadcast(got, src=link[0], group=group)
+                    received += got.nbytes
                     for name in names:
-                        local = shard_tensor(specs[name], full, tp_rank, tp, replicate_kv_heads=True)
-                        params[name].copy_(local)
+                        params[name].copy_(got if kind == "shard" else
+                                           shard_tensor(specs[name], got, tp_rank, tp, replicate_kv_heads=True))
         role = self.ctx.groups.groups["role"]
         total = torch.tensor([received], dtype=torch.float64, device=collective_device(role))
         dist.all_reduce(total, group=role)

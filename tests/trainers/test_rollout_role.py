@@ -3,7 +3,7 @@
 One 3-rank spawn runs two GRPO jobs of 2 steps: the actor at tp=1 on rank 0 sending to a rollout at
 tg=2 on ranks 1-2, and the actor at tp=2 on ranks 0-1 sending to a rollout on rank 2. After each, the
 rollout's weights must equal the actor's exactly (fp32) and differ from the starting checkpoint, and
-every step must report the bytes the sync moved: the actor's parameter bytes once per rollout rank.
+every step must report the bytes the sync moved: what each rollout rank keeps (at tg=2 its TP shards).
 The config errors are pure checks (no process).
 """
 from __future__ import annotations
@@ -61,6 +61,25 @@ def _param_bytes(folder: Path) -> int:
     return sum(t.numel() * t.element_size() for t in _weights(folder).values())
 
 
+def _kept_bytes(folder: Path, tg: int) -> int:
+    """Bytes one rollout rank at TP degree tg keeps of the fp32 model: its shard of each TP-split
+    tensor (vocab rows padded to a multiple of tg, kv heads copied where tg exceeds them), every
+    replicated one whole, a tied head not again."""
+    from hfrl.models.config import ModelConfig
+    from hfrl.models.weights import param_plan, shard_tensor
+
+    config = ModelConfig.from_pretrained(str(folder))
+    total = 0
+    for spec in param_plan(config):
+        if spec.name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        full = torch.empty(spec.shape, device="meta")
+        kept = full if tg == 1 or spec.shard == "replicated" else shard_tensor(spec, full, 0, tg,
+                                                                               replicate_kv_heads=True)
+        total += kept.numel() * 4
+    return total
+
+
 @pytest.mark.parametrize("name,rollout_ranks", [("tg2", 2), ("tp2", 1)])
 def test_rollout_weights_equal_the_actors_after_each_sync(rollout_runs, assets, name, rollout_ranks):
     root, results = rollout_runs
@@ -73,12 +92,14 @@ def test_rollout_weights_equal_the_actors_after_each_sync(rollout_runs, assets, 
         assert torch.equal(rollout[key], actor[key]), key
     changed = [k for k in start if not torch.equal(start[k], actor[k])]
     assert len(changed) >= len(start) // 2, "the actor barely trained: the check would prove nothing"
-    # every step synced the whole model to every rollout rank, and said so
+    # every step sent each rollout rank what it keeps (at tg=2 its TP shards, not the whole model), and said so
     model_bytes = _param_bytes(assets / "policy")
+    kept = _kept_bytes(assets / "policy", rollout_ranks if name == "tg2" else 1)
+    assert kept == model_bytes if name == "tp2" else kept < 0.7 * model_bytes
     steps = _metrics(root / name)
     assert [s["step"] for s in steps] == [1, 2]
     for step in steps:
-        assert step["rollout/sync_bytes"] == model_bytes * rollout_ranks, (step["rollout/sync_bytes"], model_bytes)
+        assert step["rollout/sync_bytes"] == kept * rollout_ranks, (step["rollout/sync_bytes"], kept, model_bytes)
         assert step["timing_s/weight_sync"] > 0
         assert math.isfinite(step["actor/pg_loss"])
     # the rollout's log-probs were computed with the weights the actor held at generation time
