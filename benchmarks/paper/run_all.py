@@ -54,7 +54,8 @@ def main() -> int:
     profile = args.profile
     if profile is None and args.only and (out / PROFILE_FILE).exists():
         profile = str(out / PROFILE_FILE)
-    kept = _kept_records(out / "run_all.jsonl", scripts, profile is not None) if args.only else []
+    reused = profile == str(out / PROFILE_FILE)   # the calibration line stays only with its profile
+    kept = _kept_records(out / "run_all.jsonl", scripts, reused) if args.only else []
     log = open(out / "run_all.jsonl", "w")
     log.writelines(kept)
     log.flush()

@@ -82,8 +82,9 @@ def masked_whiten(
     if sum_all is not None:
         sq_dev = sum_all(sq_dev)
     var = torch.where(count > 1, sq_dev[0] / (count - 1).clamp(min=1), torch.zeros_like(count))
-    mean, inv_std = mean.to(x.dtype), torch.rsqrt(var + eps).to(x.dtype)
-    whitened = (x - mean) * inv_std
+    dtype = x.dtype if x.is_floating_point() else torch.float32   # integer scores whiten to floats
+    mean, inv_std = mean.to(dtype), torch.rsqrt(var + eps).to(dtype)
+    whitened = (x.to(dtype) - mean) * inv_std
     if not shift_mean:
         whitened = whitened + mean
     return whitened * _as_weight(mask, whitened)

@@ -127,7 +127,9 @@ def _even_sizes(world_size: int, names: list[str], mode: str) -> dict[str, int]:
 
 
 def _make_pools(spec: dict[str, int | list[int]], world_size: int, mode: str) -> list[ResourcePool]:
-    """Sizes are laid out consecutively in the given order; rank lists are taken as they are."""
+    """Sizes are laid out consecutively in the given order; rank lists are taken as they are, and must
+    be ascending: a process group orders its members by global rank, so a pool listed out of order
+    would give a rank one TP/DP coordinate in the plan and another in its groups (the wrong shards)."""
     pools, next_rank, owner = [], 0, {}
     for name, value in spec.items():
         if isinstance(value, int):
@@ -141,6 +143,10 @@ def _make_pools(spec: dict[str, int | list[int]], world_size: int, mode: str) ->
                 raise ValueError(f"placement.pools.{name}: empty rank list")
             if len(set(ranks)) != len(ranks):
                 raise ValueError(f"placement.pools.{name}={list(ranks)} lists a rank twice")
+            if list(ranks) != sorted(ranks):
+                raise ValueError(f"placement.pools.{name}={list(ranks)}: list the ranks in ascending order "
+                                 f"({sorted(ranks)}); process groups order their members by global rank, so "
+                                 "a pool's rank order is fixed")
         for rank in ranks:
             if not 0 <= rank < world_size:
                 raise ValueError(f"placement.pools.{name} uses rank {rank}, outside the world of "

@@ -282,6 +282,7 @@ class RLTrainer(ABC):
         keep = self.cfg.trainer.keep_checkpoints
         done = complete_checkpoints(self.run_dir)
         for old in done[:-keep] if keep else []:
+            (old / STATE_FILE).unlink()   # first: a deletion cut short leaves a folder marked incomplete
             shutil.rmtree(old, ignore_errors=True)
         remove_incomplete_checkpoints(self.run_dir)
 
@@ -379,22 +380,31 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def remove_incomplete_checkpoints(run_dir: Path) -> list[str]:
-    """Settle the hidden temporary folders (``.step_N.tmp``) that saves write and then rename into
-    place, left behind by a run killed during a save; call only when no save is under way. One that
-    holds a readable trainer_state.json (written last) is whole: it is renamed to ``step_N`` when
-    that is missing (the kill fell between deleting an older step_N and the rename), never lost.
-    Any other is a save that never finished, as large as a checkpoint and never resumed: deleted.
-    Returns one line per folder saying which."""
+    """Settle what a run killed while saving or pruning left in its checkpoints folder; call only when
+    no save is under way. Returns one line per folder saying what was done.
+
+    - ``.step_N.tmp`` (a save writes it, then renames it into place) holding a readable
+      trainer_state.json (written last) is whole and newer than any ``step_N``: renamed into place,
+      replacing a ``step_N`` the kill may have left half-deleted. Never lost.
+    - Any other ``.step_N.tmp`` is a save that never finished: deleted (it is as large as a checkpoint
+      and can never be resumed).
+    - ``step_N`` without trainer_state.json is a deletion cut short (pruning removes that file first):
+      deleted."""
     root = Path(run_dir) / CHECKPOINTS
     done = []
     for tmp in sorted(root.glob(".step_*.tmp")) if root.is_dir() else []:
         final = root / tmp.name[1:-len(".tmp")]
-        if _readable_state(tmp) and not final.exists():
+        if _readable_state(tmp):
+            shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             done.append(f"recovered {final} from the complete save {tmp.name} that a killed run had not renamed")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
             done.append(f"deleted {tmp}: an incomplete checkpoint left by an interrupted save")
+    for folder in sorted(root.glob("step_*")) if root.is_dir() else []:
+        if folder.is_dir() and not (folder / STATE_FILE).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            done.append(f"deleted {folder}: a checkpoint whose deletion was cut short (no {STATE_FILE})")
     return done
 
 

@@ -14,6 +14,7 @@ reduces the metrics over DP.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -60,9 +61,11 @@ def advantage_columns(algo, gen: Batch, scores: torch.Tensor, old_log_probs: tor
     if ref_log_probs is not None and algo.kl_in_reward and kl_coef > 0:
         token_rewards, _ = apply_kl_in_reward(token_scores, old_log_probs, ref_log_probs, mask, kl_coef,
                                               algo.kl_estimator)
-    advantages, returns = get_advantage(estimator)(
+    estimate = get_advantage(estimator)
+    extra = {"sum_all": sum_all} if sum_all is not None and takes_sum_all(estimate) else {}
+    advantages, returns = estimate(
         token_rewards, mask, values=values, group_index=gen["uid"], baseline=baseline,
-        gamma=algo.gamma, lam=algo.lam, norm_by_std=algo.group_norm_by_std, sum_all=sum_all)
+        gamma=algo.gamma, lam=algo.lam, norm_by_std=algo.group_norm_by_std, **extra)
     columns = {"input_ids": gen["input_ids"], "attention_mask": gen["attention_mask"],
                "loss_mask": to_token_columns(mask, gen), "old_log_probs": to_token_columns(old_log_probs, gen)}
     if costs is not None:
@@ -110,6 +113,13 @@ def step_metrics(gen: Batch, scores: torch.Tensor, old_log_probs: torch.Tensor, 
     metrics.total("perf/total_tokens", float(gen["attention_mask"].sum()))
     metrics.total("perf/num_sequences", float(len(gen)))
     return metrics
+
+
+def takes_sum_all(estimator) -> bool:
+    """Whether a registered estimator takes ``sum_all`` (every built-in one does; one registered with
+    the older signature is called without it, and whitens its own rows, if it whitens)."""
+    params = inspect.signature(estimator).parameters.values()
+    return any(p.name == "sum_all" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def dp_sum(group):

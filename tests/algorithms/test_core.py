@@ -27,6 +27,9 @@ def test_masked_whiten():
     assert (w[~MASK.bool()] == 0).all()
     scaled = masked_whiten(X, MASK, shift_mean=False)
     torch.testing.assert_close(scaled[MASK.bool()], expected + 2.5)
+    integers = masked_whiten(X.round().long(), MASK)   # integer scores whiten to float32, not to 0
+    assert integers.dtype == torch.float32
+    torch.testing.assert_close(integers, masked_whiten(X.round(), MASK))
 
 
 def test_sequence_mask():

@@ -94,25 +94,29 @@ def test_an_unknown_task_is_refused_with_the_known_ones(tmp_path):
 
 
 def test_interrupted_saves_are_settled(tmp_path):
-    """A save writes .step_N.tmp and renames it into place. One left by a killed run is deleted when
-    unfinished, and renamed into place when whole (its state file written) and step_N is missing;
-    complete checkpoints, and folders hfrl did not name so, are left alone."""
+    """What a killed save or prune leaves is settled: an unfinished .step_N.tmp is deleted, a whole
+    one (its state file written last) renamed into place, replacing a step_N the kill left half
+    deleted, and a step_N without its state file (pruning deletes that first) deleted. Complete
+    checkpoints, and folders hfrl did not name so, are left alone."""
     from hfrl.trainers.base import STATE_FILE, complete_checkpoints, remove_incomplete_checkpoints
 
     root = tmp_path / "checkpoints"
-    names = ("step_00000002", ".step_00000002.tmp", ".step_00000004.tmp", ".step_00000006.tmp",
-             ".step_00000008.tmp", "step_00000003", "notes")
+    names = ("step_00000002", "step_00000004", ".step_00000004.tmp", ".step_00000006.tmp",
+             ".step_00000008.tmp", ".step_00000010.tmp", "step_00000003", "notes")
     for name in names:
         (root / name / "actor").mkdir(parents=True)
         (root / name / "actor" / "weights.bin").write_bytes(name.encode())
     (root / "step_00000002" / STATE_FILE).write_text("{}")
-    (root / ".step_00000002.tmp" / STATE_FILE).write_text("{}")   # whole, but step_00000002 exists
-    (root / ".step_00000004.tmp" / STATE_FILE).write_text('{"step": 4}')   # whole, never renamed
-    (root / ".step_00000008.tmp" / STATE_FILE).write_text('{"step": ')   # killed while writing it
+    (root / ".step_00000004.tmp" / STATE_FILE).write_text('{"step": 4}')   # whole; step_00000004 half deleted
+    (root / ".step_00000006.tmp" / STATE_FILE).write_text('{"step": 6}')   # whole, never renamed
+    (root / ".step_00000010.tmp" / STATE_FILE).write_text('{"step": ')   # killed while writing it
     lines = remove_incomplete_checkpoints(tmp_path)
-    assert [line.split()[0] for line in lines] == ["deleted", "recovered", "deleted", "deleted"]
-    assert sorted(p.name for p in root.iterdir()) == ["notes", "step_00000002", "step_00000003", "step_00000004"]
+    assert [line.split()[0] for line in lines] == ["recovered", "recovered", "deleted", "deleted", "deleted"]
+    assert lines[-1].split()[1].endswith("step_00000003:")
+    assert sorted(p.name for p in root.iterdir()) == ["notes", "step_00000002", "step_00000004", "step_00000006"]
     assert (root / "step_00000004" / "actor" / "weights.bin").read_bytes() == b".step_00000004.tmp"
+    assert (root / "step_00000006" / "actor" / "weights.bin").read_bytes() == b".step_00000006.tmp"
     assert (root / "step_00000002" / "actor" / "weights.bin").read_bytes() == b"step_00000002"
-    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000004", "step_00000006"]
+    assert remove_incomplete_checkpoints(tmp_path) == []   # settled
     assert remove_incomplete_checkpoints(tmp_path / "nothing_here") == []

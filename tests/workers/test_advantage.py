@@ -171,3 +171,23 @@ def test_whitening_over_dp_ranks_equals_one_rank():
         assert not torch.allclose(local, whole, atol=1e-3), name   # the case tells the two apart
         valid = mask.bool()
         assert abs(float(split[valid].mean())) < 1e-5 and abs(float(split[valid].std()) - 1) < 1e-4
+
+
+def test_an_estimator_registered_with_the_older_signature_still_runs():
+    """Custom estimators registered before ``sum_all`` existed are called without it (at any DP size)."""
+    from hfrl.algorithms import ADVANTAGES, register_advantage
+    from hfrl.workers.advantage import takes_sum_all
+
+    @register_advantage("test_old_signature")
+    def old(token_rewards, response_mask, *, values=None, group_index=None, baseline=None,
+            gamma=1.0, lam=1.0, norm_by_std=True, eps=1e-6):
+        return token_rewards * 2, token_rewards
+
+    try:
+        assert not takes_sum_all(old) and takes_sum_all(ADVANTAGES["gae"])
+        gen = rollout([[1, 1], [1, 0]])
+        out = advantage_columns(AlgorithmConfig(), gen, torch.tensor([1.0, 3.0]), torch.zeros(2, 2),
+                                estimator="test_old_signature", sum_all=lambda t: t)
+        assert out.advantages.tolist() == [[0.0, 2.0], [6.0, 0.0]]
+    finally:
+        del ADVANTAGES["test_old_signature"]
