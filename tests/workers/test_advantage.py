@@ -152,7 +152,17 @@ def _dp_whitening(rank, world_size):
         kwargs = dict(values=values[rows], group_index=uid[rows], gamma=0.9, lam=0.8)
         out[name] = get_advantage(name)(rewards[rows], mask[rows], sum_all=sum_all, **kwargs)[0]
         out[name + "/local"] = get_advantage(name)(rewards[rows], mask[rows], **kwargs)[0]
+    out["safe_rlhf"] = _safe_rlhf_columns(rows, sum_all).advantages   # the worker's path, reward and cost GAE
     return out
+
+
+def _safe_rlhf_columns(rows, sum_all):
+    rewards, mask, values, uid = _whitening_batch()
+    gen = rollout(mask[rows].long().tolist())
+    scores, costs = rewards[rows].sum(-1), values[rows].sum(-1)
+    return advantage_columns(AlgorithmConfig(gamma=0.9, lam=0.8), gen, scores, torch.zeros_like(mask[rows]),
+                             estimator="gae", values=values[rows], costs=costs, cost_values=rewards[rows],
+                             lagrange=0.5, sum_all=sum_all)
 
 
 def test_whitening_over_dp_ranks_equals_one_rank():
@@ -171,6 +181,9 @@ def test_whitening_over_dp_ranks_equals_one_rank():
         assert not torch.allclose(local, whole, atol=1e-3), name   # the case tells the two apart
         valid = mask.bool()
         assert abs(float(split[valid].mean())) < 1e-5 and abs(float(split[valid].std()) - 1) < 1e-4
+    whole = _safe_rlhf_columns(slice(0, 8), None).advantages
+    torch.testing.assert_close(torch.cat([per_rank[0]["safe_rlhf"], per_rank[1]["safe_rlhf"]]), whole,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_an_estimator_registered_with_the_older_signature_still_runs():
