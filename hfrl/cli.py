@@ -163,7 +163,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         device = get_profile(ns.device)
     workload = plan_workload(ns)
     start = time.perf_counter()
-    ranked = search(workload, ns.devices, device, top_k=ns.top_k)
+    ranked = search(workload, ns.devices, device, top_k=ns.top_k, time_shared=ns.time_shared)
     elapsed = time.perf_counter() - start
     if ns.out:
         with open(ns.out, "w") as f:
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", default=None, help="write the best mapping as a config (pools, roles, layouts)")
     plan.add_argument("--calibrate", action="store_true", help="measure this machine into a device profile and "
                                                                "plan for it")
+    plan.add_argument("--time-shared", action="store_true",
+                      help="the --devices ranks are processes on this machine's cores, more of them than cores "
+                           "(a calibrated CPU profile): rank placements with the cores time-shared among busy ranks")
     plan.add_argument("--save-profile", default=None, help="with --calibrate: write the profile as JSON")
     plan.set_defaults(func=cmd_plan)
 

@@ -9,11 +9,12 @@ Each placement gets its best layouts: `hfrl.mapping.search` returns every placem
 and the placement's line uses that one ("auto" is the overall best).
 
 Measured (CPU scale, PPO, `hfrl train` on 4 ranks; common.py's models and batch; four ranks time-share
-the two cores, and the profile the search uses says so: DeviceProfile.oversubscribed): one run per
-placement (placement.mode custom, mapping_to_config), the mean throughput over the iterations after
-the first. Each line's `predicted_iteration_s` is the simulator's for that mapping with the cores
-time-shared among the ranks busy at each moment (`simulate(..., cores=2)`), which, unlike the
-uniform oversubscribed profile, lets a waiting rank leave its core to the others.
+the two cores, and the search knows it: `search(..., time_shared=True)` finds each placement's best
+layouts with the oversubscribed profile, DeviceProfile.oversubscribed, and ranks the placements by the
+simulator with the cores time-shared among the ranks busy at each moment, `simulate(..., cores=2)`,
+which lets a waiting rank leave its core to the others): one run per placement (placement.mode
+custom, mapping_to_config), the mean throughput over the iterations after the first. Each line's
+`predicted_iteration_s` is that time-shared prediction.
 
 Simulated (paper scale, A100-80GB, the paper's workload): predicted tokens/s of each placement for
 PPO with 7B actor, reference, critic and reward on 16-64 GPUs, and with a 13B actor and reference and
@@ -57,7 +58,7 @@ def measured(results: Results, profile, folder: Path, steps: int) -> None:
     config = base_config("ppo", folder, steps)
     workload = cpu_workload(config, "ppo")
     device = ranks_on(profile, RANKS)
-    found = by_placement(search(workload, RANKS, device, top_k=64))
+    found = by_placement(search(workload, RANKS, profile, top_k=64, time_shared=True))
     for name in PLACEMENTS:
         est = found.get(name)
         if est is None:

@@ -430,17 +430,31 @@ def auto_parallel(role: str, spec, num_devices: int, workload: Workload, device,
 
 
 def search(workload: Workload, num_devices: int, device, *, top_k: int = 10,
-           planner: Planner | None = None) -> list[Estimate]:
+           planner: Planner | None = None, time_shared: bool = False) -> list[Estimate]:
     """Algorithm 1: the best mapping of each placement, ranked (best first, at most `top_k`).
 
     `planner` (optional) carries the memo from an earlier search of the same workload and device
     (it does not depend on num_devices). ValueError: num_devices not a valid size; a role that fits
     on no set of at most num_devices devices (named, with the devices it needs); no placement whose
     sets all fit.
+
+    `time_shared`: the num_devices ranks are CPU processes on `device`'s devices_per_node cores (a
+    calibrated CPU profile), more ranks than cores. Each placement's best mapping is searched on
+    ``device.oversubscribed(num_devices)``, every rate shared all the time; the placements are then
+    ranked, and reported, by ``simulate(..., device, cores=devices_per_node)``, where a rank waiting
+    for another set leaves its core to the busy ones: a standalone or split placement gets the cores
+    a colocated one must share.
     """
-    check_device_count(num_devices, device)
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k={top_k!r} must be a positive integer")
+    if time_shared and num_devices > device.devices_per_node:
+        every_placement = 10 ** 6   # one mapping per placement: Bell(roles) of them, 52 for five roles
+        found = search(workload, num_devices, device.oversubscribed(num_devices), top_k=every_placement,
+                       planner=planner)
+        cores = device.devices_per_node
+        ranked = sorted((simulate(workload, e.mapping, device, cores=cores) for e in found), key=lambda e: e.total_s)
+        return ranked[:top_k]
+    check_device_count(num_devices, device)
     if planner is None or planner.workload != workload or planner.device != device:
         planner = Planner(workload, device)
     sizes = device_counts(num_devices, device)

@@ -212,3 +212,30 @@ def test_searched_generation_layouts_are_runnable():
     plans = [p for e in ranked for p in e.mapping.plans if p.gen is not None]
     assert plans and all(p.gen.pg == 1 for p in plans)
     assert any(p.train.pp > 1 for p in plans)
+
+
+def test_time_shared_search_ranks_placements_by_time_shared_cores():
+    """4 CPU ranks on 2 cores: each placement's best layouts come from the oversubscribed profile, the
+    ranking from the simulator with the cores time-shared among busy ranks; a colocated placement's
+    4 ranks are always busy together, so it loses the lead it has under a uniformly shared profile."""
+    import dataclasses
+
+    from hfrl.mapping import ModelSpec, simulate
+
+    cpu = dataclasses.replace(A100, name="cpu", devices_per_node=2, peak_flops=5e10, mem_bandwidth=1e10,
+                              intra_node_bandwidth=5e9, memory_bytes=8 << 30, call_overhead_s=1e-3,
+                              pass_overhead_s=2e-3, layer_overhead_s=3e-4, decode_step_overhead_s=1e-3)
+    small = ModelSpec(name="small", num_layers=4, hidden_size=256, intermediate_size=704, num_heads=4,
+                      num_kv_heads=2, vocab_size=64)
+    w = Workload(algorithm="ppo", models={"actor": small, "ref": small, "critic": small.as_value_model(),
+                                          "reward": small.as_value_model()},
+                 prompt_len=8, response_len=32, num_prompts=16)
+    uniform = search(w, 4, cpu.oversubscribed(4), top_k=100)
+    shared = search(w, 4, cpu, top_k=100, time_shared=True)
+    assert [e.total_s for e in shared] == sorted(e.total_s for e in shared)
+    assert {e.mapping for e in shared} == {e.mapping for e in uniform}   # the same layouts, ranked anew
+    for est in shared:
+        assert est.total_s == simulate(w, est.mapping, cpu, cores=2).total_s
+    assert search(w, 4, cpu, top_k=2, time_shared=True) == shared[:2]
+    assert len(uniform[0].mapping.placement) < len(shared[0].mapping.placement)   # colocation lost the lead
+    assert search(w, 2, cpu, time_shared=True)[0] == search(w, 2, cpu)[0]   # ranks fit the cores: unchanged
