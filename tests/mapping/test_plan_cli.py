@@ -56,3 +56,30 @@ def test_plan_bad_input(args, match):
     result = hfrl("plan", *(["--devices", "16"] if "--devices" not in args else []), *args, check=False)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert match in result.stderr and result.stderr.startswith("hfrl plan: error"), result.stderr
+
+
+def test_plan_time_shared_on_a_cpu_profile(tmp_path, capsys):
+    """--time-shared with a CPU profile (2 cores) and 4 ranks lists what search(time_shared=True) ranks."""
+    import dataclasses
+
+    from hfrl.cli import main, plan_workload
+    from hfrl.mapping import get_profile, save_profile, search
+
+    cpu = dataclasses.replace(get_profile("a100-80gb"), name="cpu", devices_per_node=2, peak_flops=5e10,
+                              mem_bandwidth=1e10, intra_node_bandwidth=5e9)
+    save_profile(cpu, str(tmp_path / "cpu.json"))
+    args = ["plan", "--algo", "ppo", "--model-size", "1.3b", "--devices", "4", "--device", str(tmp_path / "cpu.json"),
+            "--prompt-len", "8", "--response-len", "32", "--num-prompts", "16", "--json", "--top-k", "3",
+            "--time-shared"]
+    assert main(args) == 0
+    listed = json.loads(capsys.readouterr().out)["mappings"]
+    ns = build_parser_namespace(args)
+    expected = search(plan_workload(ns), 4, cpu, top_k=3, time_shared=True)
+    assert [m["total_s"] for m in listed] == [e.total_s for e in expected]
+    assert [m["describe"] for m in listed] == [e.mapping.describe() for e in expected]
+
+
+def build_parser_namespace(args):
+    from hfrl.cli import build_parser
+
+    return build_parser().parse_args(args)
