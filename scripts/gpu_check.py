@@ -115,3 +115,38 @@ def _():
         report("rollout_and_hybrid_cuda", mode=mode, ok=same == len(want), equal_to_cpu=f"{same}/{len(want)}",
                first_diff=[(a[:12], b[:12]) for a, b in zip(got, want) if a != b][:1], seconds=dt,
                enter_s=hybrid.last.enter_s, offloaded=hybrid.last.offloaded)
+
+
+@check("cuda_paths_from_audit")
+def _():
+    """The CUDA-only paths fixed without a GPU (2026-11-30): a masked GQA forward on CUDA against the CPU,
+    the engine's log-probs (CUDA) cut by a host batch's mask, and a KV budget that does not shrink
+    from one generate to the next while the caching allocator holds the previous cache."""
+    import tempfile
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from hfrl.controller import Batch
+    from hfrl.models import weights
+    from hfrl.rollout import RolloutEngine, SamplingParams
+    from hfrl.workers.common import response_from_shifted
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512))
+    path = tempfile.mkdtemp(); m.save_pretrained(path)
+    model = weights.from_pretrained(path).eval()
+    ids = torch.randint(0, 1000, (3, 40)); mask = torch.ones(3, 40, dtype=torch.long); mask[0, :7] = 0; mask[2, :19] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask)
+        got = model.to(dev)(ids.to(dev), attention_mask=mask.to(dev))
+    err = ((got.float().cpu() - want.float()) * mask[..., None]).abs().max().item()
+    report("cuda_paths_from_audit", part="masked_gqa_forward", ok=err < 2e-3, max_err=err)
+    batch = Batch({"input_ids": ids, "attention_mask": mask, "response_mask": mask[:, 30:]})
+    cut = response_from_shifted(torch.randn(3, 39, device=dev), batch)
+    report("cuda_paths_from_audit", part="response_from_shifted", ok=cut.device.type == "cuda" and cut.shape == (3, 10))
+    free = torch.cuda.mem_get_info(dev)[0]
+    hog = torch.empty(int(free * 0.8), dtype=torch.uint8, device=dev)
+    del hog   # held by the caching allocator: cudaMemGetInfo counts it used until empty_cache
+    engine = RolloutEngine(model, kv_cache_fraction=0.1, max_num_seqs=1 << 20)
+    engine.generate([[1, 2, 3]] * 4, SamplingParams(temperature=0, max_new_tokens=8))
+    budget = engine.cache.num_blocks * engine.shape.bytes_per_block
+    report("cuda_paths_from_audit", part="kv_budget_after_a_freed_allocation", ok=budget >= 0.05 * free,
+           budget_GB=budget / 1e9, free_GB=free / 1e9)   # counted as used, it would be about 0.02 x free
