@@ -96,8 +96,8 @@ def _gather(outs: list[torch.Tensor], ranks: list[int], group) -> int:
         return 0
     sizes = {t.numel() for t in outs}
     if outs[0].is_cuda and len(sizes) == 1:
-        # all_gather fills by group rank (ascending global rank); ``outs`` is in member order, which
-        # differs where a pool lists its ranks out of order (placement.pools.x=[3, 2, ...])
+        # all_gather fills by group rank (ascending global rank), ``outs`` is in member order: the same
+        # for the ascending pools resource_pool requires, matched by rank here all the same
         by_group_rank = sorted(range(len(ranks)), key=lambda j: dist.get_group_rank(group, ranks[j]))
         me = ranks.index(dist.get_rank())
         dist.all_gather([outs[j] for j in by_group_rank], outs[me], group=group)

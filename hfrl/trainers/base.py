@@ -282,7 +282,7 @@ class RLTrainer(ABC):
         keep = self.cfg.trainer.keep_checkpoints
         done = complete_checkpoints(self.run_dir)
         for old in done[:-keep] if keep else []:
-            (old / STATE_FILE).unlink()   # first: a deletion cut short leaves a folder marked incomplete
+            (old / STATE_FILE).unlink(missing_ok=True)   # first: a deletion cut short leaves a folder marked incomplete
             shutil.rmtree(old, ignore_errors=True)
         remove_incomplete_checkpoints(self.run_dir)
 
