@@ -189,7 +189,10 @@ def _estimate_dict(estimate) -> dict:
 
 def _plan_text(ranked, device, ns, elapsed: float) -> str:
     lines = [f"hfrl plan: {ns.algo}, actor {ns.model_size}" + (f", critic {ns.critic_size}" if ns.critic_size else "")
-             + f", {ns.devices} x {device.name}, prompt {ns.prompt_len} + response {ns.response_len}, "
+             + f", {ns.devices} x {device.name}"
+             + (f" time-sharing {device.devices_per_node} cores" if getattr(ns, "time_shared", False)
+                and ns.devices > device.devices_per_node else "")
+             + f", prompt {ns.prompt_len} + response {ns.response_len}, "
              f"{ns.num_prompts} prompts x {ns.n} (searched in {elapsed:.2f} s)"]
     for i, est in enumerate(ranked):
         tag = "best" if i == 0 else f"#{i + 1}"
