@@ -2,17 +2,18 @@
 
 ``Decoder.forward`` serves training, prefill and decode alike. In a decode step of a few rows its
 matmuls are small, and the small ops around them (moving q/k/v to (B, heads, T, hd) and back,
-computing RoPE's cos/sin from the positions in every step, rotating q and k apart, F.linear's
-layout) took as long as the matmuls on CPU. This walks the same modules in the same order, with
+computing RoPE's cos/sin from the positions in every step, rotating q and k apart, the module
+calls) took as long as the matmuls on CPU. This walks the same modules in the same order, with
 every activation kept as (rows, ...):
 
 - RoPE's cos and sin come from a table built once per engine with the same float ops as
   ``RotaryEmbedding`` (so the same values), indexed by position once per step; q and k rotate
   together in one set of ops, giving bit for bit what ``Attention.forward`` gives.
-- A plain or column-parallel Linear is taken as ``W @ x^T`` (an (out, rows) result read back
-  transposed): on CPU (MKL, fp32) that measured 1.3-1.7x faster than F.linear's ``x @ W^T`` at
-  4..64 rows for this project's layer shapes. The sums are the same, in another order: results
-  match ``Decoder.forward`` to float rounding, not bit for bit.
+- A plain or column-parallel Linear is ``F.linear`` on its weight, without the module call around
+  it. (``W @ x^T`` read back transposed was 1.3-1.7x faster than ``x @ W^T`` for these layer shapes
+  at 4..64 rows on one earlier CPU host, and the decode step used it; on a later host it made the
+  ragged rollout benchmark 12% slower end to end (4.67 s against 4.15 s, interleaved runs), and a
+  per-shape choice timed in isolation picked the slower form there, so the standard form stays.)
 - An fp32 RMSNorm is the module's formula in fewer ops (a sum scaled by 1/H for the mean; equal to
   float rounding).
 - Attention is the backend's ``attend_rows`` on (rows, heads, hd).
@@ -41,14 +42,11 @@ logger = logging.getLogger(__name__)
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for x (rows, in): W @ x^T where the module is a plain or column-parallel Linear
-    (whose forward is exactly x @ W^T + b without grad), else the module's own forward."""
+    """``module(x)`` for x (rows, in): F.linear straight on the weight where the module is a plain or
+    column-parallel Linear (whose forward is exactly x @ W^T + b without grad), else its forward."""
     kind = type(module)
     if kind is nn.Linear or (isinstance(module, ColumnParallelLinear) and not module.gather_output):
-        if module.bias is None:
-            return torch.mm(module.weight, x.t()).t()  # (rows, out), a transposed view
-        # the bias inside the product, as F.linear adds it: one rounding, not two (it matters in bf16)
-        return torch.addmm(module.bias[:, None], module.weight, x.t()).t()
+        return F.linear(x, module.weight, module.bias)
     return module(x)
 
 

@@ -269,9 +269,9 @@ def test_packed_head_equals_the_plain_product():
     assert PackedLinear.of(weight.bfloat16()) is None  # fp32 only: other dtypes keep the plain GEMM
 
 
-def test_decode_linear_adds_the_bias_inside_the_product():
-    """W @ x^T with the bias added by addmm, as F.linear does: in bf16 a bias added after the
-    product's rounding differed from F.linear in a quarter of the outputs (Qwen2's q/k/v bias)."""
+def test_decode_linear_is_the_module_forward():
+    """The decode step's Linear equals the module's forward bit for bit in bf16, bias included (a bias
+    added after the product's rounding once differed in a quarter of the outputs: Qwen2's q/k/v)."""
     from torch import nn
 
     from hfrl.rollout.decode import linear
