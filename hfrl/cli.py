@@ -69,6 +69,17 @@ def cmd_layout(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} ranks: give 1 or more")
+    return value
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     """Train: the config file (or the built-in default job) with overrides, on every launched rank.
     Started without a launcher, it checks the job and starts --nproc-per-node local ranks under
@@ -239,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the newest checkpoint in trainer.run_dir (the default)")
     train.add_argument("--no-resume", dest="resume", action="store_false",
                        help="start over even if trainer.run_dir holds checkpoints")
-    train.add_argument("--nproc-per-node", type=int, default=2,
+    train.add_argument("--nproc-per-node", type=_positive_int, default=2,
                        help="without a launcher, start this many local ranks under torchrun (default 2; 1 runs "
                             "in this process); under torchrun/srun/mpirun the launcher decides")
     train.set_defaults(func=cmd_train)

@@ -217,3 +217,15 @@ def test_describe_lists_every_trainer_setting():
     data = yaml.safe_load(resolved.stdout)
     assert data["engine"]["model_path"] == "/m" and data["engine"]["optim"]["lr"] == 1e-6
     assert data["roles"]["critic"]["engine"] == {"optim": {"lr": 5e-6}}
+
+
+@pytest.mark.parametrize("count,message", [("0", "0 ranks: give 1 or more"), ("-4", "-4 ranks: give 1 or more"),
+                                           ("two", "'two' is not an integer")])
+def test_train_refuses_a_rank_count_below_one(capsys, count, message):
+    """--nproc-per-node 0 once ran silently as one in-process rank with exit code 0."""
+    from hfrl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--nproc-per-node", count])
+    assert exit_info.value.code == 2
+    assert f"argument --nproc-per-node: {message}" in capsys.readouterr().err

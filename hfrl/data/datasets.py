@@ -42,8 +42,13 @@ def read_rows(path: str | Path) -> list[dict]:
     if suffix == ".parquet":
         return _read_parquet(path)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}): "
+                                 "prompt files must be UTF-8 JSON lines") from e
             if not line.strip():
                 continue
             try:

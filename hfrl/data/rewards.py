@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -49,6 +50,15 @@ def load_reward_fn(spec: str) -> RewardFn:
         raise TypeError(f"reward function spec {spec!r}: {target}.{attr} is a "
                         f"{type(fn).__name__}, not callable; name a function "
                         "fn(prompt, response, ground_truth) -> float")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: called as they are
+        return fn
+    try:
+        signature.bind("prompt", "response", "ground_truth")
+    except TypeError:
+        raise TypeError(f"reward function spec {spec!r}: {target}.{attr}{signature} cannot be called as "
+                        "fn(prompt, response, ground_truth): it must take those three arguments") from None
     return fn
 
 
@@ -63,6 +73,9 @@ def _import_module(name: str, spec: str):
                              "'path/to/file.py:function'") from e
         raise ValueError(f"reward function spec {spec!r}: module {name!r} imports {missing!r}, "
                          "which is not installed") from e
+    except Exception as e:  # a SyntaxError, or whatever its top level raised
+        raise ValueError(f"reward function spec {spec!r}: importing {name!r} raised "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def _module_from_file(target: str, spec: str):
@@ -78,8 +91,18 @@ def _module_from_file(target: str, spec: str):
         raise ValueError(f"reward function spec {spec!r}: {target!r} cannot be loaded as a "
                          "Python module (give a .py file)")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"reward function spec {spec!r}: {target!r} imports {e.name!r}, which is not "
+                         "installed") from e
+    except Exception as e:  # a SyntaxError, or whatever its top level raised
+        raise ValueError(f"reward function spec {spec!r}: loading {target!r} raised "
+                         f"{type(e).__name__}: {e}") from e
     return module
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def score_responses(fn: RewardFn, prompts: Sequence[str], responses: Sequence[str],
@@ -109,6 +132,10 @@ def score_responses(fn: RewardFn, prompts: Sequence[str], responses: Sequence[st
                 f"reward function {name!r} returned {_short(value)} "
                 f"({type(value).__module__}.{type(value).__qualname__}) on {where}: expected a "
                 "finite real number (float, int or bool)")
+        if abs(score) > FLOAT32_MAX:  # finite in float64, inf as the float32 rewards are kept
+            raise RewardFunctionError(
+                f"reward function {name!r} returned {score!r} on {where}: beyond float32's range "
+                f"(|r| <= {FLOAT32_MAX:.3e}), where rewards are kept; scale the reward down")
         scores.append(score)
     return torch.tensor(scores, dtype=torch.float32)
 

@@ -297,7 +297,7 @@ class RLTrainer(ABC):
         over (trainer.resume=false) moves an earlier run's checkpoints aside, to
         checkpoints.previous/, so they are neither resumed nor mixed with this run's. The temporary
         folders of saves a killed run interrupted are settled first (remove_incomplete_checkpoints)."""
-        self.notices.extend(remove_incomplete_checkpoints(self.run_dir))
+        self.notices.extend(remove_incomplete_checkpoints(self.run_dir, keep_damaged=not self.cfg.trainer.resume))
         done = complete_checkpoints(self.run_dir)
         if done and not self.cfg.trainer.resume:
             previous = self.run_dir / f"{CHECKPOINTS}.previous"
@@ -308,7 +308,12 @@ class RLTrainer(ABC):
         if not done:
             return 0
         path = done[-1]
-        state = json.loads((path / STATE_FILE).read_text())
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+        except ValueError as err:
+            raise ValueError(f"{path / STATE_FILE} is not valid JSON ({err}): a damaged checkpoint. Move {path} "
+                             "out of the way to resume from an older checkpoint, or start over with "
+                             "--no-resume (trainer.resume=false)") from err
         theirs = (state.get("algorithm"), state.get("roles"))
         if theirs != (self.algorithm, sorted(self.trainable())):
             raise ValueError(f"{path} is a checkpoint of algorithm {theirs[0]!r} with trained roles {theirs[1]}, "
@@ -379,7 +384,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def remove_incomplete_checkpoints(run_dir: Path) -> list[str]:
+def remove_incomplete_checkpoints(run_dir: Path, keep_damaged: bool = False) -> list[str]:
     """Settle what a run killed while saving or pruning left in its checkpoints folder; call only when
     no save is under way. Returns one line per folder saying what was done.
 
@@ -388,8 +393,12 @@ def remove_incomplete_checkpoints(run_dir: Path) -> list[str]:
       replacing a ``step_N`` the kill may have left half-deleted. Never lost.
     - Any other ``.step_N.tmp`` is a save that never finished: deleted (it is as large as a checkpoint
       and can never be resumed).
-    - ``step_N`` without trainer_state.json is a deletion cut short (pruning removes that file first):
-      deleted."""
+    - ``step_N`` without trainer_state.json and older than a complete checkpoint is a deletion cut
+      short (pruning removes that file first, and never prunes the newest): deleted.
+    - ``step_N`` without trainer_state.json and newer than every complete checkpoint is no pruning
+      leftover (saves are renamed into place whole) but a damaged checkpoint: never deleted. With
+      ``keep_damaged`` False a ValueError names it and the ways on; True leaves it (starting over
+      moves the whole folder aside)."""
     root = Path(run_dir) / CHECKPOINTS
     done = []
     for tmp in sorted(root.glob(".step_*.tmp")) if root.is_dir() else []:
@@ -401,10 +410,24 @@ def remove_incomplete_checkpoints(run_dir: Path) -> list[str]:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
             done.append(f"deleted {tmp}: an incomplete checkpoint left by an interrupted save")
+    complete = complete_checkpoints(run_dir)
+    newest = int(complete[-1].name.split("_")[1]) if complete else -1
     for folder in sorted(root.glob("step_*")) if root.is_dir() else []:
-        if folder.is_dir() and not (folder / STATE_FILE).exists():
+        if not folder.is_dir() or (folder / STATE_FILE).exists():
+            continue
+        try:
+            step = int(folder.name.split("_")[1])
+        except (IndexError, ValueError):
+            continue  # not a folder this trainer wrote: left alone
+        if step < newest:
             shutil.rmtree(folder, ignore_errors=True)
             done.append(f"deleted {folder}: a checkpoint whose deletion was cut short (no {STATE_FILE})")
+        elif not keep_damaged:
+            older = f"resume from {complete[-1].name}" if complete else "start over"
+            raise ValueError(
+                f"checkpoint {folder} has no {STATE_FILE} and is newer than every complete checkpoint, so "
+                f"it is damaged, not a pruning leftover; it was left as it is. Move it out of {root} to "
+                f"{older}, or pass trainer.resume=false to move all checkpoints aside and start over")
     return done
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 DEFAULT_JOB = """\
 # hfrl train with no config: PPO on the built-in max_digit task ("max(3,7,2,5)=" -> "7"), a fresh
@@ -88,6 +90,11 @@ def check_job(config, world_size: int | None = None) -> None:
     if any(p.role == "rollout" for p in plan.roles):
         _check_rollout_model(config, plan.role("rollout").dims.tp)
     _check_prompt_files(config.data)
+    if config.data.reward_fn:
+        from hfrl.data.rewards import load_reward_fn
+
+        load_reward_fn(config.data.reward_fn)   # imports it: a missing file or a bad signature fails here
+    _check_run_dir(config.trainer.run_dir)
     context = _context_length(config)
     need = data.max_prompt_length + rollout.max_new_tokens
     limit = min(context, rollout.max_model_len or context)
@@ -128,17 +135,39 @@ def _check_rollout_model(config, tg: int) -> None:
                          "divides its attention heads and MLP width") from None
 
 
+def _check_run_dir(run_dir) -> None:
+    """trainer.run_dir is a folder, or can be made one, that this process can write."""
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"trainer.run_dir={str(run_dir)!r} is a file, not a folder: name another run folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"trainer.run_dir={str(run_dir)!r} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"trainer.run_dir={str(run_dir)!r}: {str(existing)!r} is not writable by this user; "
+                         "name a run folder you can write")
+
+
 def _check_prompt_files(data) -> None:
-    """Every row of every prompt file has a prompt (read on every rank: cheap next to a run, and a
-    bad row then fails every rank alike instead of rank 0 alone)."""
+    """Every row of every prompt file has a prompt, and the training files hold at least one batch
+    (read on every rank: cheap next to a run, and a bad row then fails every rank alike instead of
+    rank 0 alone)."""
     from hfrl.data import read_rows
 
     for key in ("train_files", "val_files"):
+        count = 0
         for path in getattr(data, key):
             for i, row in enumerate(read_rows(path)):
+                count += 1
                 prompt = row.get(data.prompt_key)
                 if prompt is None or (isinstance(prompt, str) and not prompt.strip()) or \
                         (not isinstance(prompt, (str, list))):
                     raise ValueError(f"data.{key}: {path} row {i} has no usable {data.prompt_key!r} "
                                      f"(got {prompt!r}; the row's keys: {sorted(row)}): give every row a "
                                      f"prompt, or set data.prompt_key to the column that holds it")
+        if key == "train_files" and data.train_files and count < data.train_batch_size:
+            raise ValueError(f"data.train_files {list(map(str, data.train_files))} hold {count} prompt rows, fewer "
+                             f"than one batch (data.train_batch_size={data.train_batch_size}): add rows or lower "
+                             "data.train_batch_size")

@@ -35,6 +35,14 @@ def test_read_jsonl_skips_blank_lines(tmp_path):
     assert read_rows(path) == rows
 
 
+def test_read_jsonl_non_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"prompt": "ok"}).encode() + b"\n" + '{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 \(byte 0xe9 at column 16\)"):
+        read_rows(path)
+    path.write_bytes('{"prompt": "caf\u00e9 \u2713"}\r\n'.encode())
+    assert read_rows(path) == [{"prompt": "caf\u00e9 \u2713"}]
+
 def test_read_jsonl_errors_name_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}], ["", "{not json"])
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: not valid JSON"):

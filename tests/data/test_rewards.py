@@ -100,6 +100,15 @@ def test_score_non_numbers_named(value, shown):
         score_responses(lambda p, r, g: value, ["p"], ["r"], ["g"], name="f")
 
 
+
+def test_score_beyond_float32_is_refused():
+    """1e300 is finite in Python but inf as a float32 reward: every loss would be non-finite and
+    every optimizer step skipped, silently. The largest float32 passes."""
+    with pytest.raises(RewardFunctionError, match=r"returned 1e\+300 on sample 1 .*beyond float32"):
+        score_responses(lambda p, r, g: 1e300 if r == "b" else 0.0, ["p", "p"], ["a", "b"], [None, None], name="f")
+    big = float(torch.finfo(torch.float32).max)
+    assert score_responses(lambda p, r, g: -big, ["p"], ["r"], [None], name="f").tolist() == [-big]
+
 def test_score_long_texts_are_shortened():
     with pytest.raises(RewardFunctionError) as info:
         score_responses(lambda p, r, g: None, ["x" * 1000], ["y" * 1000], ["g"], name="f")

@@ -120,3 +120,58 @@ def test_interrupted_saves_are_settled(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000004", "step_00000006"]
     assert remove_incomplete_checkpoints(tmp_path) == []   # settled
     assert remove_incomplete_checkpoints(tmp_path / "nothing_here") == []
+
+
+@pytest.mark.parametrize("older", [True, False])
+def test_a_damaged_newest_checkpoint_is_never_deleted(tmp_path, older):
+    """A step_N without its state file that is newer than every complete checkpoint is no pruning
+    leftover (pruning keeps the newest): resuming stops with an error naming it, and nothing is
+    deleted; starting over (keep_damaged) leaves it for the move aside."""
+    from hfrl.trainers.base import STATE_FILE, remove_incomplete_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for name in ("step_00000002", "step_00000004") if older else ("step_00000004",):
+        (root / name / "actor").mkdir(parents=True)
+        (root / name / "actor" / "weights.bin").write_bytes(b"w")
+    if older:
+        (root / "step_00000002" / STATE_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="step_00000004 has no trainer_state.json") as err:
+        remove_incomplete_checkpoints(tmp_path)
+    assert ("resume from step_00000002" if older else "start over") in str(err.value)
+    assert (root / "step_00000004" / "actor" / "weights.bin").read_bytes() == b"w"
+    assert remove_incomplete_checkpoints(tmp_path, keep_damaged=True) == []
+    assert (root / "step_00000004" / "actor" / "weights.bin").read_bytes() == b"w"
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"trainer.run_dir='.*run' is a file, not a folder"):
+        check_job(_config(tmp_path, trainer={"run_dir": str(tmp_path / "run")}), world_size=2)
+    with pytest.raises(ValueError, match=r"run/sub' cannot be created: '.*run' is a file"):
+        check_job(_config(tmp_path, trainer={"run_dir": str(tmp_path / "run" / "sub")}), world_size=2)
+    check_job(_config(tmp_path, trainer={"run_dir": str(tmp_path / "new" / "deeper")}, rollout={"max_new_tokens": 8},
+                      algorithm={"mini_batch_size": 16}), world_size=2)
+
+
+def test_fewer_training_rows_than_a_batch_are_refused_before_launch(tmp_path):
+    rows = tmp_path / "few.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "ground_truth": str(i + 1)}) + "\n" for i in range(5)))
+    config = _config(tmp_path, data={"task": None, "train_files": [str(rows)], "train_batch_size": 8},
+                     algorithm={"mini_batch_size": 4})
+    with pytest.raises(ValueError, match=r"few.jsonl'\] hold 5 prompt rows, fewer than one batch "
+                                         r"\(data.train_batch_size=8\)"):
+        from hfrl.trainers.job import _check_prompt_files
+
+        _check_prompt_files(config.data)
+
+
+@pytest.mark.parametrize("source,error", [
+    ("def f(prompt, response:\n    return 1.0\n", r"loading .*bad.py' raised SyntaxError"),
+    ("import not_a_module_anywhere\ndef f(p, r, g):\n    return 1.0\n", r"imports 'not_a_module_anywhere', which is not installed"),
+    ("def f(prompt, response):\n    return 1.0\n", r"bad.py.f\(prompt, response\) cannot be called as fn\(prompt, response, ground_truth\)"),
+])
+def test_a_reward_fn_that_cannot_be_used_fails_before_launch(tmp_path, source, error):
+    (tmp_path / "bad.py").write_text(source)
+    config = _config(tmp_path, data={"reward_fn": f"{tmp_path / 'bad.py'}:f"})
+    with pytest.raises((ValueError, TypeError), match=error):
+        check_job(config, world_size=2)
