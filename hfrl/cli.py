@@ -18,6 +18,8 @@ import argparse
 import json
 import os
 import sys
+import time
+import traceback
 
 from hfrl.config import Config, describe, dump_yaml, load_config
 
@@ -292,14 +294,47 @@ def main(argv: list[str] | None = None) -> int:
     ns.argv = argv
     try:
         return ns.func(ns)
-    except (ValueError, TypeError) as err:
-        if os.environ.get("HFRL_DEBUG"):
+    except SystemExit as stop:   # a rank ending because rank 0 failed (hfrl.run's serve loop)
+        if stop.code and _groups_left_open():
+            from hfrl.controller.watchdog import ROOT_FIRST_S
+
+            time.sleep(ROOT_FIRST_S)   # rank 0, which holds the error, exits first (see ROOT_FIRST_S)
+            _exit_now(stop.code if isinstance(stop.code, int) else 1)
+        raise
+    except Exception as err:
+        user_error = isinstance(err, (ValueError, TypeError))
+        if os.environ.get("HFRL_DEBUG") or not (user_error or _groups_left_open()):
             raise
+        if not user_error and not getattr(err, "hfrl_reported", False):
+            traceback.print_exc()   # a bug's traceback is still shown, once
         rank, world = _rank_for_messages()
         where = f" (rank {rank}/{world})" if world > 1 else ""
         message = " ".join(str(err).split("\n"))   # one line per rank, even for a foreign message
-        print(f"hfrl {ns.command}: error{where}: {message}", file=sys.stderr)
-        return 2
+        if not user_error:   # the traceback above has the rest (a remote error's own traceback too)
+            message = str(err).strip().split("\n", 1)[0]
+        kind = "" if user_error else f"{type(err).__name__}: "
+        print(f"hfrl {ns.command}: error{where}: {kind}{message}", file=sys.stderr)
+        code = 2 if user_error else 1
+        if _groups_left_open():
+            _exit_now(code)
+        return code
+
+
+def _groups_left_open() -> bool:
+    """Whether a failed hfrl.run left its process groups to the process's exit (it does after a
+    failure: the watchdog's threads may still wait on peers)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _exit_now(code: int) -> None:
+    """End a failed rank without the interpreter's teardown: with threads still blocked in gloo
+    receives, tearing the groups down aborts the process (SIGABRT, "terminate called without an
+    active exception"), which a launcher then reports as the failure's root cause instead of the
+    error. Everything the run wrote is closed by now; only the streams need flushing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -229,3 +229,26 @@ def test_train_refuses_a_rank_count_below_one(capsys, count, message):
         main(["train", "--nproc-per-node", count])
     assert exit_info.value.code == 2
     assert f"argument --nproc-per-node: {message}" in capsys.readouterr().err
+
+
+def test_a_failure_inside_the_run_ends_every_rank_cleanly(tmp_path):
+    """A reward function raising on rank 1 mid-run: rank 0 prints the traceback and one line naming
+    the error, and exits 1 first; rank 1 follows. Before, the teardown under threads still blocked in
+    gloo receives aborted rank 0 (SIGABRT, "terminate called without an active exception"), and a
+    launcher named the wrong rank as the root cause."""
+    import time
+
+    reward = tmp_path / "reward.py"
+    reward.write_text("def raises(prompt, response, ground_truth):\n    raise RuntimeError('boom in user reward')\n")
+    start = time.monotonic()
+    rank0, rank1 = launched(2, "train", "trainer.total_steps=1", "trainer.progress_bar=false",
+                            f"trainer.run_dir={tmp_path / 'run'}", f"data.reward_fn={reward}:raises")
+    assert time.monotonic() - start < HANG_BOUND_S
+    assert rank0.returncode == 1 and rank1.returncode == 1, (rank0.stderr[-2000:], rank1.stderr[-2000:])
+    for rank in (rank0, rank1):
+        assert "terminate called" not in rank.stderr
+    line = next(x for x in rank0.stderr.splitlines() if x.startswith("hfrl train: error"))
+    assert line.startswith("hfrl train: error (rank 0/2): RemoteError: rule_reward.score failed on rank 1: "
+                           "RewardFunctionError:") and line.endswith("RuntimeError: boom in user reward"), line
+    assert rank0.stderr.count("Traceback (most recent call last)") >= 1
+    assert "rank 1: aborting because rank 0 failed" in rank1.stderr

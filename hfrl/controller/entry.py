@@ -89,6 +89,11 @@ def run(main: Callable[..., Any], *args, config: Any = None, backend: str | None
             # process as soon as the first of them exits.
             print(f"hfrl: the program failed on rank 0; ending all {ctx.world_size} ranks:\n"
                   f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+            failure = sys.exc_info()[1]
+            try:
+                failure.hfrl_reported = True   # the CLI prints its one line, not the traceback again
+            except AttributeError:
+                pass
             runtime.abort()
             raise
         clean = True

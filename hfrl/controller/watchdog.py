@@ -28,6 +28,7 @@ import faulthandler
 import logging
 import os
 import sys
+import time
 import threading
 from typing import Callable
 
@@ -40,9 +41,17 @@ RING, CTL, NOTE = 201, 202, 203
 BYE, LOST, ABORT, DONE, INTERRUPT = range(5)
 
 
-def _exit_now(code: int, message: str) -> None:
+ROOT_FIRST_S = 1.0
+"""How long a rank ending because rank 0 failed waits before it exits, so that rank 0, which holds
+the error, exits first: launchers such as torchrun report the first rank to exit as the failure's
+root cause, and stop the others then."""
+
+
+def _exit_now(code: int, message: str, after_root: bool = False) -> None:
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
+    if after_root:
+        time.sleep(ROOT_FIRST_S)
     os._exit(code)
 
 
@@ -143,7 +152,7 @@ class Watchdog:
                 return
             if kind == ABORT:
                 if self.current_call is not None:    # maybe in a collective: it cannot listen
-                    _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed")
+                    _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed", after_root=True)
                 # Idle: the abort command follows on the command channel and the main thread
                 # ends the ordinary way; if it has not after the grace period, end it here.
                 self._later(self._abort_if_alive)
@@ -196,7 +205,7 @@ class Watchdog:
         _exit_now(1, f"hfrl: aborted: rank {peer} was lost")
 
     def _abort_if_alive(self) -> None:
-        _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed")
+        _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed", after_root=True)
 
     def _still_inside(self, cid: int) -> None:
         current = self.current_call
