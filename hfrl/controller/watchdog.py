@@ -28,7 +28,6 @@ import faulthandler
 import logging
 import os
 import sys
-import time
 import threading
 from typing import Callable
 
@@ -42,16 +41,15 @@ BYE, LOST, ABORT, DONE, INTERRUPT = range(5)
 
 
 ROOT_FIRST_S = 1.0
-"""How long a rank ending because rank 0 failed waits before it exits, so that rank 0, which holds
-the error, exits first: launchers such as torchrun report the first rank to exit as the failure's
-root cause, and stop the others then."""
+"""How long a rank whose serve loop ended because rank 0 failed waits before it exits (hfrl.cli), so
+that rank 0, which holds the error, exits first: launchers such as torchrun report the first rank
+to exit as the failure's root cause, and stop the others then. (The watchdog's own exits do not
+wait: rank 0 may be waiting for those ranks' replies within its grace period.)"""
 
 
-def _exit_now(code: int, message: str, after_root: bool = False) -> None:
+def _exit_now(code: int, message: str) -> None:
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
-    if after_root:
-        time.sleep(ROOT_FIRST_S)
     os._exit(code)
 
 
@@ -152,7 +150,7 @@ class Watchdog:
                 return
             if kind == ABORT:
                 if self.current_call is not None:    # maybe in a collective: it cannot listen
-                    _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed", after_root=True)
+                    _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed")
                 # Idle: the abort command follows on the command channel and the main thread
                 # ends the ordinary way; if it has not after the grace period, end it here.
                 self._later(self._abort_if_alive)
@@ -205,7 +203,7 @@ class Watchdog:
         _exit_now(1, f"hfrl: aborted: rank {peer} was lost")
 
     def _abort_if_alive(self) -> None:
-        _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed", after_root=True)
+        _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed")
 
     def _still_inside(self, cid: int) -> None:
         current = self.current_call
