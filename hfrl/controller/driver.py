@@ -262,6 +262,10 @@ class Driver(Runtime):
         (NotRunError), else the local error."""
         call.error_seen = True
         self._errors_seen.add(call.cid)
+        # Said now: collecting the others' status can outlast the watchdog's grace period (a rank
+        # still busy with an earlier call), and the watchdog then ends this process.
+        logger.error("rank 0's share of %s failed: %s: %s; collecting the other ranks' status", call.what,
+                     type(local_error).__name__, local_error)
         if self.watchdog is not None:
             self.watchdog.interrupt(call.cid, call.group.pool.ranks)
         root, lost = None, None
