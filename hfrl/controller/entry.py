@@ -22,7 +22,7 @@ import torch.distributed as dist
 from hfrl.controller import runtime as _runtime
 from hfrl.controller.driver import Driver
 from hfrl.controller.serve import Server
-from hfrl.controller.watchdog import Watchdog
+from hfrl.controller.watchdog import MIN_HANG_S, Watchdog
 from hfrl.distributed.env import init_distributed
 
 WATCHDOG_GRACE_S = 3.0
@@ -66,7 +66,7 @@ def run(main: Callable[..., Any], *args, config: Any = None, backend: str | None
         timeout_s = timeout_s if timeout_s is not None else config.distributed.timeout_s
     owns_group = not dist.is_initialized()
     ctx = init_distributed(backend or "auto", 600.0 if timeout_s is None else timeout_s)
-    watchdog = Watchdog(ctx.rank, ctx.world_size, WATCHDOG_GRACE_S)
+    watchdog = Watchdog(ctx.rank, ctx.world_size, WATCHDOG_GRACE_S, hang_s=max(ctx.timeout_s, MIN_HANG_S))
     role = Driver if ctx.rank == 0 else Server
     runtime = role(ctx, config, watchdog)
     for ranks, group in adopted_groups or ():

@@ -20,6 +20,16 @@ A lost rank ends the job: rank 0 gives its main thread `grace_s` to notice and f
 way (a WorkerLostError with the lost rank named, every rank told to abort); if it has not, rank
 0 prints where its threads are, tells every rank to abort, and exits non-zero. Gloo reports a
 closed connection within milliseconds, so a killed rank ends the whole job in about `grace_s`.
+
+A hung rank (stopped, swapped out, its interpreter frozen) keeps its connections open, so with
+`hang_s` set every rank also beats: a BEAT to its ring predecessor, and rank 0 one to every rank
+on the ctl channel, every `hang_s / 4` seconds (at most 30 s apart). A rank that hears nothing
+from its ring successor, or from rank 0, for `hang_s` seconds reports it (HUNG on the note
+channel); rank 0 then prints where its threads are, tells every rank to abort and exits
+non-zero, naming the rank (its main thread may be waiting for that rank for good, so there is
+no grace period). A rank that stops hearing rank 0 ends itself. The beats come from a thread of
+their own, which a busy main thread does not stop (torch's ops release the GIL); `hfrl.run`
+passes the job's collective timeout, `distributed.timeout_s`, no less than `MIN_HANG_S`.
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -37,7 +48,11 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 RING, CTL, NOTE = 201, 202, 203
-BYE, LOST, ABORT, DONE, INTERRUPT = range(5)
+BYE, LOST, ABORT, DONE, INTERRUPT, BEAT, HUNG = range(7)
+
+MIN_HANG_S = 10.0
+"""The shortest silence taken for a hung rank: beats from a starved thread on a busy host can be
+late by seconds."""
 
 
 ROOT_FIRST_S = 1.0
@@ -57,8 +72,8 @@ class Watchdog:
     """This rank's liveness threads (see the module docstring). Create on every rank, in the
     same order (the group is collective), then `start()`; `close()` on a clean shutdown."""
 
-    def __init__(self, rank: int, world_size: int, grace_s: float = 3.0):
-        self.rank, self.world_size, self.grace_s = rank, world_size, grace_s
+    def __init__(self, rank: int, world_size: int, grace_s: float = 3.0, hang_s: float | None = None):
+        self.rank, self.world_size, self.grace_s, self.hang_s = rank, world_size, grace_s, hang_s
         # A receive here waits for the whole job: any error on it means the peer is gone, so
         # it must never time out (gloo's timeout would also close the connection).
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365 * 100))
@@ -71,14 +86,21 @@ class Watchdog:
         self._threads: dict[str, threading.Thread] = {}
         self._lost: set[int] = set()
         self._lock = threading.Lock()
+        self._heard: dict[int, float] = {}
+        """Watched peer (the ring successor; rank 0 on the others) -> when it was last heard from."""
+        self._stop_beats = threading.Event()
 
     # ---- starting and stopping ------------------------------------------------------------
     def start(self) -> None:
         if self.world_size < 2:
             return
+        now = time.monotonic()
+        self._heard = {(self.rank + 1) % self.world_size: now, **({0: now} if self.rank != 0 else {})}
         self._spawn("ring", self._ring_loop)
         self._spawn("note" if self.rank == 0 else "ctl",
                     self._note_loop if self.rank == 0 else self._ctl_loop)
+        if self.hang_s is not None:
+            self._spawn("beat", self._beat_loop)
 
     def _spawn(self, name: str, target: Callable) -> None:
         thread = threading.Thread(target=target, name=f"hfrl-watch-{name}", daemon=True)
@@ -90,6 +112,9 @@ class Watchdog:
         if self.world_size < 2:
             return
         self.ending.set()
+        self._stop_beats.set()
+        if "beat" in self._threads:   # before the BYEs: the receivers of its beats still listen
+            self._threads["beat"].join(timeout)
         pred = (self.rank - 1) % self.world_size
         self._send(BYE, 0, pred, RING)
         if self.rank == 0:
@@ -132,12 +157,34 @@ class Watchdog:
 
     def _ring_loop(self) -> None:
         succ = (self.rank + 1) % self.world_size
-        try:
-            kind, _ = self._recv(succ, RING)
-        except Exception:  # noqa: BLE001 - the connection to succ broke: succ is gone
-            self._peer_lost(succ)
+        while True:
+            try:
+                kind, _ = self._recv(succ, RING)
+            except Exception:  # noqa: BLE001 - the connection to succ broke: succ is gone
+                self._peer_lost(succ)
+                return
+            if kind == BEAT:
+                self._heard[succ] = time.monotonic()
+                continue
+            assert kind == BYE, kind
+            self._heard.pop(succ, None)
             return
-        assert kind == BYE, kind
+
+    def _beat_loop(self) -> None:
+        """Beat to the ring predecessor (and, on rank 0, to every rank), and check the watched
+        peers' beats, every hang_s / 4 seconds."""
+        interval = min(self.hang_s / 4, 30.0)
+        pred = (self.rank - 1) % self.world_size
+        while not self._stop_beats.wait(interval):
+            self._send(BEAT, 0, pred, RING)
+            if self.rank == 0:
+                for rank in range(1, self.world_size):
+                    if rank not in self._lost:
+                        self._send(BEAT, 0, rank, CTL)
+            now = time.monotonic()
+            for peer, last in list(self._heard.items()):
+                if now - last > self.hang_s and peer in self._heard:
+                    self._peer_hung(peer)
 
     def _ctl_loop(self) -> None:
         while True:
@@ -146,7 +193,11 @@ class Watchdog:
             except Exception:  # noqa: BLE001 - rank 0 is gone
                 self._peer_lost(0)
                 return
+            self._heard[0] = time.monotonic()
+            if kind == BEAT:
+                continue
             if kind == BYE:
+                self._heard.pop(0, None)
                 return
             if kind == ABORT:
                 if self.current_call is not None:    # maybe in a collective: it cannot listen
@@ -169,6 +220,8 @@ class Watchdog:
                 done.add(value)
             elif kind == LOST:
                 self._peer_lost(value)
+            elif kind == HUNG:
+                self._peer_hung(value)
 
     # ---- decisions ---------------------------------------------------------------------------
     def _later(self, fn: Callable, *args) -> None:
@@ -187,6 +240,27 @@ class Watchdog:
             self._send(LOST, peer, 0, NOTE)
             return
         self._later(self._end_job, peer)
+
+    def _peer_hung(self, peer: int) -> None:
+        """`peer` sent nothing for hang_s seconds. Rank 0 ends the job now (its main thread may wait
+        for that rank for good); another rank reports it to rank 0, or ends itself if it is rank 0."""
+        with self._lock:
+            if peer in self._lost:
+                return
+            self._lost.add(peer)
+        if self.ending.is_set():
+            return
+        what = (f"rank {peer} has sent nothing for over {self.hang_s:g} s (distributed.timeout_s): it is "
+                "hung (stopped, swapped out, or its interpreter frozen)")
+        if self.rank != 0:
+            if peer == 0:
+                _exit_now(1, f"rank {self.rank}: {what}; rank 0 is the controller: ending this rank")
+            self._send(HUNG, peer, 0, NOTE)
+            return
+        print(f"hfrl: {what}; ending the job. Rank 0's threads were at:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        self.abort_all()
+        _exit_now(1, f"hfrl: aborted: rank {peer} hung")
 
     def _end_job(self, peer: int) -> None:
         """The grace period after losing `peer` is over and the main thread has not ended."""

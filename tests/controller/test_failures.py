@@ -29,6 +29,8 @@ SCRIPT = textwrap.dedent('''
                 raise KeyError("missing reward column")
             if MODE == "kill" and self.ctx.rank == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if MODE == "stop" and self.ctx.rank == 2:   # hung, not dead: its connections stay open
+                os.kill(os.getpid(), signal.SIGSTOP)
             if MODE.startswith("rank0_share"):   # rank 0 fails before a collective the rest entered
                 import torch.distributed as dist
                 if self.ctx.rank == 0:
@@ -74,9 +76,9 @@ def launch(tmp_path, mode, timeout_env="600"):
                           timeout=HANG_BOUND_S, env={**os.environ, "HFRL_TIMEOUT": timeout_env})
 
 
-def launch_plain(tmp_path, mode, timeout_env="600"):
+def launch_plain(tmp_path, mode, timeout_env="600", stopped=()):
     """Four independent processes, no agent: each must end on its own. Returns per-rank
-    (exit code, stderr)."""
+    (exit code, stderr). Ranks in `stopped` stop themselves: they are waited for last, killed."""
     script = tmp_path / "victim.py"
     script.write_text(SCRIPT)
     port = str(free_port())
@@ -89,9 +91,16 @@ def launch_plain(tmp_path, mode, timeout_env="600"):
     deadline = time.time() + HANG_BOUND_S
     results = []
     try:
-        for p in procs:
-            out, err = p.communicate(timeout=max(deadline - time.time(), 1))
-            results.append((p.returncode, out + err))
+        for rank, p in enumerate(procs):
+            if rank not in stopped:
+                out, err = p.communicate(timeout=max(deadline - time.time(), 1))
+                results.append((p.returncode, out + err))
+            else:
+                results.append(None)
+        for rank in stopped:
+            procs[rank].kill()
+            out, err = procs[rank].communicate(timeout=30)
+            results[rank] = (procs[rank].returncode, out + err)
     finally:
         for p in procs:
             p.kill()
@@ -120,6 +129,19 @@ def test_killed_worker_fails_the_job(tmp_path):
     assert results[2][0] == -9
     assert all(code != 0 for code, _ in results), results
     assert "WorkerLostError: lost contact with rank 2" in results[0][1]
+
+
+def test_a_hung_worker_ends_the_job_naming_it(tmp_path):
+    # Rank 2 stops (SIGSTOP: alive, connections open, silent) inside a call rank 0 waits on; the
+    # control channel would wait for days. Its silence past distributed.timeout_s (10 s here)
+    # ends the job, naming it.
+    start = time.time()
+    results = launch_plain(tmp_path, "stop", timeout_env="10", stopped=(2,))
+    assert time.time() - start < 60
+    assert results[0][0] != 0 and "rank 2 has sent nothing for over 10 s" in results[0][1], results[0]
+    assert "hfrl: aborted: rank 2 hung" in results[0][1]
+    for rank in (1, 3):   # told to abort, or seeing rank 0 gone first: either way they end
+        assert results[rank][0] != 0 and "rank 0" in results[rank][1], results[rank]
 
 
 def test_rank_0_dying_leaves_no_rank_behind(tmp_path):
