@@ -95,12 +95,17 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
     except ImportError:
         return None
     rows = read_metrics(metrics_path)
-    panels = [(key, title) for key, title in PLOTTED if any(r.get(key) is not None for r in rows)]
+
+    def plottable(row, key):   # a value to plot: finite (a diverged run logs inf or nothing)
+        value = row.get(key)
+        return "step" in row and isinstance(value, (int, float)) and math.isfinite(value)
+
+    panels = [(key, title) for key, title in PLOTTED if any(plottable(r, key) for r in rows)]
     if not panels:
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels)), sharex=True, squeeze=False)
     for ax, (key, title) in zip(axes[:, 0], panels):
-        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
+        points = [(r["step"], r[key]) for r in rows if plottable(r, key)]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
