@@ -75,6 +75,9 @@ class RLTrainer(ABC):
                                            target_kl=config.algorithm.kl_target, horizon=config.algorithm.kl_horizon)
         self.notices: list[str] = []
         """Things the run tells the user once (printed above the progress bar)."""
+        notice = missing_ground_truth_notice(config.data, self.train_data)
+        if notice:
+            self.notices.append(notice)
         self.build_workers()
 
     # ---- setup --------------------------------------------------------------------------------
@@ -429,6 +432,18 @@ def remove_incomplete_checkpoints(run_dir: Path, keep_damaged: bool = False) -> 
                 f"it is damaged, not a pruning leftover; it was left as it is. Move it out of {root} to "
                 f"{older}, or pass trainer.resume=false to move all checkpoints aside and start over")
     return done
+
+
+def missing_ground_truth_notice(data, train_data) -> str | None:
+    """A notice when a reward function scores rows none of which has a ground truth: a column
+    named otherwise ("answer") reaches it as None for every response, silently."""
+    from hfrl.data.datasets import GROUND_TRUTH_KEY
+
+    if not data.reward_fn or any(truth is not None for truth in train_data.ground_truths):
+        return None
+    return (f"no row of data.train_files has a {GROUND_TRUTH_KEY!r} field: the reward function "
+            f"{data.reward_fn!r} gets ground_truth=None for every response (if it needs the answer, "
+            f"name that column {GROUND_TRUTH_KEY!r})")
 
 
 def _readable_state(folder: Path) -> bool:

@@ -175,3 +175,16 @@ def test_a_reward_fn_that_cannot_be_used_fails_before_launch(tmp_path, source, e
     config = _config(tmp_path, data={"reward_fn": f"{tmp_path / 'bad.py'}:f"})
     with pytest.raises((ValueError, TypeError), match=error):
         check_job(config, world_size=2)
+
+
+def test_a_reward_fn_over_rows_without_ground_truth_is_noticed(tmp_path):
+    """Rows whose answer column is named otherwise reach the reward function as None: said once."""
+    from types import SimpleNamespace
+
+    from hfrl.trainers.base import missing_ground_truth_notice
+
+    data = SimpleNamespace(reward_fn="rewards.py:exact")
+    notice = missing_ground_truth_notice(data, SimpleNamespace(ground_truths=[None, None]))
+    assert "no row of data.train_files has a 'ground_truth' field" in notice and "rewards.py:exact" in notice
+    assert missing_ground_truth_notice(data, SimpleNamespace(ground_truths=[None, "7"])) is None
+    assert missing_ground_truth_notice(SimpleNamespace(reward_fn=None), SimpleNamespace(ground_truths=[None])) is None
