@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from hfrl.controller.batch import Batch
+from hfrl.controller.errors import WorkerLostError
 
 CMD, REPLY, DATA, RELAY = 101, 102, 103, 104
 CHANNELS = {CMD: "cmd", REPLY: "reply", DATA: "data", RELAY: "relay"}
@@ -317,7 +318,12 @@ class Transport:
 
     def _isend(self, tensor: torch.Tensor, dst: int, channel: int, group) -> None:
         group, peer = self._peer(group, dst)
-        self._reaper.add(group.send([tensor], peer, channel), tensor)
+        try:
+            work = group.send([tensor], peer, channel)
+        except RuntimeError as err:   # gloo: the connection is closed, its process gone
+            raise WorkerLostError(f"lost contact with rank {dst} while sending to it on the "
+                                  f"{CHANNELS[channel]} channel: {err}") from None
+        self._reaper.add(work, tensor)
 
     def _recv(self, tensor: torch.Tensor, src: int, channel: int, group) -> None:
         group, peer = self._peer(group, src)

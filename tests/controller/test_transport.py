@@ -142,3 +142,33 @@ def test_a_tensor_that_requires_grad_is_sent_by_value():
     assert not out["b"]["w"].requires_grad and batches_equal(out["b"], batch)
     buf, _ = batch.to_buffer()
     assert not buf.requires_grad and buf.grad_fn is None
+
+
+def send_to_a_gone_rank(rank, world):
+    import time
+
+    import torch.distributed as dist
+
+    from hfrl.controller.errors import WorkerLostError
+    from hfrl.controller.transport import CHANNELS
+
+    transport = Transport()
+    dist.barrier()
+    if rank == 1:
+        return "left"   # its process exits: its connections close
+    time.sleep(3)
+    channel = next(iter(CHANNELS))
+    try:
+        for _ in range(50):   # the first sends may still reach the socket's buffer
+            transport.send({"op": "ping"}, 1, channel)
+            time.sleep(0.05)
+    except WorkerLostError as err:
+        return str(err)
+    return "no error"
+
+
+def test_sending_to_a_rank_whose_process_ended_names_it():
+    """A send to a rank whose process is gone (killed during start-up, say) raises WorkerLostError
+    naming it, not gloo's bare "Connection closed by peer"."""
+    message, _ = run_ranks(2, send_to_a_gone_rank, init=True)
+    assert message.startswith("lost contact with rank 1 while sending to it on the "), message
