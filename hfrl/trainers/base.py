@@ -42,6 +42,7 @@ import torch
 
 from hfrl.algorithms import build_kl_controller
 from hfrl.controller import Batch, Future, WorkerGroup, get_runtime
+from hfrl.controller.errors import RemoteError
 from hfrl.distributed.parallel_dims import ParallelDims
 from hfrl.distributed.resource_pool import plan_for_config
 from hfrl.trainers.tracking import MetricsLog, ProgressBar, plot_metrics
@@ -323,7 +324,13 @@ class RLTrainer(ABC):
                              f"but this run is {self.algorithm!r} with {sorted(self.trainable())}: use another "
                              "trainer.run_dir, or start over with --no-resume (trainer.resume=false)")
         for role, group in self.trainable().items():
-            group.load(str(path / role))
+            try:
+                group.load(str(path / role))
+            except (ValueError, RemoteError) as err:   # e.g. the model's shape changed since the checkpoint
+                first = str(err).strip().split("\n", 1)[0]
+                raise ValueError(f"resuming from the checkpoint {path / role} failed: {first} (if the model or "
+                                 "its settings changed on purpose, start over with --no-resume "
+                                 "(trainer.resume=false) or use another trainer.run_dir)") from err
         self.kl_ctrl.load_state_dict(state["kl_ctrl"])
         self.load_extra_state(state)
         return int(state["step"])

@@ -188,3 +188,26 @@ def test_a_reward_fn_over_rows_without_ground_truth_is_noticed(tmp_path):
     assert "no row of data.train_files has a 'ground_truth' field" in notice and "rewards.py:exact" in notice
     assert missing_ground_truth_notice(data, SimpleNamespace(ground_truths=[None, "7"])) is None
     assert missing_ground_truth_notice(SimpleNamespace(reward_fn=None), SimpleNamespace(ground_truths=[None])) is None
+
+
+def test_a_checkpoint_that_no_longer_fits_the_model_says_resume(tmp_path):
+    """Loading a checkpoint into a changed model fails naming the checkpoint and --no-resume, not
+    only the tensor shapes."""
+    from types import SimpleNamespace
+
+    from hfrl.trainers.base import STATE_FILE, RLTrainer
+
+    step = tmp_path / "checkpoints" / "step_00000002"
+    (step / "actor").mkdir(parents=True)
+    (step / STATE_FILE).write_text(json.dumps({"step": 2, "algorithm": "ppo", "roles": ["actor"], "kl_ctrl": {}}))
+
+    class Group:
+        def load(self, path):
+            raise ValueError("checkpoint tensor 'layers.0.attn.qkv_proj.weight' is (96, 32) but the config "
+                             "expects (96, 64); does config.json belong to these weights?")
+
+    trainer = SimpleNamespace(run_dir=tmp_path, cfg=SimpleNamespace(trainer=SimpleNamespace(resume=True)),
+                              notices=[], algorithm="ppo", trainable=lambda: {"actor": Group()})
+    with pytest.raises(ValueError, match=r"resuming from the checkpoint .*step_00000002/actor failed: checkpoint "
+                                         r"tensor .*expects \(96, 64\).*start over with --no-resume"):
+        RLTrainer.resume(trainer)
