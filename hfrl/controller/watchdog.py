@@ -229,12 +229,16 @@ class Watchdog:
         timer.daemon = True
         timer.start()
 
-    def _peer_lost(self, peer: int) -> None:
+    def _first_news_of(self, peer: int) -> bool:
+        """Record `peer` as gone; False if it already was, or if the main thread is ending anyway."""
         with self._lock:
             if peer in self._lost:
-                return
+                return False
             self._lost.add(peer)
-        if self.ending.is_set():
+        return not self.ending.is_set()
+
+    def _peer_lost(self, peer: int) -> None:
+        if not self._first_news_of(peer):
             return
         if self.rank != 0 and peer != 0:
             self._send(LOST, peer, 0, NOTE)
@@ -244,11 +248,7 @@ class Watchdog:
     def _peer_hung(self, peer: int) -> None:
         """`peer` sent nothing for hang_s seconds. Rank 0 ends the job now (its main thread may wait
         for that rank for good); another rank reports it to rank 0, or ends itself if it is rank 0."""
-        with self._lock:
-            if peer in self._lost:
-                return
-            self._lost.add(peer)
-        if self.ending.is_set():
+        if not self._first_news_of(peer):
             return
         what = (f"rank {peer} has sent nothing for over {self.hang_s:g} s (distributed.timeout_s): it is "
                 "hung (stopped, swapped out, or its interpreter frozen)")
@@ -257,10 +257,14 @@ class Watchdog:
                 _exit_now(1, f"rank {self.rank}: {what}; rank 0 is the controller: ending this rank")
             self._send(HUNG, peer, 0, NOTE)
             return
-        print(f"hfrl: {what}; ending the job. Rank 0's threads were at:", file=sys.stderr, flush=True)
+        self._abort_job(what, f"rank {peer} hung")
+
+    def _abort_job(self, why: str, short: str) -> None:
+        """Rank 0 ends the job from a watchdog thread: where its threads are, then every rank aborted."""
+        print(f"hfrl: {why}; ending the job. Rank 0's threads were at:", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         self.abort_all()
-        _exit_now(1, f"hfrl: aborted: rank {peer} hung")
+        _exit_now(1, f"hfrl: aborted: {short}")
 
     def _end_job(self, peer: int) -> None:
         """The grace period after losing `peer` is over and the main thread has not ended."""
@@ -269,12 +273,8 @@ class Watchdog:
         if self.rank != 0:
             _exit_now(1, f"rank {self.rank}: lost contact with rank 0 (the controller) while "
                          "busy; ending this rank")
-        print(f"hfrl: rank {peer} was lost (its process died or its connection broke) while "
-              f"rank 0 was busy; ending the job. Rank 0's threads were at:", file=sys.stderr,
-              flush=True)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        self.abort_all()
-        _exit_now(1, f"hfrl: aborted: rank {peer} was lost")
+        self._abort_job(f"rank {peer} was lost (its process died or its connection broke) while rank 0 "
+                        "was busy", f"rank {peer} was lost")
 
     def _abort_if_alive(self) -> None:
         _exit_now(1, f"rank {self.rank}: aborting because rank 0 failed")
