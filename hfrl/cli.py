@@ -309,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()   # a bug's traceback is still shown, once
         rank, world = _rank_for_messages()
         where = f" (rank {rank}/{world})" if world > 1 else ""
-        message = " ".join(str(err).split("\n"))   # one line per rank, even for a foreign message
-        if not user_error:   # the traceback above has the rest (a remote error's own traceback too)
-            message = str(err).strip().split("\n", 1)[0]
+        # one line per rank, even for a foreign message; for other errors the first line, as the
+        # traceback above has the rest (a remote error's own traceback too)
+        message = " ".join(str(err).split("\n")) if user_error else str(err).strip().split("\n", 1)[0]
         kind = "" if user_error else f"{type(err).__name__}: "
         print(f"hfrl {ns.command}: error{where}: {kind}{message}", file=sys.stderr)
         code = 2 if user_error else 1

@@ -54,7 +54,6 @@ MIN_HANG_S = 10.0
 """The shortest silence taken for a hung rank: beats from a starved thread on a busy host can be
 late by seconds."""
 
-
 ROOT_FIRST_S = 1.0
 """How long a rank whose serve loop ended because rank 0 failed waits before it exits (hfrl.cli), so
 that rank 0, which holds the error, exits first: launchers such as torchrun report the first rank
