@@ -26,13 +26,15 @@ Two implementations, picked by ``hfrl_kernels.use_triton(q)``:
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hfrl_kernels import triton_available, use_triton
+from hfrl_kernels import interpreting, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -169,42 +171,83 @@ _CANDIDATES = (np.array([p[0] for p in _PAIRS])[:, None], np.array([p[1] or 1 fo
 
 
 class DecodePlan:
-    """The chunking of one decode step's batch, shared by all its layers (PyTorch path).
+    """How one decode step's batch is cut up, shared by all its layers (PyTorch path; host arrays).
 
-    The chunks come in groups of one length each (at most two: full chunks, then tail chunks).
-    ``chunks[i]`` is group i's length and ``biases[i]`` its (n_i, 1, 1, chunk_i) fp32 additive mask
-    (0 for keys, -inf for padding); ``seq`` (num_chunks,) every chunk's sequence, group after group;
-    ``slots`` (sum of n_i * chunk_i,) the flat cache indices of every group's keys in that order, so
-    one gather serves all groups. Planned on the host (numpy: a few microseconds an op, where this
-    many small torch ops took a millisecond a step), then moved to the cache's device.
+    Made once per step from the block tables and lengths (``plan_decode``); each attention path
+    derives its index tensors from it on first use and keeps them for the other layers:
+
+    - ``chunks`` etc. (token-major keys): the chunking of every sequence's key range. The chunks
+      come in groups of one length each (at most two: full chunks, then tail chunks). ``chunks[i]``
+      is group i's length and ``biases[i]`` its (n_i, 1, 1, chunk_i) fp32 additive mask (0 for keys,
+      -inf for padding); ``seq`` (num_chunks,) every chunk's sequence, group after group; ``slots``
+      (sum of n_i * chunk_i,) the flat cache indices of every group's keys in that order, so one
+      gather serves all groups.
+    - ``key_bags`` (dim-major keys, ``_dim_major_attention``): one embedding bag per (sequence,
+      query head, block) for the scores and one per (sequence, query head) for the values.
+
+    Planned on the host (numpy: a few microseconds an op, where this many small torch ops took a
+    millisecond a step), then moved to the cache's device.
     """
 
-    def __init__(self, batch: int, block_size: int, sliding_window: int | None,
-                 groups: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], device: torch.device):
-        self.batch, self.block_size, self.sliding_window = batch, block_size, sliding_window
-        groups = [g for g in groups if g[1].size]
-        self.chunks = [g[0] for g in groups]
-        self.seq = torch.from_numpy(np.concatenate([g[1] for g in groups])).to(device)
-        self.slots = torch.from_numpy(np.concatenate([g[2].reshape(-1) for g in groups])).to(device)
-        self.biases = [torch.from_numpy(np.where(g[3], np.float32(0), np.float32(-np.inf))[:, None, None, :])
-                       .to(device) for g in groups]
-        self._bias: dict[torch.dtype, list[torch.Tensor]] = {torch.float32: self.biases}
-        self._host_slots = [g[2] for g in groups]
+    def __init__(self, tables: np.ndarray, starts: np.ndarray, lens: np.ndarray, block_size: int,
+                 sliding_window: int | None, device: torch.device, chunk_size: int | None = None):
+        self.tables, self.starts, self.lens = tables, starts, lens
+        self.batch, self.block_size, self.sliding_window = lens.size, block_size, sliding_window
+        self.device, self.chunk_size = device, chunk_size
+        self._bias: dict[torch.dtype, list[torch.Tensor]] = {}
         self._rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._bags: dict[tuple[int, int, int], KeyBags] = {}
+
+    @functools.cached_property
+    def _groups(self) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """(chunk length, seq, slots, valid) per group of chunks: see ``_chunk_slots``."""
+        tables, starts, lens, block_size = self.tables, self.starts, self.lens, self.block_size
+        spans = lens - starts
+        big, small = (self.chunk_size, None) if self.chunk_size else choose_chunk_sizes(spans)
+        full, tail = spans // big, spans % big
+        if small is None:
+            n_big, n_small = full + (tail > 0), np.zeros_like(full)
+        else:
+            n_tail = (tail + small - 1) // small
+            use_small = n_tail * (small + CHUNK_OVERHEAD_TOKENS) < (tail > 0) * (big + CHUNK_OVERHEAD_TOKENS)
+            n_big = full + ((tail > 0) & ~use_small)
+            n_small = np.where(use_small, n_tail, 0)
+        groups = [(big, *_chunk_slots(tables, starts, lens, block_size, big, n_big, starts))]
+        if small is not None:
+            groups.append((small, *_chunk_slots(tables, starts, lens, block_size, small, n_small,
+                                                starts + full * big)))
+        return [g for g in groups if g[1].size]
+
+    @property
+    def chunks(self) -> list[int]:
+        return [g[0] for g in self._groups]
+
+    @functools.cached_property
+    def seq(self) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([g[1] for g in self._groups])).to(self.device)
+
+    @functools.cached_property
+    def slots(self) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([g[2].reshape(-1) for g in self._groups])).to(self.device)
+
+    @property
+    def biases(self) -> list[torch.Tensor]:
+        return self.bias(torch.float32)
 
     @property
     def num_chunks(self) -> int:
-        return self.seq.numel()
+        return sum(g[1].size for g in self._groups)
 
     @property
     def one_per_sequence(self) -> bool:
         """Chunk b is sequence b's only chunk (one group, a chunk per sequence)."""
-        return len(self.chunks) == 1 and self.num_chunks == self.batch
+        return len(self._groups) == 1 and self.num_chunks == self.batch
 
     def bias(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """``biases`` in ``dtype``."""
+        """Each group's (n_i, 1, 1, chunk_i) additive mask in ``dtype``."""
         if dtype not in self._bias:
-            self._bias[dtype] = [b.to(dtype) for b in self.biases]
+            self._bias[dtype] = [torch.from_numpy(np.where(g[3], 0.0, -np.inf)[:, None, None, :]).to(self.device, dtype)
+                                 for g in self._groups]
         return self._bias[dtype]
 
     def rows(self, num_kv_heads: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,44 +259,99 @@ class DecodePlan:
         if key not in self._rows:
             heads = np.arange(num_kv_heads)[None, :, None]
             keys, values, sizes = [], [], []
-            for chunk, slots in zip(self.chunks, self._host_slots):
+            for chunk, _, slots, _ in self._groups:
                 rows = slots[:, None, :] * num_kv_heads + heads  # (n, kv heads, chunk)
                 keys.append(rows.reshape(-1))
                 values.append(np.broadcast_to(rows[:, :, None, :], rows.shape[:2] + (group, chunk)).reshape(-1))
                 sizes.append(np.full(rows.shape[0] * num_kv_heads * group, chunk))
             sizes = np.concatenate(sizes)
             offsets = np.cumsum(sizes) - sizes
-            device = self.seq.device
-            self._rows[key] = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device)
+            self._rows[key] = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
                                     for a in (np.concatenate(keys), np.concatenate(values), offsets))
         return self._rows[key]
+
+    def key_bags(self, num_kv_heads: int, group: int, head_dim: int) -> "KeyBags":
+        """The index tensors of ``_dim_major_attention`` for this head layout (see ``KeyBags``)."""
+        key = (num_kv_heads, group, head_dim)
+        if key not in self._bags:
+            self._bags[key] = KeyBags.of(self, num_kv_heads, group, head_dim)
+        return self._bags[key]
+
+
+class KeyBags(NamedTuple):
+    """Embedding bags over a dim-major key cache and a token-major value cache (one decode step).
+
+    Sequence b's keys span blocks ``first_b .. first_b + nblk_b - 1`` of its table (``first_b``: the
+    block holding its first key in the sliding window, 0 without one); ``W = max nblk * block_size``.
+
+    - Scores: bag (b, h, j) for query head h and the j-th of those blocks, j < max nblk, sums
+      ``q[b, h, d] * scale`` times row (block, kv head, d) of the keys viewed as
+      (num_blocks * num_kv_heads * head_dim, block_size), over d: the scores of the block's keys.
+      ``q_rows`` (one per non-empty bag) picks the (b, h) row of q for the weights; bags with
+      j >= nblk_b are empty (score 0, masked by ``outside``). Output (B * num_heads * max nblk,
+      block_size) is (B, num_heads, W) as is.
+    - ``outside`` (B, 1, W): True where a position is not one of the window's keys.
+    - Values: bag (b, h) sums rows (slot, kv head) of the values viewed as (slots * num_kv_heads,
+      head_dim) over the W positions, weighted by the (B, num_heads, W) softmax; a position outside
+      the window (probability exactly 0) reads the window's first key, a finite row that is in cache.
+    """
+
+    q_rows: torch.Tensor
+    k_index: torch.Tensor
+    k_offsets: torch.Tensor
+    outside: torch.Tensor
+    v_index: torch.Tensor
+    v_offsets: torch.Tensor
+
+    @classmethod
+    def of(cls, plan: DecodePlan, num_kv_heads: int, group: int, head_dim: int) -> "KeyBags":
+        tables, starts, lens, bs = plan.tables, plan.starts, plan.lens, plan.block_size
+        batch, num_heads = lens.size, num_kv_heads * group
+        first = starts // bs
+        nblk = (lens + bs - 1) // bs - first
+        width = int(nblk.max())
+        cols = np.minimum(first[:, None] + np.arange(width), tables.shape[1] - 1)
+        blocks = tables[np.arange(batch)[:, None], cols]  # (B, width); entries past nblk unused
+        kv_of = np.arange(num_heads) // group
+        # Index arrays fit int32 where the caches do (half the bytes to build and read).
+        rows = tables.max(initial=0) + 1
+        itype = np.int32 if max(rows * num_kv_heads * head_dim, rows * bs * num_kv_heads,
+                                batch * num_heads * width * bs) < 2**31 else np.int64
+        # scores: bags (b, h, j)
+        real = np.broadcast_to((np.arange(width) < nblk[:, None])[:, None, :], (batch, num_heads, width))
+        base = (blocks[:, None, :] * num_kv_heads + kv_of[None, :, None]) * head_dim  # (B, nh, width)
+        k_index = (base[real].astype(itype)[:, None] + np.arange(head_dim, dtype=itype)).reshape(-1)
+        sizes = real.reshape(-1).astype(itype) * head_dim
+        k_offsets = np.cumsum(sizes, dtype=itype) - sizes
+        q_rows = np.broadcast_to(np.arange(batch * num_heads).reshape(batch, num_heads, 1), real.shape)[real]
+        # the window within each padded row: positions [lo, hi) of W
+        lo, hi = starts - first * bs, lens - first * bs
+        pos = np.arange(width * bs)
+        outside = (pos < lo[:, None]) | (pos >= hi[:, None])  # (B, W)
+        # values: bag (b, h) over all W positions; one outside the window reads the window's first key
+        # (finite, and weighted by exactly 0): measured faster than compacting the bags to the window
+        slot = blocks[:, pos // bs] * bs + pos % bs  # (B, W)
+        slot = np.where(outside, slot[np.arange(batch), lo][:, None], slot)
+        v_index = (slot[:, None, :] * num_kv_heads + kv_of[None, :, None]).astype(itype).reshape(-1)
+        v_offsets = np.arange(0, batch * num_heads * width * bs, width * bs, dtype=itype)
+        device = plan.device
+        return cls(*(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in
+                     (q_rows, k_index, k_offsets, outside[:, None, :], v_index, v_offsets)))
 
 
 def plan_decode(block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
                 sliding_window: int | None = None, chunk_size: int | None = None) -> DecodePlan:
-    """Chunk every sequence's key range [start, seq_len) once for all layers of a decode step.
+    """The plan of a decode step: every sequence's key range [start, seq_len), for all layers.
 
-    chunk_size forces one chunk length for all keys; None picks ``choose_chunk_sizes``."""
+    chunk_size forces one chunk length for all keys (token-major path); None picks
+    ``choose_chunk_sizes``."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be None or >= 1, got {chunk_size}")
     _validate_lengths(seq_lens, block_tables.shape[1] * block_size)
     tables = block_tables.cpu().numpy().astype(np.int64)
     lens = seq_lens.cpu().numpy().astype(np.int64)
     starts = np.maximum(lens - sliding_window, 0) if sliding_window else np.zeros_like(lens)
-    spans = lens - starts
-    big, small = (chunk_size, None) if chunk_size else choose_chunk_sizes(spans)
-    full, tail = spans // big, spans % big
-    if small is None:
-        n_big, n_small = full + (tail > 0), np.zeros_like(full)
-    else:
-        n_tail = (tail + small - 1) // small
-        use_small = n_tail * (small + CHUNK_OVERHEAD_TOKENS) < (tail > 0) * (big + CHUNK_OVERHEAD_TOKENS)
-        n_big = full + ((tail > 0) & ~use_small)
-        n_small = np.where(use_small, n_tail, 0)
-    groups = [(big, *_chunk_slots(tables, starts, lens, block_size, big, n_big, starts))]
-    if small is not None:
-        groups.append((small, *_chunk_slots(tables, starts, lens, block_size, small, n_small, starts + full * big)))
-    return DecodePlan(lens.size, block_size, sliding_window, groups, block_tables.device)
+    return DecodePlan(tables, starts, lens, block_size, sliding_window, block_tables.device, chunk_size)
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -268,9 +366,68 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 def _reference(q, k_cache, v_cache, plan: DecodePlan, scale):
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
-        return _bag_attention(q, k_cache, v_cache, plan, scale)
+    if q.device.type == "cpu" and q.dtype in _BAG_DTYPES and v_cache.is_contiguous():
+        if keys_dim_major(k_cache):
+            return _dim_major_attention(q, k_cache, v_cache, plan, scale)
+        if k_cache.is_contiguous():
+            return _bag_attention(q, k_cache, v_cache, plan, scale)
     return _flash_chunks(q, k_cache, v_cache, plan, scale)
+
+
+_BAG_DTYPES = (torch.float32, torch.float64)
+
+
+def keys_dim_major(k_cache: torch.Tensor) -> bool:
+    """Whether ``k_cache`` (num_blocks, block_size, num_kv_heads, head_dim) is a view of contiguous
+    (num_blocks, num_kv_heads, head_dim, block_size) storage: each block's keys dimension by dimension,
+    the layout of ``_dim_major_attention`` (``empty_key_cache(..., "dim")`` makes one)."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    return k_cache.stride() == (num_kv_heads * head_dim * block_size, 1, head_dim * block_size, block_size)
+
+
+def key_layout_for(device: torch.device, dtype: torch.dtype) -> str:
+    """The key cache layout decode_attention is fastest with: "dim" (``_dim_major_attention``) on the
+    CPU in fp32/fp64 without the Triton interpreter, "token" elsewhere (the Triton kernel reads a
+    block's keys token by token; ``_flash_chunks`` gathers them so)."""
+    interpreted = triton_available() and interpreting() and device.type == "cpu"
+    return "dim" if device.type == "cpu" and dtype in _BAG_DTYPES and not interpreted else "token"
+
+
+def empty_key_cache(lead: tuple[int, ...], num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                    layout: str, **factory) -> torch.Tensor:
+    """An uninitialised key cache of shape lead + (num_blocks, block_size, num_kv_heads, head_dim), stored
+    token-major (``layout="token"``: contiguous) or dim-major (``"dim"``: see ``keys_dim_major``)."""
+    if layout == "token":
+        return torch.empty(lead + (num_blocks, block_size, num_kv_heads, head_dim), **factory)
+    if layout != "dim":
+        raise ValueError(f"key cache layout must be 'token' or 'dim', got {layout!r}")
+    n = len(lead)
+    store = torch.empty(lead + (num_blocks, num_kv_heads, head_dim, block_size), **factory)
+    return store.permute(*range(n), n, n + 3, n + 1, n + 2)
+
+
+def _dim_major_attention(q, k_cache, v_cache, plan: DecodePlan, scale):
+    """The CPU fp32 path for a dim-major key cache: two embedding bags, nothing gathered.
+
+    With the keys stored (block, kv head, dim, key), one block's scores for one query head are a
+    weighted sum of head_dim rows of block_size keys, the query's components the weights: an
+    embedding bag straight over the cache, as the weighted sum of values already is. A decode step
+    is then seven ops per layer (see ``KeyBags``) whatever the mix of lengths, with padding only in
+    the (batch, heads, longest) softmax. Measured against ``_bag_attention`` on the rollout
+    benchmark's shapes (fp32, 2 threads, 4 query / 2 kv heads, hd 64, block 16): 64 sequences of
+    40..300 keys 0.52 vs 1.05 ms, 64 x 250 keys 0.76 vs 0.93 ms, one sequence of 70 keys 34 vs 47 us.
+    """
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    bags = plan.key_bags(num_kv_heads, num_heads // num_kv_heads, head_dim)
+    keys = k_cache.permute(0, 2, 3, 1).view(-1, block_size)  # the storage, (block, kv head, dim) rows
+    weights = (q * scale).view(-1, head_dim).index_select(0, bags.q_rows).view(-1)
+    scores = F.embedding_bag(bags.k_index, keys, bags.k_offsets, mode="sum", per_sample_weights=weights)
+    # masked_fill, not an additive mask: a block's unwritten slots may hold NaN (torch.empty)
+    probs = torch.softmax(scores.view(batch, num_heads, -1).masked_fill_(bags.outside, float("-inf")), dim=-1)
+    out = F.embedding_bag(bags.v_index, v_cache.view(-1, head_dim), bags.v_offsets, mode="sum",
+                          per_sample_weights=probs.view(-1))
+    return out.view(batch, num_heads, head_dim)
 
 
 def _bag_attention(q, k_cache, v_cache, plan: DecodePlan, scale):
@@ -332,8 +489,7 @@ def _flash_chunks(q, k_cache, v_cache, plan: DecodePlan, scale):
     group = num_heads // num_kv_heads
     seq = plan.seq
     # one gather per cache for all groups; group i is a strided (n_i, kv heads, chunk_i, hd) view of it
-    keys = k_cache.flatten(0, 1).index_select(0, plan.slots)
-    values = v_cache.flatten(0, 1).index_select(0, plan.slots)
+    keys, values = (_gather_slots(cache, plan.slots) for cache in (k_cache, v_cache))
     q_chunks = q.reshape(batch, num_kv_heads, group, head_dim)
     if not plan.one_per_sequence:
         q_chunks = q_chunks.index_select(0, seq)
@@ -352,6 +508,14 @@ def _flash_chunks(q, k_cache, v_cache, plan: DecodePlan, scale):
         return outs[0].to(q.dtype).reshape(batch, num_heads, head_dim)
     out, lse = (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
     return _merge_chunks(out, lse, seq, batch).to(q.dtype).reshape(batch, num_heads, head_dim)
+
+
+def _gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(len(slots), num_kv_heads, head_dim): the cache's tokens at flat ``slots``, in any layout."""
+    if cache.is_contiguous():
+        return cache.flatten(0, 1).index_select(0, slots)
+    block_size = cache.shape[1]
+    return cache[slots // block_size, slots % block_size]
 
 
 def _chunk_slots(tables: np.ndarray, starts: np.ndarray, lens: np.ndarray, block_size: int, chunk: int,
@@ -465,12 +629,14 @@ def _decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
     # fp32 inputs: exact fp32 dots (no TF32). The interpreter multiplies bf16 as raw bits, so there
     # every dtype is upcast.
     dot_fp32 = q.dtype == torch.float32 or not q.is_cuda
+    # Any cache layout goes by its strides; Triton specialises a stride of 1 (token-major's head_dim
+    # axis) to a constant, so the common layout compiles to contiguous loads.
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_max, part_sum, part_acc,
         scale * _LOG2E, sliding_window or _NO_WINDOW, num_splits, head_dim, block_size,
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         block_tables.stride(0),
         GROUP=group, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         SPLIT=num_splits > 1, DOT_FP32=dot_fp32,
@@ -493,8 +659,8 @@ if triton_available():
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, max_ptr, sum_ptr, acc_ptr,
         scale_log2, window, num_splits, head_dim, block_size,
         stride_qb, stride_qh,
-        stride_kb, stride_kt, stride_kh,
-        stride_vb, stride_vt, stride_vh,
+        stride_kb, stride_kt, stride_kh, stride_kd,
+        stride_vb, stride_vt, stride_vh, stride_vd,
         stride_tb,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -533,9 +699,9 @@ if triton_available():
             slot = pos % block_size
             kv_mask = key_ok[:, None] & dim_ok[None, :]
             k = tl.load(k_ptr + (block * stride_kb + slot * stride_kt + kv_head * stride_kh)[:, None]
-                        + dims[None, :], mask=kv_mask, other=0.0)
+                        + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + (block * stride_vb + slot * stride_vt + kv_head * stride_vh)[:, None]
-                        + dims[None, :], mask=kv_mask, other=0.0)
+                        + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)
             if DOT_FP32:
                 scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:

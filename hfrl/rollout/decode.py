@@ -8,14 +8,15 @@ every activation kept as (rows, ...):
 
 - RoPE's cos and sin come from a table built once per engine with the same float ops as
   ``RotaryEmbedding`` (so the same values), indexed by position once per step; q and k rotate
-  together in one set of ops, giving bit for bit what ``Attention.forward`` gives.
+  together in four ops, giving bit for bit what ``Attention.forward`` gives: rotate_half(x) * sin is
+  roll(x, hd / 2) * [-sin, sin] (IEEE negation is exact).
 - A plain or column-parallel Linear is ``F.linear`` on its weight, without the module call around
   it. (``W @ x^T`` read back transposed was 1.3-1.7x faster than ``x @ W^T`` for these layer shapes
   at 4..64 rows on one earlier CPU host, and the decode step used it; on a later host it made the
   ragged rollout benchmark 12% slower end to end (4.67 s against 4.15 s, interleaved runs), and a
   per-shape choice timed in isolation picked the slower form there, so the standard form stays.)
-- An fp32 RMSNorm is the module's formula in fewer ops (a sum scaled by 1/H for the mean; equal to
-  float rounding).
+- An RMSNorm is ``F.rms_norm`` (one call where the module makes six; bit for bit the same). The
+  residual adds and SwiGLU's product run in place on fresh outputs.
 - Attention is the backend's ``attend_rows`` on (rows, heads, hd).
 
 Any other module (a row-parallel layer with its all-reduce, the hybrid engine's piece layers, the
@@ -51,11 +52,11 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; an fp32 RMSNorm as x * rsqrt(sum(x^2) / H + eps) * w (the mean as a scaled sum)."""
+    """``module(x)``; an fp32 RMSNorm through ``F.rms_norm``, which computes the module's formula in
+    one call (bit for bit: checked in tests/rollout/test_engine.py)."""
     if type(module) is not RMSNorm or x.dtype != torch.float32:
         return module(x)
-    scale = (x * x).sum(dim=-1, keepdim=True).mul_(1.0 / x.shape[-1]).add_(module.eps).rsqrt_()
-    return x * scale * module.weight
+    return F.rms_norm(x, x.shape[-1:], module.weight, module.eps)
 
 
 class PackedLinear:
@@ -93,13 +94,15 @@ class DecodeForward:
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rope_table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (max_len, hd / 2), as ``RotaryEmbedding.forward`` computes them per position."""
+        """cos and [-sin, sin] (max_len, hd), with cos and sin as ``RotaryEmbedding.forward`` computes
+        them per position."""
         if self._rope is None or self._rope[0].device != device or self._rope[0].dtype != dtype:
             rotary = self.model.rotary_emb
             positions = torch.arange(self.max_len, device=device).float()
             freqs = positions[:, None] * rotary.inv_freq.to(device)  # (L, hd/2): RotaryEmbedding's product
-            self._rope = ((freqs.cos() * rotary.attention_scaling).to(dtype),
-                          (freqs.sin() * rotary.attention_scaling).to(dtype))
+            cos = (freqs.cos() * rotary.attention_scaling).to(dtype)
+            sin = (freqs.sin() * rotary.attention_scaling).to(dtype)
+            self._rope = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
         return self._rope
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, backend) -> torch.Tensor:
@@ -112,13 +115,12 @@ class DecodeForward:
             nh, nkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
             qkv = linear(attn.qkv_proj, rms_norm(layer.attn_norm, x))  # (R, (nh + 2 nkv) hd)
             qk = qkv[:, :(nh + nkv) * hd].view(rows, nh + nkv, hd)
-            half = hd // 2
-            x1, x2 = qk[..., :half], qk[..., half:]
-            # Attention.forward's q * cos + rotate_half(q) * sin, halves written out (same values)
-            qk = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (R, nh + nkv, hd)
+            # Attention.forward's q * cos + rotate_half(q) * sin (same values)
+            qk = (qk * cos).add_(qk.roll(hd // 2, dims=-1).mul_(sin))  # (R, nh + nkv, hd)
             v = qkv[:, (nh + nkv) * hd:].view(rows, nkv, hd)
             y = backend.attend_rows(attn.layer_idx, qk[:, :nh], qk[:, nh:], v, attn.sliding_window)  # (R, nh, hd)
-            x = x + linear(attn.o_proj, y.reshape(rows, nh * hd))
-            gate, up = linear(layer.mlp.gate_up_proj, rms_norm(layer.mlp_norm, x)).chunk(2, dim=-1)
-            x = x + linear(layer.mlp.down_proj, F.silu(gate) * up)
+            x = linear(attn.o_proj, y.reshape(rows, nh * hd)).add_(x)
+            gate_up = linear(layer.mlp.gate_up_proj, rms_norm(layer.mlp_norm, x))
+            inner = gate_up.shape[-1] // 2
+            x = linear(layer.mlp.down_proj, F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:])).add_(x)
         return rms_norm(model.norm, x)

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from hfrl.models.llama import CausalLM
 from hfrl.rollout.decode import DecodeForward, PackedLinear
+from hfrl_kernels.decode_attention import key_layout_for
 from hfrl.rollout.kv_cache import CacheShape, DecodeAttention, PagedKVCache, PrefillAttention, free_device_bytes
 from hfrl.rollout.sampling import (
     GREEDY_BELOW, SamplingFlags, SamplingParams, as_int, as_real, sample, spread_seeds, token_log_probs,
@@ -198,7 +199,8 @@ class RolloutEngine:
                 raise ValueError(f"the KV cache budget ({self._budget_words()}) holds no block of "
                                  f"{self.shape.bytes_per_block} bytes ({self.shape.block_size} tokens); "
                                  "raise kv_cache_bytes / kv_cache_fraction or lower block_size")
-            self.cache = PagedKVCache(self.shape, blocks, self.device)
+            self.cache = PagedKVCache(self.shape, blocks, self.device,
+                                      key_layout=key_layout_for(self.device, self.shape.dtype))
         return self.cache
 
     def release(self) -> None:

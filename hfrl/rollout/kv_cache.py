@@ -1,11 +1,14 @@
 """The paged KV cache: fixed-size blocks, a reference-counted block allocator, and the attention
 backends through which the model reads and writes it.
 
-Layout. Keys and values of all layers live in two tensors of shape
+Layout. Keys and values of all layers live in two tensors seen as
 (num_layers, num_blocks, block_size, num_kv_heads, head_dim), allocated once per engine and
 reused across calls (no per-step allocation). A sequence's tokens are addressed through its row
 of a block table: token ``p`` lives in block ``table[p // block_size]`` at offset
-``p % block_size``; its flat slot is ``block * block_size + offset``.
+``p % block_size``; its flat slot is ``block * block_size + offset``. Values are stored in that
+order; keys in the order decode attention reads fastest (``key_layout_for``): token-major as the
+values, or on the CPU dim-major, each block's keys dimension by dimension (num_blocks,
+num_kv_heads, head_dim, block_size), behind the same logical shape.
 
 Sharing. Blocks carry reference counts: the ``n`` samples of one prompt point at the same prompt
 blocks (count ``n``), and only the last, partially filled prompt block is copied for each sample
@@ -22,7 +25,7 @@ import torch
 
 from hfrl.models.llama import AttentionBackend, PackedAttention
 from hfrl_kernels import use_triton
-from hfrl_kernels.decode_attention import DecodePlan, decode_attention, plan_decode
+from hfrl_kernels.decode_attention import DecodePlan, decode_attention, empty_key_cache, plan_decode
 
 
 def _available_host_bytes() -> int:
@@ -69,12 +72,13 @@ class CacheShape:
 class PagedKVCache:
     """Block storage plus a reference-counted free list; every method is batched over sequences."""
 
-    def __init__(self, shape: CacheShape, num_blocks: int, device: torch.device):
+    def __init__(self, shape: CacheShape, num_blocks: int, device: torch.device, key_layout: str = "token"):
         if num_blocks < 1:
             raise ValueError(f"a KV cache needs at least one block, got num_blocks={num_blocks}")
-        self.shape, self.num_blocks, self.device = shape, num_blocks, device
+        self.shape, self.num_blocks, self.device, self.key_layout = shape, num_blocks, device, key_layout
         dims = (shape.num_layers, num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
-        self.k = torch.empty(dims, dtype=shape.dtype, device=device)
+        # k and v: (layers, blocks, block_size, kv heads, head_dim) views, whatever the storage order
+        self.k = empty_key_cache(dims[:1], *dims[1:], key_layout, dtype=shape.dtype, device=device)
         self.v = torch.empty(dims, dtype=shape.dtype, device=device)
         self.refcount = torch.zeros(num_blocks, dtype=torch.int32)
         self.reset()
@@ -131,18 +135,40 @@ class PagedKVCache:
         self._free[self._top:self._top + freed.numel()] = freed
         self._top += freed.numel()
 
+    def _storage(self, cache: torch.Tensor) -> torch.Tensor:
+        """``cache`` (k or v) in its storage order, contiguous; dim 1 is the block either way."""
+        return cache if cache.is_contiguous() else cache.permute(0, 1, 3, 4, 2)
+
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the contents of blocks ``src`` into ``dst`` in every layer (copy-on-write)."""
         if src.numel():
-            index = dst.to(self.device)
-            self.k.index_copy_(1, index, self.k.index_select(1, src.to(self.device)))
-            self.v.index_copy_(1, index, self.v.index_select(1, src.to(self.device)))
+            index, src = dst.to(self.device), src.to(self.device)
+            for cache in (self._storage(self.k), self.v):
+                cache.index_copy_(1, index, cache.index_select(1, src))
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (T, nkv, hd) of one layer at flat ``slots`` (T,)."""
+    def locate(self, slots: torch.Tensor) -> "Slots":
+        """Where tokens at flat ``slots`` (T,) go: computed once per step for every layer's ``write``."""
+        if self.key_layout == "dim":
+            return Slots(slots, slots // self.block_size, slots % self.block_size)
+        return Slots(slots, None, None)
+
+    def write(self, layer: int, where: "Slots", k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (T, nkv, hd) of one layer at ``where`` (``locate``)."""
         shape = (-1, self.shape.num_kv_heads, self.shape.head_dim)
-        self.k[layer].view(shape).index_copy_(0, slots, k.to(self.k.dtype))
-        self.v[layer].view(shape).index_copy_(0, slots, v.to(self.v.dtype))
+        if where.blocks is None:
+            self.k[layer].view(shape).index_copy_(0, where.slots, k.to(self.k.dtype))
+        else:  # a strided scatter into the dim-major storage (2x faster than a flat index_copy_ there)
+            self.k[layer].index_put_((where.blocks, where.offsets), k.to(self.k.dtype))
+        self.v[layer].view(shape).index_copy_(0, where.slots, v.to(self.v.dtype))
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Flat slots (T,) of T tokens; for a dim-major key cache also their blocks and offsets."""
+
+    slots: torch.Tensor
+    blocks: torch.Tensor | None
+    offsets: torch.Tensor | None
 
 
 class PrefillAttention(AttentionBackend):
@@ -153,7 +179,7 @@ class PrefillAttention(AttentionBackend):
     """
 
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, spans: list[tuple[int, int]]):
-        self.cache, self.slots, self.spans = cache, slots, spans
+        self.cache, self.slots, self.spans = cache, cache.locate(slots), spans
         self._packed: dict[int | None, PackedAttention] = {}
 
     def attend(self, layer_idx, q, k, v, sliding_window):
@@ -169,7 +195,7 @@ class DecodeAttention(AttentionBackend):
 
     def __init__(self, cache: PagedKVCache, slots: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor):
-        self.cache, self.slots, self.block_tables, self.seq_lens = cache, slots, block_tables, seq_lens
+        self.cache, self.slots, self.block_tables, self.seq_lens = cache, cache.locate(slots), block_tables, seq_lens
         self._plans: dict[int | None, DecodePlan] = {}  # one per sliding window, shared by the layers
 
     def attend(self, layer_idx, q, k, v, sliding_window):

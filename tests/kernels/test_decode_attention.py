@@ -16,9 +16,10 @@ from tests.kernels._interpreter import require_interpreter
 
 
 
-def make_cache(lens, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.float32, seed=0):
+def make_cache(lens, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.float32, seed=0, key_layout="token"):
     """q, k_cache, v_cache, block_tables, seq_lens with shuffled physical blocks, -1 past each
-    sequence's last block, and NaN in every cache slot no sequence owns (so reading one shows)."""
+    sequence's last block, and NaN in every cache slot no sequence owns (so reading one shows).
+    key_layout "dim": k_cache stored dim-major (``empty_key_cache``), the same logical values."""
     gen = torch.Generator().manual_seed(seed)
     blocks = [-(-n // block_size) for n in lens]
     num_blocks = sum(blocks) + 3
@@ -36,7 +37,8 @@ def make_cache(lens, num_heads, num_kv_heads, head_dim, block_size, dtype=torch.
             v_cache[ids[t // block_size], t % block_size] = torch.randn(num_kv_heads, head_dim, generator=gen)
     q = torch.randn(len(lens), num_heads, head_dim, generator=gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    return q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), tables, seq_lens
+    keys = da.empty_key_cache((), *k_cache.shape, key_layout, dtype=dtype).copy_(k_cache)
+    return q.to(dtype), keys, v_cache.to(dtype), tables, seq_lens
 
 
 def naive(q, k_cache, v_cache, tables, seq_lens, sliding_window=None):
@@ -63,11 +65,40 @@ RAGGED = [1, 300, 17, 16, 33, 128, 2, 255]
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("sliding_window", [None, 40])
-def test_reference_equals_naive(num_heads, num_kv_heads, head_dim, block_size, sliding_window):
-    case = make_cache(RAGGED, num_heads, num_kv_heads, head_dim, block_size)
+@pytest.mark.parametrize("key_layout", ["token", "dim"])
+def test_reference_equals_naive(num_heads, num_kv_heads, head_dim, block_size, sliding_window, key_layout):
+    case = make_cache(RAGGED, num_heads, num_kv_heads, head_dim, block_size, key_layout=key_layout)
+    assert da.keys_dim_major(case[1]) == (key_layout == "dim")
     expected = naive(*case, sliding_window=sliding_window)
     out = da.decode_attention_reference(*case, sliding_window=sliding_window)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 1, 17, 40])
+def test_dim_major_path_in_every_dtype_and_window(sliding_window):
+    """The two-bag path (fp32, fp64; windows starting mid-block, one key) and the gathering path on a
+    dim-major cache (bf16) agree with the naive loop; NaN in the unowned slots of a sequence's first
+    and last blocks never leaks into a result."""
+    lens = [1, 300, 17, 16, 33, 2]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10), (torch.bfloat16, 3e-2)):
+        case = make_cache(lens, 8, 2, 64, 16, dtype=dtype, key_layout="dim")
+        expected = naive(*(t.double() if t.is_floating_point() else t for t in case), sliding_window=sliding_window)
+        out = da.decode_attention_reference(*case, sliding_window=sliding_window)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_key_layout_choice_and_bad_layout():
+    interpreted = hfrl_kernels.triton_available() and hfrl_kernels.interpreting()  # the kernel then runs on CPU
+    assert da.key_layout_for(torch.device("cpu"), torch.float32) == ("token" if interpreted else "dim")
+    assert da.key_layout_for(torch.device("cpu"), torch.float64) == ("token" if interpreted else "dim")
+    assert da.key_layout_for(torch.device("cpu"), torch.bfloat16) == "token"
+    assert da.key_layout_for(torch.device("cuda"), torch.float32) == "token"
+    keys = da.empty_key_cache((3,), 5, 16, 2, 64, "dim")
+    assert keys.shape == (3, 5, 16, 2, 64) and da.keys_dim_major(keys[1])
+    assert not da.keys_dim_major(da.empty_key_cache((), 5, 16, 2, 64, "token"))
+    with pytest.raises(ValueError, match="layout must be 'token' or 'dim', got 'bshd'"):
+        da.empty_key_cache((), 5, 16, 2, 64, "bshd")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 32, 512])
@@ -132,6 +163,13 @@ def test_triton_equals_reference(interpreted, lens, num_heads, num_kv_heads, hea
     out = interpreted.decode_attention(*case, sliding_window=window, num_splits=splits)
     expected = da.decode_attention_reference(*case, sliding_window=window)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_reads_a_dim_major_key_cache(interpreted):
+    """The kernel addresses the cache by its strides, so a dim-major key cache reads the same keys."""
+    case = make_cache([1, 130, 37], 8, 2, 64, 16, seed=3, key_layout="dim")
+    out = interpreted.decode_attention(*case, num_splits=2)
+    torch.testing.assert_close(out, naive(*case), atol=1e-5, rtol=1e-5)
 
 
 def test_triton_fp16_and_default_splits(interpreted):

@@ -9,6 +9,7 @@ import torch
 from hfrl.engine.train_engine import EngineConfig, TrainEngine
 from hfrl.models import weights
 from hfrl.rollout import RolloutEngine, SamplingParams
+from hfrl_kernels.decode_attention import key_layout_for
 from tests.models._hf import build_hf
 
 # Larger weights than HF's default init: random tiny models then produce varied, not repeated, tokens.
@@ -38,7 +39,9 @@ def test_greedy_equals_transformers_generate(saved, case):
     ref, path = saved[case]
     eos = ref.generation_config.eos_token_id  # generate stops there; the engine stops on the same id
     stops = [eos] if eos is not None else []
-    out = engine_for(path).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=stops))
+    engine = engine_for(path)
+    out = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=stops))
+    assert engine.cache.key_layout == key_layout_for(torch.device("cpu"), torch.float32)  # "dim": the CPU path
     for i, prompt in enumerate(PROMPTS):
         ids = torch.tensor([prompt])
         expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
@@ -221,10 +224,11 @@ def test_per_prompt_seeds_from_the_config(saved):
     assert len({tuple(s.token_ids) for s in out.samples}) == 6  # the same prompt, six different streams
 
 
+@pytest.mark.parametrize("key_layout", ["token", "dim"])
 @pytest.mark.parametrize("case", ["qwen2_bias", "mistral_window"])
-def test_decode_forward_equals_the_model_forward(saved, case):
-    """The engine's lean decode step (RoPE table, W @ x^T, its own RMSNorm) computes what the
-    model's own forward computes through the same cache backend, and stores the same keys/values."""
+def test_decode_forward_equals_the_model_forward(saved, case, key_layout):
+    """The engine's lean decode step (RoPE table, F.linear, F.rms_norm) computes what the model's own
+    forward computes through the same cache backend, bit for bit, and stores the same keys/values."""
     from hfrl.rollout.decode import DecodeForward
     from hfrl.rollout.kv_cache import CacheShape, DecodeAttention, PagedKVCache
 
@@ -236,7 +240,7 @@ def test_decode_forward_equals_the_model_forward(saved, case):
     gen = torch.Generator().manual_seed(0)
     caches = []
     for _ in range(2):
-        cache = PagedKVCache(shape, 40, torch.device("cpu"))
+        cache = PagedKVCache(shape, 40, torch.device("cpu"), key_layout=key_layout)
         cache.k.copy_(torch.randn(cache.k.shape, generator=gen.manual_seed(1)))
         cache.v.copy_(torch.randn(cache.v.shape, generator=gen.manual_seed(2)))
         caches.append(cache)
@@ -250,9 +254,8 @@ def test_decode_forward_equals_the_model_forward(saved, case):
     with torch.no_grad():
         expected = model(tokens[None], position_ids=pos[None], attention=backend(caches[0]), return_hidden=True)[0]
         got = DecodeForward(model, config.max_position_embeddings)(tokens, pos, backend(caches[1]))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(caches[1].k, caches[0].k, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(caches[1].v, caches[0].v, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got, expected)  # bit for bit: same ops, fewer of them
+    assert torch.equal(caches[1].k, caches[0].k) and torch.equal(caches[1].v, caches[0].v)
 
 
 def test_packed_head_equals_the_plain_product():

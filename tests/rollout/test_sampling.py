@@ -82,9 +82,10 @@ def test_rows_do_not_depend_on_the_batch():
     torch.testing.assert_close(log_probs, token_log_probs(logits, temperature, tokens))
 
 
-def test_block_allocator_counts_references():
+@pytest.mark.parametrize("key_layout", ["token", "dim"])
+def test_block_allocator_counts_references(key_layout):
     cache = PagedKVCache(CacheShape(num_layers=2, num_kv_heads=1, head_dim=4, block_size=2, dtype=torch.float32),
-                         num_blocks=6, device=torch.device("cpu"))
+                         num_blocks=6, device=torch.device("cpu"), key_layout=key_layout)
     a = cache.allocate(3)
     cache.share(a[:2], 2)  # two more sequences point at the first two blocks
     assert cache.num_free == 3 and cache.refcount[a].tolist() == [3, 3, 1]
@@ -115,3 +116,21 @@ def test_argmax_rows_equals_torch_argmax_with_ties():
     assert torch.equal(argmax_rows(x.double()), x.argmax(dim=-1))
     assert argmax_rows(x).dtype == torch.int64
     assert argmax_rows(torch.tensor([1.0, 3.0, 2.0])).item() == 1  # a single row, as torch.argmax
+
+
+@pytest.mark.parametrize("key_layout", ["token", "dim"])
+def test_cache_write_stores_each_token_at_its_slot(key_layout):
+    """``write`` puts token t's keys and values at block slots[t] // block_size, offset slots[t] %
+    block_size of the logical (layers, blocks, block_size, kv heads, head_dim) view, touching nothing else."""
+    shape = CacheShape(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
+    cache = PagedKVCache(shape, num_blocks=5, device=torch.device("cpu"), key_layout=key_layout)
+    assert (cache.k.is_contiguous(), cache.v.is_contiguous()) == (key_layout == "token", True)
+    cache.k.zero_()
+    cache.v.zero_()
+    slots = torch.tensor([0, 7, 13, 18])  # blocks 0, 1, 3, 4
+    k, v = torch.randn(4, 3, 8)[:, 1:], torch.randn(4, 2, 8)  # k a strided slice, as the decode step's is
+    cache.write(1, cache.locate(slots), k, v)
+    for t, slot in enumerate(slots.tolist()):
+        assert torch.equal(cache.k[1, slot // 4, slot % 4], k[t]) and torch.equal(cache.v[1, slot // 4, slot % 4], v[t])
+    assert int((cache.k != 0).sum()) == int((cache.v != 0).sum()) == k.numel()  # layer 0 and other slots untouched
+
