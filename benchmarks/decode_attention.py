@@ -2,8 +2,9 @@
 
     python benchmarks/decode_attention.py [--threads N] [--chunks]
 
-One JSON line per case: ``ms`` (hfrl_kernels.decode_attention, its own chunk size) and
-``baseline_ms`` (gather every sequence's blocks into a (B, max_len) padded tensor, then
+One JSON line per case: ``ms`` (hfrl_kernels.decode_attention on a token-major key cache, its own
+chunk size), ``dim_ms`` (the same on a dim-major key cache: the rollout engine's CPU layout, the
+two-embedding-bag path; ``dim_speedup`` = baseline_ms / dim_ms) and ``baseline_ms`` (gather every sequence's blocks into a (B, max_len) padded tensor, then
 F.scaled_dot_product_attention with a length mask), medians; ``speedup`` = baseline_ms / ms.
 ``kv_bytes`` is the K and V the sequences own (sum of lengths x kv heads x head_dim x 2 x element
 size), ``gb_per_s`` / ``baseline_gb_per_s`` that over the time. Each timed call reads another
@@ -23,11 +24,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hfrl_kernels.decode_attention import choose_chunk_sizes, decode_attention_reference
+from hfrl_kernels.decode_attention import choose_chunk_sizes, decode_attention_reference, empty_key_cache
 
 CASES = [  # name, batch, num_heads, num_kv_heads, head_dim, block_size, (min_len, max_len)
     ("ragged64_gqa2", 64, 8, 4, 64, 16, (20, 400)),
     ("ragged64_mha", 64, 8, 8, 64, 16, (20, 400)),
+    ("ragged64_gqa4", 64, 8, 2, 64, 16, (20, 400)),
+    ("ragged64_gqa8", 64, 16, 2, 64, 16, (20, 400)),
     ("ragged64_gqa8_hd128", 64, 16, 2, 128, 16, (20, 400)),
     ("uniform64_gqa2", 64, 8, 4, 64, 16, (300, 300)),
     ("long8_gqa2", 8, 8, 4, 64, 16, (1800, 2200)),
@@ -99,12 +102,16 @@ def main() -> None:
         err = (ours(*caches[0]).float() - ref.float()).abs().max().item()
         kv_bytes = 2 * int(lens.sum()) * num_kv_heads * head_dim * dtype.itemsize
         ms = median_ms(ours, caches, args.reps)
+        dim_caches = [(empty_key_cache((), *k.shape, "dim", dtype=dtype).copy_(k), v) for k, v in caches]
+        dim_err = (ours(*dim_caches[0]).float() - ref.float()).abs().max().item()
+        dim_ms = median_ms(ours, dim_caches, args.reps)
         baseline_ms = median_ms(lambda k, v: padded_sdpa(q, k, v, tables, lens), caches, args.reps)
         row = {"case": name, "ms": round(ms, 2), "baseline_ms": round(baseline_ms, 2),
                "speedup": round(baseline_ms / ms, 2), "kv_bytes": kv_bytes,
                "gb_per_s": round(kv_bytes / ms / 1e6, 2),
                "baseline_gb_per_s": round(kv_bytes / baseline_ms / 1e6, 2),
-               "chunk_sizes": choose_chunk_sizes(lens.long()), "max_abs_diff": err}
+               "dim_ms": round(dim_ms, 2), "dim_speedup": round(baseline_ms / dim_ms, 2),
+               "chunk_sizes": choose_chunk_sizes(lens.long()), "max_abs_diff": max(err, dim_err)}
         if args.chunks:
             row["chunk_ms"] = {c: round(median_ms(lambda k, v: ours(k, v, c), caches, args.reps), 2)
                                for c in (16, 32, 64, 128, 256, 512)}

@@ -7,22 +7,32 @@ Sequence b's keys are the first ``seq_lens[b]`` tokens of the blocks listed in `
 num_kv_heads). With ``sliding_window=w`` only the last w keys count (positions >= seq_len - w, as in
 Mistral). Softmax and accumulation are fp32; the result has q's dtype.
 
+Key cache layouts. ``k_cache`` always has the logical shape (num_blocks, block_size, num_kv_heads,
+head_dim); its storage is either token-major (that shape, contiguous: what the Triton kernel and
+vLLM use) or dim-major (a view of (num_blocks, num_kv_heads, head_dim, block_size) storage, made by
+``empty_key_cache(..., "dim")``: each block's keys dimension by dimension). ``key_layout_for``
+names the faster one for a device and dtype; the value cache is token-major in both.
+
 Two implementations, picked by ``hfrl_kernels.use_triton(q)``:
 
 - ``_decode_attention_triton``: split-K "flash-decoding". Program (b, kv_head, split) reads its
   split's keys once for the whole group of query heads sharing that kv head and writes a partial
   (max, sum of exponentials, weighted values); a second kernel merges the splits. With one split the
-  first kernel writes the output itself.
-- ``decode_attention_reference`` (PyTorch): the production path on CPU, not only a reference. A
-  plan made once per decode step (``plan_decode``, on the host) cuts every sequence's key range into
-  chunks: full chunks of C keys and small tail chunks of c keys (a 150-key sequence is 128 + 32, not
-  a padded 256), with no per-sequence loop and no padding to the longest sequence. On CPU in fp32
-  (``_bag_attention``) the chunks' keys are gathered and scored with one batched matmul, the softmax
-  runs over each sequence's chunks together, and the values are never gathered: the weighted sum is
-  ``F.embedding_bag`` straight over the paged value cache, the probabilities its per-sample weights.
-  Elsewhere (bf16, a GPU without Triton) ``_flash_chunks`` gathers keys and values and runs ATen's
-  fused attention per chunk, merging a sequence's chunks by their log-sum-exps (flash-decoding with
-  C-token splits).
+  first kernel writes the output itself. It addresses the caches by their strides (any layout).
+- ``decode_attention_reference`` (PyTorch): the production path on CPU, not only a reference, made
+  from a plan computed once per decode step (``plan_decode``, on the host), with no per-sequence
+  loop:
+  - dim-major keys, CPU fp32/fp64 (``_dim_major_attention``, the rollout engine's CPU path): the
+    scores of one block for one query head are ``F.embedding_bag`` over the block's head_dim rows
+    of keys with the query as per-sample weights, and the weighted sum of values is a second bag
+    over the value cache with the probabilities as weights: nothing is gathered or copied.
+  - token-major keys, CPU fp32/fp64 (``_bag_attention``): every sequence's key range is cut into
+    chunks, full chunks of C keys and small tail chunks of c keys (a 150-key sequence is 128 + 32,
+    not a padded 256); the chunks' keys are gathered and scored with one batched matmul, the softmax
+    runs over each sequence's chunks together, and the values are an embedding bag as above.
+  - elsewhere (bf16, a GPU without Triton: ``_flash_chunks``) the chunks' keys and values are
+    gathered and ATen's fused attention runs per chunk, merging a sequence's chunks by their
+    log-sum-exps (flash-decoding with C-token splits).
 """
 from __future__ import annotations
 
@@ -385,12 +395,20 @@ def keys_dim_major(k_cache: torch.Tensor) -> bool:
     return k_cache.stride() == (num_kv_heads * head_dim * block_size, 1, head_dim * block_size, block_size)
 
 
-def key_layout_for(device: torch.device, dtype: torch.dtype) -> str:
-    """The key cache layout decode_attention is fastest with: "dim" (``_dim_major_attention``) on the
-    CPU in fp32/fp64 without the Triton interpreter, "token" elsewhere (the Triton kernel reads a
-    block's keys token by token; ``_flash_chunks`` gathers them so)."""
+DIM_MAJOR_MAX_GROUP = 4
+"""The dim-major path reads a kv head's keys once per query head, the token-major one once per kv
+head: benchmarks/decode_attention.py (fp32, 2 threads) measured dim-major 1.3-1.6x faster at 1 and 2
+query heads per kv head, 1.1x at 4, and 0.8-0.9x at 8."""
+
+
+def key_layout_for(device: torch.device, dtype: torch.dtype, group: int = 1) -> str:
+    """The key cache layout decode_attention is fastest with for ``group`` query heads per kv head:
+    "dim" (``_dim_major_attention``) on the CPU in fp32/fp64 up to ``DIM_MAJOR_MAX_GROUP`` without
+    the Triton interpreter, "token" elsewhere (the Triton kernel reads a block's keys token by token;
+    ``_flash_chunks`` gathers them so)."""
     interpreted = triton_available() and interpreting() and device.type == "cpu"
-    return "dim" if device.type == "cpu" and dtype in _BAG_DTYPES and not interpreted else "token"
+    cpu_bags = device.type == "cpu" and dtype in _BAG_DTYPES and not interpreted
+    return "dim" if cpu_bags and group <= DIM_MAJOR_MAX_GROUP else "token"
 
 
 def empty_key_cache(lead: tuple[int, ...], num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -411,11 +429,14 @@ def _dim_major_attention(q, k_cache, v_cache, plan: DecodePlan, scale):
 
     With the keys stored (block, kv head, dim, key), one block's scores for one query head are a
     weighted sum of head_dim rows of block_size keys, the query's components the weights: an
-    embedding bag straight over the cache, as the weighted sum of values already is. A decode step
-    is then seven ops per layer (see ``KeyBags``) whatever the mix of lengths, with padding only in
-    the (batch, heads, longest) softmax. Measured against ``_bag_attention`` on the rollout
-    benchmark's shapes (fp32, 2 threads, 4 query / 2 kv heads, hd 64, block 16): 64 sequences of
-    40..300 keys 0.52 vs 1.05 ms, 64 x 250 keys 0.76 vs 0.93 ms, one sequence of 70 keys 34 vs 47 us.
+    embedding bag straight over the cache, as the weighted sum of values already is. A layer is
+    then a few ops (see ``KeyBags``) whatever the mix of lengths, with padding only in the
+    (batch, heads, longest) softmax and in value bags that re-read a cached row. Measured against
+    ``_bag_attention`` on the rollout benchmark's shapes (fp32, 2 threads, 4 query / 2 kv heads,
+    hd 64, block 16): 64 sequences of 40..300 keys 0.52 vs 1.05 ms, 64 x 250 keys 0.76 vs 0.93 ms,
+    one sequence of 70 keys 34 vs 47 us; the whole ragged rollout benchmark 2.96 vs 3.45 s (with
+    the decode step's other changes). Every query head reads its kv head's keys itself, so with many
+    query heads per kv head the token-major path wins (``DIM_MAJOR_MAX_GROUP``).
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape

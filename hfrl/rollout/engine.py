@@ -144,6 +144,7 @@ class RolloutEngine:
         attn = model.layers[0].attn if len(model.layers) else None
         self.shape = CacheShape(num_layers=config.num_layers, num_kv_heads=attn.num_kv_heads if attn else 0,
                                 head_dim=config.head_dim, block_size=block_size, dtype=dtype)
+        self._group = attn.num_heads // attn.num_kv_heads if attn else 1  # query heads per kv head
         self.kv_cache_bytes = None if kv_cache_bytes is None else int(kv_cache_bytes)
         self.kv_cache_fraction = float(kv_cache_fraction)
         self.max_blocks_per_seq = math.ceil(self.max_model_len / block_size)
@@ -200,7 +201,7 @@ class RolloutEngine:
                                  f"{self.shape.bytes_per_block} bytes ({self.shape.block_size} tokens); "
                                  "raise kv_cache_bytes / kv_cache_fraction or lower block_size")
             self.cache = PagedKVCache(self.shape, blocks, self.device,
-                                      key_layout=key_layout_for(self.device, self.shape.dtype))
+                                      key_layout=key_layout_for(self.device, self.shape.dtype, self._group))
         return self.cache
 
     def release(self) -> None:

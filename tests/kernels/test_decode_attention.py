@@ -91,7 +91,8 @@ def test_dim_major_path_in_every_dtype_and_window(sliding_window):
 def test_key_layout_choice_and_bad_layout():
     interpreted = hfrl_kernels.triton_available() and hfrl_kernels.interpreting()  # the kernel then runs on CPU
     assert da.key_layout_for(torch.device("cpu"), torch.float32) == ("token" if interpreted else "dim")
-    assert da.key_layout_for(torch.device("cpu"), torch.float64) == ("token" if interpreted else "dim")
+    assert da.key_layout_for(torch.device("cpu"), torch.float64, 4) == ("token" if interpreted else "dim")
+    assert da.key_layout_for(torch.device("cpu"), torch.float32, 8) == "token"  # many query heads per kv head
     assert da.key_layout_for(torch.device("cpu"), torch.bfloat16) == "token"
     assert da.key_layout_for(torch.device("cuda"), torch.float32) == "token"
     keys = da.empty_key_cache((3,), 5, 16, 2, 64, "dim")
