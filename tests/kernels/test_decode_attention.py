@@ -7,6 +7,7 @@ run only where TRITON_INTERPRET=1 was set from the start; elsewhere
 tests/kernels/test_interpreter.py runs them in a fresh pytest process with the flag set.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,15 +78,34 @@ def test_reference_equals_naive(num_heads, num_kv_heads, head_dim, block_size, s
 @pytest.mark.parametrize("sliding_window", [None, 1, 17, 40])
 def test_dim_major_path_in_every_dtype_and_window(sliding_window):
     """The two-bag path (fp32, fp64; windows starting mid-block, one key) and the gathering path on a
-    dim-major cache (bf16) agree with the naive loop; NaN in the unowned slots of a sequence's first
-    and last blocks never leaks into a result."""
+    dim-major cache (bf16) agree with the naive loop; NaN in the unowned slots after a sequence's
+    last key and in the slots before its window never leaks into a result."""
     lens = [1, 300, 17, 16, 33, 2]
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10), (torch.bfloat16, 3e-2)):
-        case = make_cache(lens, 8, 2, 64, 16, dtype=dtype, key_layout="dim")
+        q, k, v, tables, seq_lens = case = make_cache(lens, 8, 2, 64, 16, dtype=dtype, key_layout="dim")
         expected = naive(*(t.double() if t.is_floating_point() else t for t in case), sliding_window=sliding_window)
+        if sliding_window:  # keys before sequence 1's window: never read by the naive loop
+            for t in range(300 - sliding_window):
+                k[tables[1, t // 16], t % 16] = v[tables[1, t // 16], t % 16] = float("nan")
         out = da.decode_attention_reference(*case, sliding_window=sliding_window)
         assert out.dtype == dtype and torch.isfinite(out).all()
         torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 17])
+def test_dim_major_groups_long_and_short_sequences(sliding_window):
+    """A few long sequences among many short ones get a group of their own (the short ones are not
+    padded to the long ones), wherever they sit in the batch; q in any memory order."""
+    lens = [20] * 30 + [700] + [9] * 30 + [450]
+    q, k, v, tables, seq_lens = case = make_cache(lens, 4, 2, 64, 16, key_layout="dim")
+    groups = [g.tolist() for g in da.split_by_length((seq_lens.numpy() + 15) // 16, 4 * 16)]
+    assert groups[0] == [30, 61]  # the long ones, in batch order
+    plan = da.plan_decode(tables, seq_lens, 16, sliding_window)
+    assert len(plan.key_bags(2, 2, 64).groups) == (1 if sliding_window else 2)
+    permuted = q.transpose(0, 1).contiguous().transpose(0, 1)  # memory (heads, batch, dim)
+    out = da.decode_attention(permuted, k, v, tables, seq_lens, sliding_window=sliding_window, plan=plan)
+    torch.testing.assert_close(out, naive(*case, sliding_window=sliding_window), atol=1e-5, rtol=1e-5)
+    assert da.split_by_length(np.array([5] * 8), 64)[0].tolist() == list(range(8))  # equal lengths: one group
 
 
 def test_key_layout_choice_and_bad_layout():

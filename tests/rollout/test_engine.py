@@ -41,7 +41,7 @@ def test_greedy_equals_transformers_generate(saved, case):
     stops = [eos] if eos is not None else []
     engine = engine_for(path)
     out = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=stops))
-    assert engine.cache.key_layout == key_layout_for(torch.device("cpu"), torch.float32)  # "dim": the CPU path
+    assert engine.cache.key_layout == key_layout_for(torch.device("cpu"), torch.float32, engine._group)  # "dim"
     for i, prompt in enumerate(PROMPTS):
         ids = torch.tensor([prompt])
         expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
