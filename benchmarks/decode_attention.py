@@ -34,8 +34,10 @@ CASES = [  # name, batch, num_heads, num_kv_heads, head_dim, block_size, (min_le
     ("ragged64_gqa8_hd128", 64, 16, 2, 128, 16, (20, 400)),
     ("uniform64_gqa2", 64, 8, 4, 64, 16, (300, 300)),
     ("long8_gqa2", 8, 8, 4, 64, 16, (1800, 2200)),
+    ("straggler64_gqa2", 64, 4, 2, 64, 16, (20, 60)),  # plus one sequence of STRAGGLER_LEN keys
 ]
 L3_BYTES = 32 * 2**20
+STRAGGLER_LEN = 4000
 
 
 def make_layers(batch, num_heads, num_kv_heads, head_dim, block_size, lens, dtype):
@@ -96,6 +98,8 @@ def main() -> None:
     for name, batch, num_heads, num_kv_heads, head_dim, block_size, (lo, hi) in CASES:
         lens = torch.randint(lo, hi + 1, (batch,), generator=torch.Generator().manual_seed(1),
                              dtype=torch.int32)
+        if name.startswith("straggler"):  # an RL rollout's tail: one long response among short ones
+            lens[batch // 2] = STRAGGLER_LEN
         q, caches, tables = make_layers(batch, num_heads, num_kv_heads, head_dim, block_size, lens, dtype)
         ours = lambda k, v, c=None: decode_attention_reference(q, k, v, tables, lens, chunk_size=c)
         ref = padded_sdpa(q, *caches[0], tables, lens)
