@@ -102,6 +102,40 @@ def check_job(config, world_size: int | None = None) -> None:
         raise ValueError(f"data.max_prompt_length={data.max_prompt_length} + rollout.max_new_tokens="
                          f"{rollout.max_new_tokens} = {need} tokens exceed the context of {limit} tokens "
                          "(the model's max_position_embeddings or rollout.max_model_len): lower one of them")
+    _check_kv_budget(config, plan, need)
+
+
+def _check_kv_budget(config, plan, longest: int) -> None:
+    """A fixed ``rollout.kv_cache_bytes`` must hold one whole sequence (the longest prompt plus
+    max_new_tokens) on each generating rank: RolloutEngine refuses it at its first generate, after
+    the ranks started and the models loaded; here it fails before anything starts."""
+    from hfrl.engine.train_engine import DTYPES
+    from hfrl.rollout.kv_cache import CacheShape
+
+    rollout = config.rollout
+    if rollout.kv_cache_bytes is None:
+        return  # a fraction of free memory: known only on the ranks
+    engine = config.engine_for("actor")
+    if engine.model_path:
+        from hfrl.models.config import ModelConfig
+
+        model = ModelConfig.from_pretrained(engine.model_path)
+        layers, kv_heads, head_dim = model.num_layers, model.num_kv_heads, model.head_dim
+    else:
+        shape = config.init_model
+        layers, kv_heads, head_dim = shape.num_layers, shape.num_kv_heads, shape.hidden_size // shape.num_heads
+    tg = (plan.role("rollout").dims.tp if any(p.role == "rollout" for p in plan.roles)
+          else plan.role("actor").dims.tg)
+    block = CacheShape(num_layers=layers, num_kv_heads=max(1, kv_heads // tg), head_dim=head_dim,
+                       block_size=rollout.block_size, dtype=DTYPES[engine.dtype]).bytes_per_block
+    need = math.ceil((longest - 1) / rollout.block_size)  # the last token is never cached
+    if rollout.kv_cache_bytes // block < need:
+        raise ValueError(
+            f"rollout.kv_cache_bytes={rollout.kv_cache_bytes} holds {rollout.kv_cache_bytes // block} KV blocks of "
+            f"{block} bytes ({rollout.block_size} tokens, {layers} layers, {max(1, kv_heads // tg)} kv heads per "
+            f"rank, {engine.dtype}), but one sequence of data.max_prompt_length + rollout.max_new_tokens = {longest} "
+            f"tokens needs {need} ({need * block} bytes): raise rollout.kv_cache_bytes, or set it to null to take "
+            "rollout.kv_cache_fraction of free memory")
 
 
 def _context_length(config) -> int:

@@ -211,3 +211,31 @@ def test_a_checkpoint_that_no_longer_fits_the_model_says_resume(tmp_path):
     with pytest.raises(ValueError, match=r"resuming from the checkpoint .*step_00000002/actor failed: checkpoint "
                                          r"tensor .*expects \(96, 64\).*start over with --no-resume"):
         RLTrainer.resume(trainer)
+
+
+def test_a_kv_budget_too_small_for_one_sequence_fails_before_launch(tmp_path):
+    """rollout.kv_cache_bytes is checked as RolloutEngine checks it at its first generate, to the byte:
+    the init model (2 layers, 2 kv heads of 16 dims, fp32) takes 8192 bytes per 16-token block, and a
+    32-token prompt + 8 new tokens caches 39 tokens (3 blocks)."""
+    import torch
+
+    from hfrl.models.config import ModelConfig
+    from hfrl.models.llama import CausalLM
+    from hfrl.rollout import RolloutEngine, SamplingParams
+
+    def config(budget):
+        return _config(tmp_path, rollout={"max_new_tokens": 8, "kv_cache_bytes": budget}, algorithm={"mini_batch_size": 16})
+
+    with pytest.raises(ValueError, match=r"rollout.kv_cache_bytes=24575 holds 2 KV blocks of 8192 bytes \(16 tokens, "
+                                         r"2 layers, 2 kv heads per rank, float32\), but one sequence of .* = 40 tokens "
+                                         r"needs 3 \(24576 bytes\)"):
+        check_job(config(24575), world_size=2)
+    check_job(config(24576), world_size=2)
+    shape = config(0).init_model
+    model = CausalLM(ModelConfig(vocab_size=50, hidden_size=shape.hidden_size, intermediate_size=32,
+                                 num_layers=shape.num_layers, num_heads=shape.num_heads,
+                                 num_kv_heads=shape.num_kv_heads, max_position_embeddings=64)).eval()
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    with pytest.raises(ValueError, match="needs 3 KV blocks"):
+        RolloutEngine(model, kv_cache_bytes=24575).generate([list(range(32))], params)
+    assert len(RolloutEngine(model, kv_cache_bytes=24576).generate([list(range(32))], params).samples[0].token_ids) == 8
