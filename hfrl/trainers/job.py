@@ -56,7 +56,8 @@ def default_config(overrides=()):
 def check_job(config, world_size: int | None = None) -> None:
     """What a training run needs beyond the config's own checks: rows that divide evenly over each
     trainable role's data-parallel ranks and mini-batches, whole prompt groups per rank for group
-    estimators, and prompts + responses that fit the model's context. Pure; ValueError otherwise."""
+    estimators, prompts + responses that fit the model's context, and a fixed KV cache budget that
+    holds one whole sequence. Pure; ValueError otherwise."""
     from hfrl.config import GROUP_ALGORITHMS
     from hfrl.distributed.resource_pool import plan_for_config
 
