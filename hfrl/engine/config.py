@@ -44,6 +44,10 @@ class OptimConfig:
     """Size of each gradient all-reduce bucket in MiB (zero_stage 0)."""
     skip_nonfinite: bool = True
     """Skip the step (on every rank) when the gradient norm is inf/NaN; if False such a step raises."""
+    max_consecutive_skips: int = 10
+    """Stop with FloatingPointError (on every rank) when this many optimizer steps in a row were
+    skipped for a non-finite gradient norm: a run whose gradients stay inf/NaN would otherwise go
+    on without learning. 0 never stops."""
 
     def validate(self, where: str = "optim") -> None:
         """Raise ValueError naming the bad field; run on every rank before the first collective.
@@ -71,6 +75,10 @@ class OptimConfig:
             raise ValueError(f"{where}.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if not 0 <= self.grad_clip < math.inf:
             raise ValueError(f"{where}.grad_clip={self.grad_clip!r} must be a finite number >= 0 (0 disables clipping)")
+        if isinstance(self.max_consecutive_skips, bool) or not isinstance(self.max_consecutive_skips, int) \
+                or self.max_consecutive_skips < 0:
+            raise ValueError(f"{where}.max_consecutive_skips={self.max_consecutive_skips!r} must be an integer >= 0 "
+                             "(0: never stop for skipped steps)")
         if self.zero_stage not in (0, 1):
             raise ValueError(f"{where}.zero_stage={self.zero_stage!r}: hfrl implements 0 (plain DP) and 1 (ZeRO-1)")
         if not 0 < self.bucket_mb < math.inf:

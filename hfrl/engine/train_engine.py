@@ -148,6 +148,8 @@ class TrainEngine:
         """Hooks that start the DP gradient reduction during the last backward; None without overlap."""
         self.step = 0
         """train_step calls so far, skipped steps included (restored by load_checkpoint)."""
+        self.skips_in_a_row = 0
+        """The latest train_step calls skipped for a non-finite gradient norm (optim.max_consecutive_skips)."""
         self.in_generation = False
         """Set by hfrl.hybrid_engine.HybridEngine while the actor generates: no training step then."""
 
@@ -310,6 +312,15 @@ class TrainEngine:
                 self.scheduler.step()
         finally:
             opt.zero_grad()
+        # the same on every rank of the role: should_skip_step reduced the flag over all of them
+        self.skips_in_a_row = self.skips_in_a_row + 1 if skipped else 0
+        limit = optim_cfg.max_consecutive_skips
+        if limit and self.skips_in_a_row >= limit:
+            raise FloatingPointError(
+                f"{self.skips_in_a_row} optimizer steps in a row had a non-finite gradient norm (the last: {grad_norm}) "
+                f"and were skipped: the loss or the model produce inf/NaN (a bad reward, too high a learning rate, "
+                f"bad data). Stopped at optim.max_consecutive_skips={limit}; resume from the last checkpoint with a "
+                "fix, or set it to 0 to never stop")
         return grad_norm, skipped, lr
 
     # ---- forward only ---------------------------------------------------------------------------

@@ -47,6 +47,8 @@ def batch(step: int) -> torch.Tensor:
     (dict(betas=[0.9]), "betas"),
     (dict(grad_clip=-1.0), "grad_clip"),
     (dict(min_lr_ratio=1.5), "min_lr_ratio"),
+    (dict(max_consecutive_skips=-1), r"max_consecutive_skips=-1 must be an integer >= 0"),
+    (dict(max_consecutive_skips=True), r"max_consecutive_skips=True"),
 ])
 def test_config_validation_names_the_field(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -199,6 +199,21 @@ def engine_body(rank, world_size, paths, refs):
     results["skip"] = {"skipped": skipped, "unchanged": unchanged, "after": after,
                        "weights": _max_diff(engine.stage_state_dict(), refs[False]["state"]),
                        "scheduler_steps": engine.scheduler.last_epoch}
+    # skipped steps in a row: a good step in between resets the count; the third in a row stops the run
+    engine = build("skip_limit", dict(tp=2), num_micro_batches=2, optim=dict(max_consecutive_skips=3))
+    fine = policy_loss(engine)
+
+    def nan(logits, mb):
+        loss, metrics = fine(logits, mb)
+        return loss * float("nan"), metrics
+
+    steps, error = [], None
+    try:
+        for loss_fn in (nan, nan, fine, nan, nan, nan, fine):
+            steps.append(engine.train_step(dp_share(batch, 2, engine.dp_rank), loss_fn)["skipped"])
+    except FloatingPointError as err:
+        error = str(err)
+    results["skip_limit"] = {"steps": steps, "error": error, "count": engine.skips_in_a_row}
     # bf16 with fp32 masters at pp=2: grads move into fp32 accumulators after every micro-batch,
     # and the tied embedding's two copies (stage 0, last stage) get the same summed gradient;
     # with the DP reduction overlapped (hooks move the last micro-batch's grads), the same bits.
@@ -369,6 +384,14 @@ def test_nonfinite_step_is_skipped_on_every_rank(run):
         assert r["after"]["skipped"] == 0.0 and r["scheduler_steps"] == 1, rank
         assert r["weights"] < TOL, (rank, r["weights"])  # the next step is the reference's first step
         assert abs(r["after"]["loss"] - refs[False]["loss"]) < TOL
+
+
+def test_steps_skipped_in_a_row_stop_the_run_on_every_rank(run):
+    for rank, per_rank in enumerate(run[0]):
+        r = per_rank["skip_limit"]
+        assert r["steps"] == [1.0, 1.0, 0.0, 1.0, 1.0], (rank, r)  # the sixth raised before returning
+        assert r["count"] == 3 and "3 optimizer steps in a row had a non-finite gradient norm" in r["error"], (rank, r)
+        assert "optim.max_consecutive_skips=3" in r["error"]
 
 
 def test_padded_vocab_is_announced(run):
