@@ -45,7 +45,7 @@ from hfrl.controller import Batch, Future, WorkerGroup, get_runtime
 from hfrl.controller.errors import RemoteError
 from hfrl.distributed.parallel_dims import ParallelDims
 from hfrl.distributed.resource_pool import plan_for_config
-from hfrl.trainers.tracking import MetricsLog, ProgressBar, plot_metrics
+from hfrl.trainers.tracking import MetricsLog, ProgressBar, plot_metrics, set_aside
 from hfrl.workers import (ActorWorker, CriticWorker, PolicyWorker, RewardModelWorker, RolloutWorker,
                           RuleRewardWorker)
 
@@ -340,6 +340,10 @@ class RLTrainer(ABC):
         tcfg = self.cfg.trainer
         start_step = self.resume()
         (self.run_dir / "config.yaml").write_text(_dump(self.cfg))
+        if not start_step:  # an earlier run here without a checkpoint to resume (or --no-resume): keep its log
+            previous = set_aside(self.run_dir / "metrics.jsonl")
+            if previous is not None:
+                self.notices.append(f"starting at step 0: the earlier run's metrics moved to {previous}")
         log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=start_step)
         bar = ProgressBar(tcfg.total_steps, start_step, tcfg.progress_bar)
         for notice in self.notices:

@@ -34,6 +34,17 @@ class MetricsLog:
         self._file.close()
 
 
+def set_aside(path: str | os.PathLike) -> Path | None:
+    """Move a non-empty metrics file of an earlier run to ``<name>.previous.jsonl`` (replacing an
+    older one there) before a run that starts at step 0 writes its own; the new path, or None."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    previous = path.with_name(path.stem + ".previous" + path.suffix)
+    os.replace(path, previous)
+    return previous
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():

@@ -95,6 +95,8 @@ def two_rank_runs(assets, tmp_path_factory):
     from hfrl.trainers.job import default_config
 
     root = tmp_path_factory.mktemp("runs")
+    (root / "grpo").mkdir()   # an earlier run left metrics but no checkpoint: kept aside, not wiped
+    (root / "grpo" / "metrics.jsonl").write_text(EARLIER_METRICS)
     jobs = [(algo, job(root / algo, assets, algo)) for algo in ALGORITHMS]
     adaptive = dict(algorithm__kl_ctrl="adaptive", algorithm__kl_target=0.01, algorithm__kl_horizon=20)
     jobs.append(("full", job(root / "full", assets, "ppo", trainer__total_steps=4, **adaptive)))
@@ -105,6 +107,15 @@ def two_rank_runs(assets, tmp_path_factory):
     jobs.append(("learn", learn))
     results = run_ranks(2, _run_jobs, jobs, init=True, timeout=600)[0]
     return root, results
+
+
+EARLIER_METRICS = json.dumps({"step": 1, "critic/score/mean": 0.25}) + "\n"
+
+
+def test_an_earlier_runs_metrics_are_set_aside_when_a_run_starts_at_step_0(two_rank_runs):
+    root, _ = two_rank_runs
+    assert (root / "grpo" / "metrics.previous.jsonl").read_text() == EARLIER_METRICS
+    assert [row["step"] for row in _metrics(root / "grpo")] == [1, 2]   # this run's own steps only
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
