@@ -56,8 +56,9 @@ def default_config(overrides=()):
 def check_job(config, world_size: int | None = None) -> None:
     """What a training run needs beyond the config's own checks: rows that divide evenly over each
     trainable role's data-parallel ranks and mini-batches, whole prompt groups per rank for group
-    estimators, prompts + responses that fit the model's context, and a fixed KV cache budget that
-    holds one whole sequence. Pure; ValueError otherwise."""
+    estimators, model folders that hold a config and safetensors weights, prompts + responses that
+    fit the model's context, and a fixed KV cache budget that holds one whole sequence. Pure;
+    ValueError otherwise."""
     from hfrl.config import GROUP_ALGORITHMS
     from hfrl.distributed.resource_pool import plan_for_config
 
@@ -88,6 +89,7 @@ def check_job(config, world_size: int | None = None) -> None:
             raise ValueError(f"algorithm.name={algo.name!r} compares the responses of a prompt on one rank: "
                              f"data.train_batch_size={data.train_batch_size} must be a multiple of the "
                              f"actor's dp={dp}")
+    _check_model_folders(config, plan)
     if any(p.role == "rollout" for p in plan.roles):
         _check_rollout_model(config, plan.role("rollout").dims.tp)
     _check_prompt_files(config.data)
@@ -146,6 +148,27 @@ def _context_length(config) -> int:
     from hfrl.models.config import ModelConfig
 
     return ModelConfig.from_pretrained(path).max_position_embeddings or math.inf
+
+
+def _check_model_folders(config, plan) -> None:
+    """Every enabled role's model folder holds a config.json and safetensors weights that fit it
+    (every shard readable, no tensor the config does not use: ``check_checkpoint``, headers only).
+    The ranks read them only after they start."""
+    from hfrl.models.config import ModelConfig
+    from hfrl.models.weights import check_checkpoint
+
+    seen = set()
+    for placement in plan.roles:
+        engine = config.engine_for(placement.role)
+        path = engine.model_path
+        if not path or (path, engine.value_head) in seen:
+            continue   # empty: the fresh init_model, written by the run itself
+        seen.add((path, engine.value_head))
+        try:
+            check_checkpoint(path, ModelConfig.from_pretrained(path), engine.value_head)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"the {placement.role} role's model folder (engine.model_path or "
+                             f"roles.{placement.role}.engine.model_path) cannot be used: {err}") from None
 
 
 def _check_rollout_model(config, tg: int) -> None:

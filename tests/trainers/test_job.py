@@ -239,3 +239,29 @@ def test_a_kv_budget_too_small_for_one_sequence_fails_before_launch(tmp_path):
     with pytest.raises(ValueError, match="needs 3 KV blocks"):
         RolloutEngine(model, kv_cache_bytes=24575).generate([list(range(32))], params)
     assert len(RolloutEngine(model, kv_cache_bytes=24576).generate([list(range(32))], params).samples[0].token_ids) == 8
+
+
+def test_a_model_folder_without_usable_weights_fails_before_launch(tmp_path):
+    """Weights the ranks would fail to read after starting are named first: no safetensors at all
+    (a pytorch_model.bin only), and a shard whose header is cut short."""
+    import os
+
+    from hfrl.models.init import write_random_llama
+
+    model = write_random_llama(tmp_path / "policy", vocab_size=300, hidden_size=32, num_layers=1, num_heads=2,
+                               num_kv_heads=1, intermediate_size=64, max_position_embeddings=64)
+
+    def config():
+        return _config(tmp_path, engine={"model_path": str(model)}, rollout={"max_new_tokens": 8},
+                       algorithm={"mini_batch_size": 16})
+
+    weights = model / "model.safetensors"
+    check_job(config(), world_size=2)   # the folder as written is fine
+    data = weights.read_bytes()
+    weights.write_bytes(data[:20])
+    with pytest.raises(ValueError, match=r"the actor role's model folder .* cannot be used: .*model.safetensors"):
+        check_job(config(), world_size=2)
+    os.replace(weights, model / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"cannot be used: .*no model.safetensors or model.safetensors.index.json "
+                                         r"\(hfrl reads safetensors checkpoints only\)"):
+        check_job(config(), world_size=2)
