@@ -83,16 +83,10 @@ class RLTrainer(ABC):
 
     # ---- setup --------------------------------------------------------------------------------
     def _tokenizer(self):
+        from hfrl.trainers.job import tokenizer_source
         from hfrl.workers.rule_reward import load_tokenizer_for
 
-        data = self.cfg.data
-        if data.tokenizer_path is not None:
-            source = {"path": data.tokenizer_path, "trust_remote_code": data.trust_remote_code}
-        elif data.task is not None and not self.cfg.engine_for("actor").model_path:
-            source = {"task": data.task}
-        else:
-            source = {"path": self.cfg.engine_for("actor").model_path,
-                      "trust_remote_code": data.trust_remote_code}
+        source = tokenizer_source(self.cfg)
         return load_tokenizer_for(source), source
 
     def _fresh_model(self) -> str:

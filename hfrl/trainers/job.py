@@ -92,7 +92,9 @@ def check_job(config, world_size: int | None = None) -> None:
     _check_model_folders(config, plan)
     if any(p.role == "rollout" for p in plan.roles):
         _check_rollout_model(config, plan.role("rollout").dims.tp)
-    _check_prompt_files(config.data)
+    chat = _check_prompt_files(config.data)
+    if chat is not None:
+        _check_chat_template(config, *chat)
     if config.data.reward_fn:
         from hfrl.data.rewards import load_reward_fn
 
@@ -208,12 +210,37 @@ def _check_run_dir(run_dir) -> None:
                          "name a run folder you can write")
 
 
-def _check_prompt_files(data) -> None:
+def tokenizer_source(config) -> dict:
+    """Where the run's tokenizer comes from (``hfrl.workers.rule_reward.load_tokenizer_for``):
+    data.tokenizer_path, else a built-in task's own tokenizer when the run starts from a fresh
+    model, else the actor's model folder."""
+    data, actor = config.data, config.engine_for("actor")
+    if data.tokenizer_path is not None:
+        return {"path": data.tokenizer_path, "trust_remote_code": data.trust_remote_code}
+    if data.task is not None and not actor.model_path:
+        return {"task": data.task}
+    return {"path": actor.model_path, "trust_remote_code": data.trust_remote_code}
+
+
+def _check_chat_template(config, where: str) -> None:
+    """Chat-format prompts (lists of messages) need a tokenizer with a chat template."""
+    from hfrl.workers.rule_reward import load_tokenizer_for
+
+    source = tokenizer_source(config)
+    if not getattr(load_tokenizer_for(source), "chat_template", None):
+        raise ValueError(f"{where}: the prompt is a chat message list, but the tokenizer of "
+                         f"{source.get('path') or 'data.task=' + repr(source.get('task'))} has no chat template: give "
+                         "string prompts, or set data.tokenizer_path to a tokenizer folder whose "
+                         "tokenizer_config.json has a chat_template")
+
+
+def _check_prompt_files(data) -> tuple[str] | None:
     """Every row of every prompt file has a prompt, and the training files hold at least one batch
     (read on every rank: cheap next to a run, and a bad row then fails every rank alike instead of
-    rank 0 alone)."""
+    rank 0 alone). Returns where the first chat-format prompt is, if any ("data.<key>: <file> row i")."""
     from hfrl.data import read_rows
 
+    chat = None
     for key in ("train_files", "val_files"):
         count = 0
         for path in getattr(data, key):
@@ -225,7 +252,10 @@ def _check_prompt_files(data) -> None:
                     raise ValueError(f"data.{key}: {path} row {i} has no usable {data.prompt_key!r} "
                                      f"(got {prompt!r}; the row's keys: {sorted(row)}): give every row a "
                                      f"prompt, or set data.prompt_key to the column that holds it")
+                if chat is None and isinstance(prompt, list):
+                    chat = (f"data.{key}: {path} row {i}",)
         if key == "train_files" and data.train_files and count < data.train_batch_size:
             raise ValueError(f"data.train_files {list(map(str, data.train_files))} hold {count} prompt rows, fewer "
                              f"than one batch (data.train_batch_size={data.train_batch_size}): add rows or lower "
                              "data.train_batch_size")
+    return chat

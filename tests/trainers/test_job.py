@@ -265,3 +265,31 @@ def test_a_model_folder_without_usable_weights_fails_before_launch(tmp_path):
     with pytest.raises(ValueError, match=r"cannot be used: .*no model.safetensors or model.safetensors.index.json "
                                          r"\(hfrl reads safetensors checkpoints only\)"):
         check_job(config(), world_size=2)
+
+
+def test_chat_prompts_without_a_chat_template_fail_before_launch(tmp_path):
+    """A prompt file of chat messages with a tokenizer that cannot render them is named before any
+    rank starts; string prompts with the same tokenizer pass."""
+    from hfrl.data import get_task
+    from hfrl.models.init import write_random_llama
+
+    tok = get_task("add").tokenizer()
+    assert not getattr(tok, "chat_template", None)
+    model = write_random_llama(tmp_path / "policy", vocab_size=len(tok), hidden_size=32, num_layers=1, num_heads=2,
+                               num_kv_heads=1, intermediate_size=64, max_position_embeddings=64)
+    tok.save_pretrained(model)
+    rows = tmp_path / "train.jsonl"
+
+    def config():
+        return _config(tmp_path, data={"task": None, "train_files": [str(rows)], "train_batch_size": 4,
+                                       "reward_fn": "examples.reward_fns:exact_answer"},
+                       engine={"model_path": str(model)}, rollout={"max_new_tokens": 8},
+                       algorithm={"mini_batch_size": 2})
+
+    rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "ground_truth": str(i + 1)}) + "\n" for i in range(4)))
+    check_job(config(), world_size=2)
+    with open(rows, "a") as f:
+        f.write(json.dumps({"prompt": [{"role": "user", "content": "2+2="}], "ground_truth": "4"}) + "\n")
+    with pytest.raises(ValueError, match=r"data.train_files: .*train.jsonl row 4: the prompt is a chat message list, "
+                                         r"but the tokenizer of .*policy has no chat template"):
+        check_job(config(), world_size=2)
