@@ -98,6 +98,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
         return _launch_local(ns)
     from hfrl.trainers import train
 
+    env = detect_env()
+    if ns.resume and env.rank == 0:
+        from pathlib import Path
+
+        from hfrl.trainers.base import complete_checkpoints
+
+        if not complete_checkpoints(Path(config.trainer.run_dir)):
+            print(f"hfrl train: --resume: {config.trainer.run_dir} holds no complete checkpoint yet; "
+                  "starting at step 0", flush=True)
     summary = train(config)
     if summary is not None:
         print(_summary_text(summary, config), flush=True)

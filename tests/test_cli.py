@@ -242,9 +242,12 @@ def test_a_failure_inside_the_run_ends_every_rank_cleanly(tmp_path):
     reward = tmp_path / "reward.py"
     reward.write_text("def raises(prompt, response, ground_truth):\n    raise RuntimeError('boom in user reward')\n")
     start = time.monotonic()
-    rank0, rank1 = launched(2, "train", "trainer.total_steps=1", "trainer.progress_bar=false",
+    rank0, rank1 = launched(2, "train", "--resume", "trainer.total_steps=1", "trainer.progress_bar=false",
                             f"trainer.run_dir={tmp_path / 'run'}", f"data.reward_fn={reward}:raises")
     assert time.monotonic() - start < HANG_BOUND_S
+    # an explicit --resume with nothing to resume says so, once
+    notice = f"hfrl train: --resume: {tmp_path / 'run'} holds no complete checkpoint yet; starting at step 0"
+    assert notice in rank0.stdout.splitlines() and "--resume" not in rank1.stdout, rank0.stdout[-2000:]
     assert rank0.returncode == 1 and rank1.returncode == 1, (rank0.stderr[-2000:], rank1.stderr[-2000:])
     for rank in (rank0, rank1):
         assert "terminate called" not in rank.stderr
