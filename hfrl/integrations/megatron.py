@@ -439,7 +439,7 @@ def train(model: Any, config: Any, *, vocab_size: int | None = None, adopted: Ad
     folder = model_folder(config.trainer.run_dir)
     write_model_folder(folder, hf_config, tokenizer)
     run_config = resolve_for_run(config, [f"engine.model_path={folder}", "trainer.resume=false"], training=True)
-    check_job(run_config)
+    check_job(run_config, handed_models=[folder])   # its weights come from `model`, not from the folder
 
     # The conversion's checks depend on the stage (its weights): agree on them before hfrl.run's groups.
     tp_group, state, error = adopted.own["tp"], None, None

@@ -53,12 +53,13 @@ def default_config(overrides=()):
     return config
 
 
-def check_job(config, world_size: int | None = None) -> None:
+def check_job(config, world_size: int | None = None, *, handed_models=()) -> None:
     """What a training run needs beyond the config's own checks: rows that divide evenly over each
     trainable role's data-parallel ranks and mini-batches, whole prompt groups per rank for group
     estimators, model folders that hold a config and safetensors weights, prompts + responses that
     fit the model's context, and a fixed KV cache budget that holds one whole sequence. Pure;
-    ValueError otherwise."""
+    ValueError otherwise. ``handed_models``: model folders whose weights the caller hands to the run
+    in-process (the Megatron embedding's config-only folder), not read from disk."""
     from hfrl.config import GROUP_ALGORITHMS
     from hfrl.distributed.resource_pool import plan_for_config
 
@@ -89,7 +90,7 @@ def check_job(config, world_size: int | None = None) -> None:
             raise ValueError(f"algorithm.name={algo.name!r} compares the responses of a prompt on one rank: "
                              f"data.train_batch_size={data.train_batch_size} must be a multiple of the "
                              f"actor's dp={dp}")
-    _check_model_folders(config, plan)
+    _check_model_folders(config, plan, {os.path.abspath(p) for p in handed_models})
     if any(p.role == "rollout" for p in plan.roles):
         _check_rollout_model(config, plan.role("rollout").dims.tp)
     chat = _check_prompt_files(config.data)
@@ -152,7 +153,7 @@ def _context_length(config) -> int:
     return ModelConfig.from_pretrained(path).max_position_embeddings or math.inf
 
 
-def _check_model_folders(config, plan) -> None:
+def _check_model_folders(config, plan, handed: set[str]) -> None:
     """Every enabled role's model folder holds a config.json and safetensors weights that fit it
     (every shard readable, no tensor the config does not use: ``check_checkpoint``, headers only).
     The ranks read them only after they start."""
@@ -163,7 +164,7 @@ def _check_model_folders(config, plan) -> None:
     for placement in plan.roles:
         engine = config.engine_for(placement.role)
         path = engine.model_path
-        if not path or (path, engine.value_head) in seen:
+        if not path or (path, engine.value_head) in seen or os.path.abspath(path) in handed:
             continue   # empty: the fresh init_model, written by the run itself
         seen.add((path, engine.value_head))
         try:
