@@ -463,9 +463,13 @@ def empty_key_cache(lead: tuple[int, ...], num_blocks: int, block_size: int, num
         return torch.empty(lead + (num_blocks, block_size, num_kv_heads, head_dim), **factory)
     if layout != "dim":
         raise ValueError(f"key cache layout must be 'token' or 'dim', got {layout!r}")
-    n = len(lead)
-    store = torch.empty(lead + (num_blocks, num_kv_heads, head_dim, block_size), **factory)
-    return store.permute(*range(n), n, n + 3, n + 1, n + 2)
+    return torch.empty(lead + (num_blocks, num_kv_heads, head_dim, block_size), **factory).movedim(-1, -3)
+
+
+def key_storage(k_cache: torch.Tensor) -> torch.Tensor:
+    """A key cache (..., num_blocks, block_size, kv heads, head_dim) in its storage order, contiguous:
+    itself when token-major, (..., num_blocks, kv heads, head_dim, block_size) when dim-major."""
+    return k_cache if k_cache.is_contiguous() else k_cache.movedim(-3, -1)
 
 
 def _dim_major_attention(q, k_cache, v_cache, plan: DecodePlan, scale):
@@ -487,7 +491,7 @@ def _dim_major_attention(q, k_cache, v_cache, plan: DecodePlan, scale):
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     bags = plan.key_bags(num_kv_heads, num_heads // num_kv_heads, head_dim)
-    keys = k_cache.permute(0, 2, 3, 1).view(-1, block_size)  # the storage, (block, kv head, dim) rows
+    keys = key_storage(k_cache).view(-1, block_size)  # (block, kv head, dim) rows of block_size keys
     weights = (q * scale).reshape(-1, head_dim).index_select(0, bags.q_rows).view(-1)
     scores = F.embedding_bag(bags.k_index, keys, bags.k_offsets, mode="sum", per_sample_weights=weights).view(-1)
     probs, start = [], 0

@@ -25,7 +25,7 @@ import torch
 
 from hfrl.models.llama import AttentionBackend, PackedAttention
 from hfrl_kernels import use_triton
-from hfrl_kernels.decode_attention import DecodePlan, decode_attention, empty_key_cache, plan_decode
+from hfrl_kernels.decode_attention import DecodePlan, decode_attention, empty_key_cache, key_storage, plan_decode
 
 
 def _available_host_bytes() -> int:
@@ -135,15 +135,12 @@ class PagedKVCache:
         self._free[self._top:self._top + freed.numel()] = freed
         self._top += freed.numel()
 
-    def _storage(self, cache: torch.Tensor) -> torch.Tensor:
-        """``cache`` (k or v) in its storage order, contiguous; dim 1 is the block either way."""
-        return cache if cache.is_contiguous() else cache.permute(0, 1, 3, 4, 2)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the contents of blocks ``src`` into ``dst`` in every layer (copy-on-write)."""
         if src.numel():
             index, src = dst.to(self.device), src.to(self.device)
-            for cache in (self._storage(self.k), self.v):
+            for cache in (key_storage(self.k), self.v):  # storage order: dim 1 is the block either way
                 cache.index_copy_(1, index, cache.index_select(1, src))
 
     def locate(self, slots: torch.Tensor) -> "Slots":

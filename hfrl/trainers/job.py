@@ -91,8 +91,9 @@ def check_job(config, world_size: int | None = None, *, handed_models=()) -> Non
                              f"data.train_batch_size={data.train_batch_size} must be a multiple of the "
                              f"actor's dp={dp}")
     _check_model_folders(config, plan, {os.path.abspath(p) for p in handed_models})
+    actor = _actor_model(config)
     if any(p.role == "rollout" for p in plan.roles):
-        _check_rollout_model(config, plan.role("rollout").dims.tp)
+        _check_rollout_model(actor, plan.role("rollout").dims.tp)
     chat = _check_prompt_files(config.data)
     if chat is not None:
         _check_chat_template(config, *chat)
@@ -101,17 +102,30 @@ def check_job(config, world_size: int | None = None, *, handed_models=()) -> Non
 
         load_reward_fn(config.data.reward_fn)   # imports it: a missing file or a bad signature fails here
     _check_run_dir(config.trainer.run_dir)
-    context = _context_length(config)
+    context = actor.max_position_embeddings or math.inf
     need = data.max_prompt_length + rollout.max_new_tokens
     limit = min(context, rollout.max_model_len or context)
     if need > limit:
         raise ValueError(f"data.max_prompt_length={data.max_prompt_length} + rollout.max_new_tokens="
                          f"{rollout.max_new_tokens} = {need} tokens exceed the context of {limit} tokens "
                          "(the model's max_position_embeddings or rollout.max_model_len): lower one of them")
-    _check_kv_budget(config, plan, need)
+    _check_kv_budget(config, actor, plan, need)
 
 
-def _check_kv_budget(config, plan, longest: int) -> None:
+def _actor_model(config):
+    """The actor's ModelConfig: its folder's config.json, or the shape of the fresh init_model."""
+    from hfrl.models.config import ModelConfig
+
+    path = config.engine_for("actor").model_path
+    if path:
+        return ModelConfig.from_pretrained(path)
+    shape = config.init_model
+    return ModelConfig(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                       num_layers=shape.num_layers, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+                       max_position_embeddings=shape.max_position_embeddings)
+
+
+def _check_kv_budget(config, model, plan, longest: int) -> None:
     """A fixed ``rollout.kv_cache_bytes`` must hold one whole sequence (the longest prompt plus
     max_new_tokens) on each generating rank: RolloutEngine refuses it at its first generate, after
     the ranks started and the models loaded; here it fails before anything starts."""
@@ -122,14 +136,7 @@ def _check_kv_budget(config, plan, longest: int) -> None:
     if rollout.kv_cache_bytes is None:
         return  # a fraction of free memory: known only on the ranks
     engine = config.engine_for("actor")
-    if engine.model_path:
-        from hfrl.models.config import ModelConfig
-
-        model = ModelConfig.from_pretrained(engine.model_path)
-        layers, kv_heads, head_dim = model.num_layers, model.num_kv_heads, model.head_dim
-    else:
-        shape = config.init_model
-        layers, kv_heads, head_dim = shape.num_layers, shape.num_kv_heads, shape.hidden_size // shape.num_heads
+    layers, kv_heads, head_dim = model.num_layers, model.num_kv_heads, model.head_dim
     tg = (plan.role("rollout").dims.tp if any(p.role == "rollout" for p in plan.roles)
           else plan.role("actor").dims.tg)
     block = CacheShape(num_layers=layers, num_kv_heads=max(1, kv_heads // tg), head_dim=head_dim,
@@ -142,15 +149,6 @@ def _check_kv_budget(config, plan, longest: int) -> None:
             f"rank, {engine.dtype}), but one sequence of data.max_prompt_length + rollout.max_new_tokens = {longest} "
             f"tokens needs {need} ({need * block} bytes): raise rollout.kv_cache_bytes, or set it to null to take "
             "rollout.kv_cache_fraction of free memory")
-
-
-def _context_length(config) -> int:
-    path = config.engine_for("actor").model_path
-    if not path:
-        return config.init_model.max_position_embeddings
-    from hfrl.models.config import ModelConfig
-
-    return ModelConfig.from_pretrained(path).max_position_embeddings or math.inf
 
 
 def _check_model_folders(config, plan, handed: set[str]) -> None:
@@ -174,21 +172,10 @@ def _check_model_folders(config, plan, handed: set[str]) -> None:
                              f"roles.{placement.role}.engine.model_path) cannot be used: {err}") from None
 
 
-def _check_rollout_model(config, tg: int) -> None:
+def _check_rollout_model(model, tg: int) -> None:
     """The rollout role's tensor parallelism must split the actor's model (its heads and MLP)."""
-    from types import SimpleNamespace
-
     from hfrl.models.parallelize import check_tp
 
-    path = config.engine_for("actor").model_path
-    if path:
-        from hfrl.models.config import ModelConfig
-
-        model = ModelConfig.from_pretrained(path)
-    else:
-        shape = config.init_model
-        model = SimpleNamespace(num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
-                                intermediate_size=shape.intermediate_size)
     try:
         check_tp(model, tg)
     except ValueError as err:
