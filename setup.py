@@ -38,6 +38,7 @@ setup(
         "hfrl_kernels",
     ],
     package_dir={"hfrl_kernels": "kernels"},
+    package_data={"hfrl_kernels": ["csrc/*.c"]},  # compiled on first use (hfrl_kernels.native)
     install_requires=[
         # The torch pin is applied by scripts/setup.sh (a CPU build where no GPU is present);
         # here any torch >= 2.4 is accepted so an existing install is left alone.

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hfrl_kernels import interpreting, triton_available, use_triton
+from hfrl_kernels import interpreting, native, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -74,6 +74,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if use_triton(q):
         return _decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                         sliding_window, num_splits)
+    if native.supports(q, k_cache, v_cache):
+        return native.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
     if plan is None:
         plan = plan_decode(block_tables, seq_lens, k_cache.shape[1], sliding_window)
     elif plan.sliding_window != sliding_window or plan.block_size != k_cache.shape[1]:
@@ -451,6 +453,9 @@ def key_layout_for(device: torch.device, dtype: torch.dtype, group: int = 1) -> 
     the Triton interpreter, "token" elsewhere (the Triton kernel reads a block's keys token by token;
     ``_flash_chunks`` gathers them so)."""
     interpreted = triton_available() and interpreting() and device.type == "cpu"
+    if device.type == "cpu" and dtype == torch.float32 and not interpreted and group <= native.MAX_GROUP \
+            and native.available():
+        return "dim"  # the compiled kernel reads each kv head's keys once for its whole group
     cpu_bags = device.type == "cpu" and dtype in _BAG_DTYPES and not interpreted
     return "dim" if cpu_bags and group <= DIM_MAJOR_MAX_GROUP else "token"
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from hfrl.models.llama import AttentionBackend, PackedAttention
-from hfrl_kernels import use_triton
+from hfrl_kernels import native, use_triton
 from hfrl_kernels.decode_attention import DecodePlan, decode_attention, empty_key_cache, key_storage, plan_decode
 
 
@@ -151,6 +151,9 @@ class PagedKVCache:
 
     def write(self, layer: int, where: "Slots", k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (T, nkv, hd) of one layer at ``where`` (``locate``)."""
+        if native.writes(self.k[layer], self.v[layer], k, v):
+            native.write_kv(self.k[layer], self.v[layer], where.slots, k, v)
+            return
         shape = (-1, self.shape.num_kv_heads, self.shape.head_dim)
         if where.blocks is None:
             self.k[layer].view(shape).index_copy_(0, where.slots, k.to(self.k.dtype))
@@ -205,7 +208,7 @@ class DecodeAttention(AttentionBackend):
         """``attend`` with one row per sequence: q (N, nh, hd), k and v (N, nkv, hd) -> (N, nh, hd)."""
         self.cache.write(layer_idx, self.slots, k, v)
         plan = None
-        if not use_triton(q):
+        if not use_triton(q) and not native.supports(q, self.cache.k[layer_idx], self.cache.v[layer_idx]):
             plan = self._plans.get(sliding_window)
             if plan is None:
                 plan = self._plans[sliding_window] = plan_decode(self.block_tables, self.seq_lens,

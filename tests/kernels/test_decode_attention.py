@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hfrl_kernels
-from hfrl_kernels import decode_attention as da
+from hfrl_kernels import decode_attention as da, native
 from tests.kernels._interpreter import require_interpreter
 
 
@@ -112,7 +112,9 @@ def test_key_layout_choice_and_bad_layout():
     interpreted = hfrl_kernels.triton_available() and hfrl_kernels.interpreting()  # the kernel then runs on CPU
     assert da.key_layout_for(torch.device("cpu"), torch.float32) == ("token" if interpreted else "dim")
     assert da.key_layout_for(torch.device("cpu"), torch.float64, 4) == ("token" if interpreted else "dim")
-    assert da.key_layout_for(torch.device("cpu"), torch.float32, 8) == "token"  # many query heads per kv head
+    compiled = native.available() and not interpreted  # the C kernel reads a kv head's keys once per group
+    assert da.key_layout_for(torch.device("cpu"), torch.float32, 8) == ("dim" if compiled else "token")
+    assert da.key_layout_for(torch.device("cpu"), torch.float64, 8) == "token"  # bags read keys once per head
     assert da.key_layout_for(torch.device("cpu"), torch.bfloat16) == "token"
     assert da.key_layout_for(torch.device("cuda"), torch.float32) == "token"
     keys = da.empty_key_cache((3,), 5, 16, 2, 64, "dim")

@@ -1,0 +1,207 @@
+"""hfrl's compiled CPU kernels (``csrc/cpu_decode.c``): decode attention and the KV cache write, fp32.
+
+The rollout engine's CPU decode step spends most of its attention time outside arithmetic when it
+is made of PyTorch ops (index arrays, two embedding bags, a masked softmax: some fifteen ops a
+layer). These two functions do the same work in one call each, reading the cache where it lies:
+
+    native.available()                                   # compiled and loaded (or why not: reason())
+    native.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+    native.write_kv(k_cache, v_cache, slots, k, v)
+
+The C source is compiled on first use with the host's C compiler (``$CC``, else ``cc`` or ``gcc``;
+``-O3 -march=native -fopenmp``) into ``$HFRL_KERNEL_CACHE`` (default ``~/.cache/hfrl/kernels``),
+named by a hash of the source, the compiler and the CPU's flags, so a cluster's nodes sharing a
+home folder each get a build for their own CPU; the build is written to a temporary name and
+renamed, so concurrent ranks never load a half-written library. OpenMP threads come from the
+runtime torch already loaded (same ``libgomp.so.1``), sized by ``torch.get_num_threads()``.
+
+Where no compiler works, or with ``HFRL_NATIVE_KERNELS=0``, ``available()`` is False, the reason is
+logged once, and callers keep the PyTorch path (``decode_attention.py``), which computes the same
+values. Only fp32 CPU tensors in the layouts below are taken (``supports``).
+
+Layouts (one layer): ``k_cache`` a dim-major key cache (``empty_key_cache(..., "dim")``: storage
+(num_blocks, num_kv_heads, head_dim, block_size)), ``v_cache`` contiguous (num_blocks, block_size,
+num_kv_heads, head_dim); block tables and lengths int32 or int64 (copied to int32 here).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_decode.c"
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=gnu11", "-shared", "-fPIC")
+MAX_GROUP = 64  # query heads per kv head the C kernel holds (a stack array)
+_ERRORS = {1: "a sequence length outside [1, max_blocks_per_seq * block_size]",
+           2: "a block id outside the cache", 3: "out of memory for the kernel's scratch"}
+
+_c_i64, _c_ptr = ctypes.c_int64, ctypes.c_void_p
+_reason: str | None = None
+
+
+def enabled() -> bool:
+    return os.environ.get("HFRL_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HFRL_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hfrl" / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library's path, building it first if this host has none (raises on failure)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_flags(),
+                                    platform.machine())).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_decode-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for openmp in (("-fopenmp",), ()):  # a compiler without OpenMP builds a one-thread library
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        cmd = [compiler, *FLAGS, *openmp, str(SOURCE), "-o", tmp, "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            os.replace(tmp, target)  # atomic: another rank sees the whole file or none
+            if not openmp:
+                logger.warning("hfrl native kernels built without OpenMP (%s): one thread each", errors[-1])
+            return target
+        os.unlink(tmp)
+        errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
+    raise RuntimeError("; ".join(errors))
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None (``reason()`` says why; logged once)."""
+    global _reason
+    if not enabled():
+        _reason = "switched off by HFRL_NATIVE_KERNELS"
+        return None
+    if sys.platform != "linux" and sys.platform != "darwin":
+        _reason = f"no build recipe for {sys.platform}"
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _reason = "no C compiler found (set CC, or install gcc)"
+    else:
+        try:
+            lib = ctypes.CDLL(str(_build(compiler)))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            _reason = f"building {SOURCE.name} with {compiler} failed: {err}"
+        else:
+            lib.hfrl_decode_attention_f32.restype = ctypes.c_int
+            lib.hfrl_decode_attention_f32.argtypes = [
+                _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64,
+                _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, ctypes.c_float, _c_ptr, ctypes.c_int, _c_ptr]
+            lib.hfrl_write_kv_f32.restype = ctypes.c_int
+            lib.hfrl_write_kv_f32.argtypes = [_c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr,
+                                              _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr]
+            return lib
+    logger.warning("hfrl native CPU kernels unavailable, using the PyTorch path: %s", _reason)
+    return None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def reason() -> str | None:
+    """Why ``available()`` is False (None when it is True or was not asked yet)."""
+    return _reason
+
+
+def _dim_major(k_cache: torch.Tensor) -> bool:
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    return k_cache.stride() == (num_kv_heads * head_dim * block_size, 1, head_dim * block_size, block_size)
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether ``decode_attention`` takes these tensors (else the caller uses the PyTorch path)."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
+            and v_cache.dtype == torch.float32 and q.dim() == 3 and q.stride(2) == 1
+            and q.stride(1) == q.shape[2] and k_cache.dim() == 4 and _dim_major(k_cache)
+            and v_cache.is_contiguous() and q.shape[1] // k_cache.shape[2] <= MAX_GROUP and available())
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """``hfrl_kernels.decode_attention`` for tensors ``supports`` accepts: q (B, nh, hd) -> (B, nh, hd).
+
+    Block ids and lengths are checked in C before anything is read: a bad one raises ValueError."""
+    batch, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    tables, lens = _int32(block_tables), _int32(seq_lens)
+    out = torch.empty(batch, num_heads, head_dim)
+    if batch == 0:
+        return out
+    bad = ctypes.c_int64(0)
+    code = library().hfrl_decode_attention_f32(
+        q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
+        tables.data_ptr(), tables.shape[1], lens.data_ptr(), sliding_window or 0, batch, num_heads,
+        num_kv_heads, head_dim, block_size, scale, out.data_ptr(), torch.get_num_threads(), ctypes.byref(bad))
+    if code == 1:  # the PyTorch path's message (decode_attention._validate_lengths)
+        raise ValueError(f"seq_lens must lie in [1, max_blocks_per_seq * block_size = {tables.shape[1] * block_size}], "
+                         f"got values in [{int(lens.min())}, {int(lens.max())}]")
+    if code:
+        row = int(bad.value)
+        raise ValueError(f"decode attention: {_ERRORS.get(code, f'error {code}')} in sequence {row} "
+                         f"(seq_len {int(lens[row])}, block_tables row {tables[row].tolist()}; the cache has "
+                         f"{num_blocks} blocks)")
+    return out
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Store k, v (T, nkv, hd) (fp32, heads hd apart) at flat ``slots`` (T,) int64 of one layer's
+    caches, laid out as ``decode_attention`` reads them. A slot outside the cache raises ValueError
+    before anything is written."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    slots = slots if slots.dtype == torch.int64 and slots.is_contiguous() else slots.to(torch.int64).contiguous()
+    bad = ctypes.c_int64(0)
+    code = library().hfrl_write_kv_f32(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
+                                       v_cache.data_ptr(), num_blocks, slots.data_ptr(), slots.numel(),
+                                       num_kv_heads, head_dim, block_size, ctypes.byref(bad))
+    if code:
+        raise ValueError(f"KV cache write: slot {int(slots[int(bad.value)])} of token {int(bad.value)} lies "
+                         f"outside the cache's {num_blocks} blocks of {block_size}")
+
+
+def writes(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``write_kv`` takes these tensors."""
+    return (k_cache.device.type == "cpu" and k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
+            and k.dtype == torch.float32 and v.dtype == torch.float32 and k.dim() == 3 and v.dim() == 3
+            and k.stride(2) == 1 and v.stride(2) == 1 and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]
+            and _dim_major(k_cache) and v_cache.is_contiguous() and available())
