@@ -122,6 +122,17 @@ def library() -> ctypes.CDLL | None:
             lib.hfrl_decode_attention_f32.argtypes = [
                 _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64,
                 _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, ctypes.c_float, _c_ptr, ctypes.c_int, _c_ptr]
+            lib.hfrl_decode_attention_qkv_f32.restype = ctypes.c_int
+            lib.hfrl_decode_attention_qkv_f32.argtypes = [
+                _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64,
+                _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, ctypes.c_float, _c_ptr, ctypes.c_int, _c_ptr]
+            lib.hfrl_rms_norm_f32.restype = None
+            lib.hfrl_rms_norm_f32.argtypes = [_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, ctypes.c_float, _c_ptr,
+                                              ctypes.c_int]
+            lib.hfrl_silu_mul_f32.restype = None
+            lib.hfrl_silu_mul_f32.argtypes = [_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, ctypes.c_int]
+            lib.hfrl_greedy_f32.restype = None
+            lib.hfrl_greedy_f32.argtypes = [_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, ctypes.c_int]
             lib.hfrl_write_kv_f32.restype = ctypes.c_int
             lib.hfrl_write_kv_f32.argtypes = [_c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr,
                                               _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr]
@@ -205,3 +216,80 @@ def writes(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: tor
             and k.dtype == torch.float32 and v.dtype == torch.float32 and k.dim() == 3 and v.dim() == 3
             and k.stride(2) == 1 and v.stride(2) == 1 and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]
             and _dim_major(k_cache) and v_cache.is_contiguous() and available())
+
+
+def _rows_f32(x: torch.Tensor) -> bool:
+    """(rows, n) fp32 on the CPU with unit stride along n."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
+
+
+def takes_rows(x: torch.Tensor) -> bool:
+    """Whether ``rms_norm``, ``silu_mul`` and ``greedy`` take x: fp32 CPU rows (R, n), unit stride along
+    n, no autograd, and the library built."""
+    return _rows_f32(x) and not x.requires_grad and available()
+
+
+def attend_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+               scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """A decode step's attention for one layer from its fused projection, in one call: qkv (B, (nh + 2
+    nkv) hd) unrotated -> (B, nh hd). Each sequence's new token sits at position seq_lens - 1: its q
+    and k are rotated with row ``seq_lens - 1`` of the tables cos = [c, c], sin = [-s, s] (max_len, hd),
+    its k and v stored in the caches (``write_kv``'s layout), then it attends as ``decode_attention``.
+    Lengths, block ids and table rows are checked before anything is read or written."""
+    batch = qkv.shape[0]
+    num_blocks, block_size, _, head_dim = k_cache.shape
+    if not (_rows_f32(qkv) and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim and _rows_f32(cos)
+            and cos.is_contiguous() and sin.shape == cos.shape and sin.is_contiguous() and cos.shape[1] == head_dim
+            and _dim_major(k_cache) and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == torch.float32):
+        raise ValueError(f"attend_qkv takes fp32 CPU rows qkv (B, (nh + 2 nkv) hd), contiguous RoPE tables "
+                         f"(max_len, hd) and a dim-major fp32 cache; got qkv {tuple(qkv.shape)} {qkv.dtype}, "
+                         f"cos {tuple(cos.shape)}, k_cache {tuple(k_cache.shape)} strides {k_cache.stride()}")
+    tables, lens = _int32(block_tables), _int32(seq_lens)
+    out = torch.empty(batch, num_heads * head_dim)
+    if batch == 0:
+        return out
+    bad = ctypes.c_int64(0)
+    code = library().hfrl_decode_attention_qkv_f32(
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), cos.shape[0], k_cache.data_ptr(),
+        v_cache.data_ptr(), num_blocks, tables.data_ptr(), tables.shape[1], lens.data_ptr(), sliding_window or 0,
+        batch, num_heads, num_kv_heads, head_dim, block_size, scale, out.data_ptr(), torch.get_num_threads(),
+        ctypes.byref(bad))
+    if code == 1:
+        raise ValueError(f"seq_lens must lie in [1, min(max_blocks_per_seq * block_size = "
+                         f"{tables.shape[1] * block_size}, RoPE table rows = {cos.shape[0]})], "
+                         f"got values in [{int(lens.min())}, {int(lens.max())}]")
+    if code:
+        row = int(bad.value)
+        raise ValueError(f"decode attention: {_ERRORS.get(code, f'error {code}')} in sequence {row} "
+                         f"(seq_len {int(lens[row])}, block_tables row {tables[row].tolist()}; the cache has "
+                         f"{num_blocks} blocks)")
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of rows x (R, n) (fp32, unit stride along n): weight * (x * rsqrt(mean(x^2) + eps))."""
+    rows, n = x.shape
+    out = torch.empty(rows, n)
+    library().hfrl_rms_norm_f32(x.data_ptr(), x.stride(0), rows, n, weight.data_ptr(), eps, out.data_ptr(),
+                                torch.get_num_threads())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's product of rows [gate | up] (R, 2 I) (fp32, unit stride): silu(gate) * up, (R, I)."""
+    rows, width = gate_up.shape
+    out = torch.empty(rows, width // 2)
+    library().hfrl_silu_mul_f32(gate_up.data_ptr(), gate_up.stride(0), rows, width // 2, out.data_ptr(),
+                                torch.get_num_threads())
+    return out
+
+
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens (R,) int64 (the first maximum) and their log-softmax values (R,) fp32 of logits
+    (R, V) (fp32, unit stride), in one pass over each row after its maximum."""
+    rows, vocab = logits.shape
+    tokens, log_probs = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
+    library().hfrl_greedy_f32(logits.data_ptr(), logits.stride(0), rows, vocab, tokens.data_ptr(),
+                              log_probs.data_ptr(), torch.get_num_threads())
+    return tokens, log_probs

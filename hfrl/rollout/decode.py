@@ -38,6 +38,7 @@ from torch import nn
 from hfrl.distributed.tensor_parallel import ColumnParallelLinear
 from hfrl.models.llama import CausalLM, RMSNorm
 from hfrl.rollout.kv_cache import free_device_bytes
+from hfrl_kernels import native
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class DecodeForward:
         model = self.model
         x = model.embed_tokens(tokens)  # (R, H)
         rows = x.shape[0]
+        if compiled_step(x, backend):
+            return self._compiled(x, backend)
         cos, sin = (t.index_select(0, positions)[:, None] for t in self.rope_table(x.device, x.dtype))
         for layer in model.layers:
             attn = layer.attn
@@ -124,3 +127,53 @@ class DecodeForward:
             inner = gate_up.shape[-1] // 2
             x = linear(layer.mlp.down_proj, F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:])).add_(x)
         return rms_norm(model.norm, x)
+
+    def _compiled(self, x: torch.Tensor, backend) -> torch.Tensor:
+        """The CPU fp32 step with the compiled kernels (``hfrl_kernels.native``) between the matmuls: per
+        layer two RMSNorm calls, one call that rotates q and k, stores k and v and attends, one SwiGLU
+        call, and the four matmuls with the residual adds inside them (``addmm``): some ten calls where
+        the PyTorch step makes some sixty. The same formulas in float32; the sums run in another order,
+        so values agree to float rounding (tests/rollout/test_engine.py), not bit for bit."""
+        model = self.model
+        cos, sin = self.rope_table(x.device, x.dtype)
+        for layer in model.layers:
+            attn = layer.attn
+            qkv = linear(attn.qkv_proj, compiled_norm(layer.attn_norm, x))  # (R, (nh + 2 nkv) hd)
+            y = backend.attend_qkv(attn.layer_idx, qkv, attn.num_heads, attn.num_kv_heads, cos, sin,
+                                   attn.sliding_window)  # (R, nh hd)
+            x = linear_add(attn.o_proj, y, x)
+            gate_up = linear(layer.mlp.gate_up_proj, compiled_norm(layer.mlp_norm, x))
+            x = linear_add(layer.mlp.down_proj, swiglu(gate_up), x)
+        return compiled_norm(model.norm, x)
+
+
+def compiled_step(x: torch.Tensor, backend) -> bool:
+    """Whether ``DecodeForward`` takes the compiled kernels' step: fp32 rows on the CPU, the native
+    library built, and a backend whose cache ``attend_qkv`` reads (``DecodeAttention.takes_qkv``)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and native.available()
+            and getattr(backend, "takes_qkv", None) is not None and backend.takes_qkv())
+
+
+def compiled_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, an RMSNorm through the compiled kernel."""
+    if type(module) is not RMSNorm or not native.takes_rows(x):
+        return module(x)
+    return native.rms_norm(x, module.weight, module.eps)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of rows [gate | up], through the compiled kernel where it takes them."""
+    if native.takes_rows(gate_up):
+        return native.silu_mul(gate_up)
+    inner = gate_up.shape[-1] // 2
+    return F.silu(gate_up[:, :inner]).mul_(gate_up[:, inner:])
+
+
+def linear_add(module: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``module(x) + residual``: one ``addmm`` for a plain or column-parallel Linear without bias (the
+    GEMM adds the residual as it writes its output), else the module and an in-place add."""
+    kind = type(module)
+    plain = kind is nn.Linear or (isinstance(module, ColumnParallelLinear) and not module.gather_output)
+    if plain and module.bias is None:
+        return torch.addmm(residual, x, module.weight.t())
+    return linear(module, x).add_(residual)

@@ -203,6 +203,22 @@ class DecodeAttention(AttentionBackend):
                                sliding_window)  # (N, nh, hd)
         return out.transpose(0, 1)[None]  # (1, nh, N, hd)
 
+    def takes_qkv(self) -> bool:
+        """Whether ``attend_qkv`` can serve this step (the compiled kernel and a dim-major fp32 cache)."""
+        cache = self.cache
+        return (cache.device.type == "cpu" and cache.shape.dtype == torch.float32 and cache.key_layout == "dim"
+                and native.available())
+
+    def attend_qkv(self, layer_idx: int, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor,
+                   sin: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+        """One layer's decode attention from its fused projection qkv (N, (nh + 2 nkv) hd), unrotated:
+        rotate q and k with the RoPE tables (max_len, hd), store k and v, attend -> (N, nh hd)
+        (``hfrl_kernels.native.attend_qkv``; only where ``takes_qkv``)."""
+        head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+        return native.attend_qkv(qkv, num_heads, num_kv_heads, cos, sin, self.cache.k[layer_idx],
+                                 self.cache.v[layer_idx], self.block_tables, self.seq_lens, head_dim ** -0.5,
+                                 sliding_window)
+
     def attend_rows(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     sliding_window: int | None) -> torch.Tensor:
         """``attend`` with one row per sequence: q (N, nh, hd), k and v (N, nkv, hd) -> (N, nh, hd)."""

@@ -22,6 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from hfrl_kernels import native
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -180,6 +182,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     """
     if flags is None:
         flags = SamplingFlags.of(temperature, top_k, top_p, logits.shape[-1])
+    if flags.all_greedy and native.takes_rows(logits):  # argmax and log-softmax value in one compiled pass
+        return native.greedy(logits)
     scaled = _scaled(logits, temperature, flags.any_scaled)  # (N, V), contiguous
     # log_softmax, not x - logsumexp(x): on CPU it measured 2x faster than logsumexp alone (48 x 32000)
     log_probs = torch.log_softmax(scaled, dim=-1)  # (N, V)

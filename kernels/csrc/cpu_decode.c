@@ -24,13 +24,13 @@
 #define HFRL_BAD_BLOCK 2
 #define HFRL_NO_MEMORY 3
 
-/* exp(x) for x <= 0 (a softmax's shifted scores), within 2 ulp: x = n ln2 + r, |r| <= ln2 / 2,
- * exp(r) by Cephes' degree-6 polynomial, 2^n through the exponent bits. Below -87 it returns 0. */
-static inline float exp_nonpositive(float x)
+/* exp(x) within 2 ulp for x in [-87, 88] (0 below, exp(88) above): x = n ln2 + r, |r| <= ln2 / 2,
+ * exp(r) by Cephes' degree-6 polynomial, 2^n through the exponent bits. Written so that the
+ * compiler vectorises loops calling it (the softmax, SiLU). */
+static inline float exp_f32(float x)
 {
-    const float lo = -87.0f;
-    const int under = x < lo;
-    x = under ? lo : x;
+    const int under = x < -87.0f;
+    x = under ? -87.0f : (x > 88.0f ? 88.0f : x);
     const float n = floorf(x * 1.44269504088896341f + 0.5f);
     float r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
@@ -45,6 +45,45 @@ static inline float exp_nonpositive(float x)
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
     return under ? 0.0f : p * two_n;
+}
+
+/* Sums of long rows: float partial sums of 256 terms (vectorised) accumulated in double, so the
+ * rounding error does not grow with the row's length (a 150k vocabulary's log-sum-exp). */
+#define SUM_CHUNK 256
+
+static inline float sum_exp_shifted(const float *restrict x, int64_t n, float shift, float *restrict out)
+{
+    double total = 0.0;
+    for (int64_t c = 0; c < n; c += SUM_CHUNK) {
+        const int64_t end = c + SUM_CHUNK < n ? c + SUM_CHUNK : n;
+        float part = 0.0f;
+        if (out) {
+#pragma omp simd reduction(+ : part)
+            for (int64_t i = c; i < end; ++i) {
+                const float e = exp_f32(x[i] - shift);
+                out[i] = e;
+                part += e;
+            }
+        } else {
+#pragma omp simd reduction(+ : part)
+            for (int64_t i = c; i < end; ++i) part += exp_f32(x[i] - shift);
+        }
+        total += part;
+    }
+    return (float)total;
+}
+
+static inline float sum_squares(const float *restrict x, int64_t n)
+{
+    double total = 0.0;
+    for (int64_t c = 0; c < n; c += SUM_CHUNK) {
+        const int64_t end = c + SUM_CHUNK < n ? c + SUM_CHUNK : n;
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = c; i < end; ++i) part += x[i] * x[i];
+        total += part;
+    }
+    return (float)total;
 }
 
 /* s[j * stride + t] = sum_d q[j * hd + d] * keys[d * BS + t], t < BS, for the g query heads of one
@@ -75,21 +114,17 @@ static inline __attribute__((always_inline)) void block_scores(
     }
 }
 
-/* One (sequence, kv head) item: out rows of its g query heads. scratch holds g * width scores and
- * g * hd accumulators, width = the item's blocks * BS. */
+/* One (sequence, kv head) item: out rows of its g query heads from the scaled queries qs (g, hd).
+ * scratch holds g * width scores and g * hd accumulators, width = the item's blocks * BS. */
 static inline __attribute__((always_inline)) void attend_item(
-    const float *restrict q, const float *restrict kc, const float *restrict vc,
+    const float *restrict qs, const float *restrict kc, const float *restrict vc,
     const int32_t *restrict table, int64_t start, int64_t len, int64_t h, int64_t g, int64_t nkv,
-    int64_t hd, const int64_t BS, float scale, float *restrict out, int64_t out_head_stride,
-    float *restrict scratch)
+    int64_t hd, const int64_t BS, float *restrict out, float *restrict scratch)
 {
     const int64_t b0 = start / BS, b1 = (len + BS - 1) / BS, width = (b1 - b0) * BS;
     const int64_t lo = start - b0 * BS, hi = len - b0 * BS; /* live scores: [lo, hi) */
     float *restrict s = scratch;              /* (g, width) */
     float *restrict acc = scratch + g * width; /* (g, hd) */
-    float *restrict qs = acc + g * hd;          /* (g, hd): the scaled queries */
-    for (int64_t j = 0; j < g; ++j)
-        for (int64_t d = 0; d < hd; ++d) qs[j * hd + d] = q[j * hd + d] * scale;
 
     for (int64_t b = b0; b < b1; ++b) {
         const float *keys = kc + ((int64_t)table[b] * nkv + h) * hd * BS;
@@ -99,14 +134,10 @@ static inline __attribute__((always_inline)) void attend_item(
     float inv[64];
     for (int64_t j = 0; j < g; ++j) {
         float *restrict sj = s + j * width;
-        float m = -INFINITY, sum = 0.0f;
+        float m = -INFINITY;
 #pragma omp simd reduction(max : m)
         for (int64_t t = lo; t < hi; ++t) m = sj[t] > m ? sj[t] : m;
-#pragma omp simd
-        for (int64_t t = lo; t < hi; ++t) sj[t] = exp_nonpositive(sj[t] - m);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = lo; t < hi; ++t) sum += sj[t];
-        inv[j] = 1.0f / sum;
+        inv[j] = 1.0f / sum_exp_shifted(sj + lo, hi - lo, m, sj + lo);
     }
 
     for (int64_t i = 0; i < g * hd; ++i) acc[i] = 0.0f;
@@ -124,34 +155,54 @@ static inline __attribute__((always_inline)) void attend_item(
         }
     }
     for (int64_t j = 0; j < g; ++j)
-        for (int64_t d = 0; d < hd; ++d) out[j * out_head_stride + d] = acc[j * hd + d] * inv[j];
+        for (int64_t d = 0; d < hd; ++d) out[j * hd + d] = acc[j * hd + d] * inv[j];
 }
 
-/* Attention of one query token per sequence.
- *
- * q: (batch, nh, hd) at q_row_stride / q_head_stride floats (hd contiguous); kc, vc: the layer's
- * caches as above, num_blocks blocks; tables: (batch, table_stride) int32; lens: (batch,) int32;
- * window: the sliding window, 0 for none; out: (batch, nh, hd) contiguous.
- * Returns HFRL_OK, or an error code with *bad_row the first offending sequence (nothing written). */
-int hfrl_decode_attention_f32(
-    const float *q, int64_t q_row_stride, int64_t q_head_stride, const float *kc, const float *vc,
-    int64_t num_blocks, const int32_t *tables, int64_t table_stride, const int32_t *lens, int64_t window,
-    int64_t batch, int64_t nh, int64_t nkv, int64_t hd, int64_t bs, float scale, float *out,
-    int num_threads, int64_t *bad_row)
+/* RoPE of one head as Attention.forward applies it: x * cos + rotate_half(x) * sin, with the tables
+ * cos = [c, c] and sin = [-s, s] of one position (rotate_half(x) * sin = roll(x, hd / 2) * sin). */
+static inline void rope_head(const float *restrict x, const float *restrict cos, const float *restrict sin,
+                             int64_t hd, float scale, float *restrict out)
 {
-    const int64_t g = nh / nkv;
-    int64_t max_width = 0;
-    for (int64_t b = 0; b < batch; ++b) { /* every index checked before anything is read */
+    const int64_t half = hd / 2;
+    for (int64_t d = 0; d < half; ++d) out[d] = (x[d] * cos[d] + x[d + half] * sin[d]) * scale;
+    for (int64_t d = half; d < hd; ++d) out[d] = (x[d] * cos[d] + x[d - half] * sin[d]) * scale;
+}
+
+/* Indices checked before anything is read or written; returns the widest item's key span. */
+static int check_indices(const int32_t *tables, int64_t table_stride, const int32_t *lens, int64_t window,
+                         int64_t batch, int64_t bs, int64_t num_blocks, int64_t rope_rows,
+                         int64_t *max_width, int64_t *bad_row)
+{
+    *max_width = 0;
+    for (int64_t b = 0; b < batch; ++b) {
         const int64_t len = lens[b];
-        if (len < 1 || len > table_stride * bs) { *bad_row = b; return HFRL_BAD_LENGTH; }
+        if (len < 1 || len > table_stride * bs || len > rope_rows) { *bad_row = b; return HFRL_BAD_LENGTH; }
         const int64_t start = window > 0 && len > window ? len - window : 0;
         const int64_t b0 = start / bs, b1 = (len + bs - 1) / bs;
         for (int64_t k = b0; k < b1; ++k) {
             const int32_t block = tables[b * table_stride + k];
             if (block < 0 || block >= num_blocks) { *bad_row = b; return HFRL_BAD_BLOCK; }
         }
-        if ((b1 - b0) * bs > max_width) max_width = (b1 - b0) * bs;
+        if ((b1 - b0) * bs > *max_width) *max_width = (b1 - b0) * bs;
     }
+    return HFRL_OK;
+}
+
+/* The shared body of the two entry points. qkv mode (cos != NULL): q rows hold the fused projection
+ * [q heads | k heads | v heads] of the new tokens, unrotated; the item (b, h) rotates and stores its
+ * kv head's new key and value at position lens[b] - 1 before attending. Otherwise q holds rotated
+ * queries and the cache already holds the new token. */
+static int decode_attention(
+    const float *q, int64_t q_row_stride, int64_t q_head_stride, const float *cos, const float *sin,
+    int64_t rope_rows, float *kc, float *vc, int64_t num_blocks, const int32_t *tables, int64_t table_stride,
+    const int32_t *lens, int64_t window, int64_t batch, int64_t nh, int64_t nkv, int64_t hd, int64_t bs,
+    float scale, float *out, int num_threads, int64_t *bad_row)
+{
+    const int64_t g = nh / nkv;
+    int64_t max_width;
+    const int code = check_indices(tables, table_stride, lens, window, batch, bs, num_blocks,
+                                   cos ? rope_rows : INT64_MAX, &max_width, bad_row);
+    if (code != HFRL_OK) return code;
     const int64_t items = batch * nkv;
     const size_t scratch_floats = (size_t)(g * max_width + 2 * g * hd);
     int failed = 0;
@@ -167,20 +218,63 @@ int hfrl_decode_attention_f32(
             if (scratch == NULL) continue;
             const int64_t b = it / nkv, h = it % nkv, len = lens[b];
             const int64_t start = window > 0 && len > window ? len - window : 0;
-            const float *qb = q + b * q_row_stride + h * g * q_head_stride;
-            float *ob = out + (b * nh + h * g) * hd;
             const int32_t *table = tables + b * table_stride;
-            /* q's heads are hd apart in every caller (checked in native.py) */
+            const float *qb = q + b * q_row_stride + h * g * q_head_stride;
+            float *qs = scratch + g * max_width + g * hd; /* (g, hd) */
+            if (cos) {
+                const int64_t pos = len - 1, block = table[pos / bs], offset = pos % bs;
+                const float *c = cos + pos * hd, *sn = sin + pos * hd;
+                const float *k = q + b * q_row_stride + (nh + h) * hd, *v = k + nkv * hd;
+                float *kdst = kc + (block * nkv + h) * hd * bs + offset;
+                rope_head(k, c, sn, hd, 1.0f, qs); /* the rotated key, through qs */
+                for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = qs[d];
+                memcpy(vc + ((block * bs + offset) * nkv + h) * hd, v, (size_t)hd * sizeof(float));
+                for (int64_t j = 0; j < g; ++j) rope_head(qb + j * hd, c, sn, hd, scale, qs + j * hd);
+            } else {
+                for (int64_t j = 0; j < g; ++j)
+                    for (int64_t d = 0; d < hd; ++d) qs[j * hd + d] = qb[j * q_head_stride + d] * scale;
+            }
+            float *ob = out + (b * nh + h * g) * hd;
             if (bs == 16)
-                attend_item(qb, kc, vc, table, start, len, h, g, nkv, hd, 16, scale, ob, hd, scratch);
+                attend_item(qs, kc, vc, table, start, len, h, g, nkv, hd, 16, ob, scratch);
             else if (bs == 32)
-                attend_item(qb, kc, vc, table, start, len, h, g, nkv, hd, 32, scale, ob, hd, scratch);
+                attend_item(qs, kc, vc, table, start, len, h, g, nkv, hd, 32, ob, scratch);
             else
-                attend_item(qb, kc, vc, table, start, len, h, g, nkv, hd, bs, scale, ob, hd, scratch);
+                attend_item(qs, kc, vc, table, start, len, h, g, nkv, hd, bs, ob, scratch);
         }
         free(scratch);
     }
     return failed ? HFRL_NO_MEMORY : HFRL_OK;
+}
+
+/* Attention of one query token per sequence, its key and value already in the cache.
+ *
+ * q: (batch, nh, hd) at q_row_stride / q_head_stride floats (hd contiguous); kc, vc: the layer's
+ * caches as above, num_blocks blocks; tables: (batch, table_stride) int32; lens: (batch,) int32;
+ * window: the sliding window, 0 for none; out: (batch, nh, hd) contiguous.
+ * Returns HFRL_OK, or an error code with *bad_row the first offending sequence (nothing written). */
+int hfrl_decode_attention_f32(
+    const float *q, int64_t q_row_stride, int64_t q_head_stride, const float *kc, const float *vc,
+    int64_t num_blocks, const int32_t *tables, int64_t table_stride, const int32_t *lens, int64_t window,
+    int64_t batch, int64_t nh, int64_t nkv, int64_t hd, int64_t bs, float scale, float *out,
+    int num_threads, int64_t *bad_row)
+{
+    return decode_attention(q, q_row_stride, q_head_stride, NULL, NULL, 0, (float *)kc, (float *)vc, num_blocks,
+                            tables, table_stride, lens, window, batch, nh, nkv, hd, bs, scale, out,
+                            num_threads, bad_row);
+}
+
+/* A decode step's attention from the fused projection: qkv (batch, (nh + 2 nkv) hd) rows at
+ * qkv_row_stride floats, unrotated; cos, sin (rope_rows, hd) tables as in rope_head, row = position.
+ * Rotates q and k, stores k and v at position lens[b] - 1, attends; out (batch, nh, hd). */
+int hfrl_decode_attention_qkv_f32(
+    const float *qkv, int64_t qkv_row_stride, const float *cos, const float *sin, int64_t rope_rows,
+    float *kc, float *vc, int64_t num_blocks, const int32_t *tables, int64_t table_stride, const int32_t *lens,
+    int64_t window, int64_t batch, int64_t nh, int64_t nkv, int64_t hd, int64_t bs, float scale, float *out,
+    int num_threads, int64_t *bad_row)
+{
+    return decode_attention(qkv, qkv_row_stride, hd, cos, sin, rope_rows, kc, vc, num_blocks, tables,
+                            table_stride, lens, window, batch, nh, nkv, hd, bs, scale, out, num_threads, bad_row);
 }
 
 /* Store n tokens' keys and values: k, v (n, nkv, hd) at k_row_stride / v_row_stride floats (heads
@@ -202,4 +296,52 @@ int hfrl_write_kv_f32(const float *k, int64_t k_row_stride, const float *v, int6
         }
     }
     return HFRL_OK;
+}
+
+/* out = weight * (x * rsqrt(mean(x^2) + eps)) per row (RMSNorm): x (rows, n) at x_row_stride,
+ * out (rows, n) contiguous. */
+void hfrl_rms_norm_f32(const float *x, int64_t x_row_stride, int64_t rows, int64_t n, const float *weight,
+                       float eps, float *out, int num_threads)
+{
+#pragma omp parallel for num_threads(num_threads) if (rows * n >= (1 << 16))
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * x_row_stride;
+        float *o = out + r * n;
+        const float inv = 1.0f / sqrtf(sum_squares(xr, n) / (float)n + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) o[i] = weight[i] * (xr[i] * inv);
+    }
+}
+
+/* SwiGLU's product: out (rows, inner) = silu(gate) * up for gate_up rows [gate | up] at
+ * row_stride floats. */
+void hfrl_silu_mul_f32(const float *gate_up, int64_t row_stride, int64_t rows, int64_t inner, float *out,
+                       int num_threads)
+{
+#pragma omp parallel for num_threads(num_threads) if (rows * inner >= (1 << 16))
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *g = gate_up + r * row_stride, *u = g + inner;
+        float *o = out + r * inner;
+#pragma omp simd
+        for (int64_t i = 0; i < inner; ++i) o[i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
+    }
+}
+
+/* Greedy decoding's token and log-prob per row of logits (rows, vocab) at row_stride: the first
+ * maximum, and its log-softmax value -log(sum exp(x - max)). */
+void hfrl_greedy_f32(const float *logits, int64_t row_stride, int64_t rows, int64_t vocab, int64_t *tokens,
+                     float *log_probs, int num_threads)
+{
+#pragma omp parallel for num_threads(rows < num_threads ? (int)rows : num_threads) if (rows > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *x = logits + r * row_stride;
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t i = 0; i < vocab; ++i) m = x[i] > m ? x[i] : m;
+        int64_t first = vocab;
+        for (int64_t i = 0; i < vocab; ++i)
+            if (x[i] == m) { first = i; break; }
+        tokens[r] = first;
+        log_probs[r] = -logf(sum_exp_shifted(x, vocab, m, NULL));
+    }
 }
