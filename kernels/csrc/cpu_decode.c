@@ -25,13 +25,14 @@
 #define HFRL_NO_MEMORY 3
 
 /* exp(x) within 2 ulp for x in [-87, 88] (0 below, exp(88) above): x = n ln2 + r, |r| <= ln2 / 2,
- * exp(r) by Cephes' degree-6 polynomial, 2^n through the exponent bits. Written so that the
- * compiler vectorises loops calling it (the softmax, SiLU). */
+ * exp(r) by Cephes' degree-6 polynomial, 2^n through the exponent bits. Written so that gcc
+ * vectorises the loops calling it (the softmax, SiLU, the vocabulary's log-sum-exp): n is rounded
+ * with the 1.5 * 2^23 trick rather than floorf, which kept those loops scalar. */
 static inline float exp_f32(float x)
 {
-    const int under = x < -87.0f;
-    x = under ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float x0 = x;
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -41,10 +42,9 @@ static inline float exp_f32(float x)
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return under ? 0.0f : p * two_n;
+    union { float f; int32_t i; } two_n;
+    two_n.i = ((int32_t)n + 127) << 23;
+    return x0 < -87.0f ? 0.0f : p * two_n.f;
 }
 
 /* Sums of long rows: float partial sums of 256 terms (vectorised) accumulated in double, so the
@@ -335,11 +335,18 @@ void hfrl_greedy_f32(const float *logits, int64_t row_stride, int64_t rows, int6
 #pragma omp parallel for num_threads(rows < num_threads ? (int)rows : num_threads) if (rows > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const float *x = logits + r * row_stride;
+        /* the maximum chunk by chunk (vectorised), then the first chunk holding it is searched */
         float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-        for (int64_t i = 0; i < vocab; ++i) m = x[i] > m ? x[i] : m;
-        int64_t first = vocab;
-        for (int64_t i = 0; i < vocab; ++i)
+        int64_t at = 0;
+        for (int64_t c = 0; c < vocab; c += SUM_CHUNK) {
+            const int64_t end = c + SUM_CHUNK < vocab ? c + SUM_CHUNK : vocab;
+            float cm = -INFINITY;
+#pragma omp simd reduction(max : cm)
+            for (int64_t i = c; i < end; ++i) cm = x[i] > cm ? x[i] : cm;
+            if (cm > m) { m = cm; at = c; }
+        }
+        int64_t first = vocab; /* stays past the end only for a row without a number above -inf */
+        for (int64_t i = at; i < vocab; ++i)
             if (x[i] == m) { first = i; break; }
         tokens[r] = first;
         log_probs[r] = -logf(sum_exp_shifted(x, vocab, m, NULL));
