@@ -48,9 +48,9 @@ def build(args):
                          tie_word_embeddings=False, initializer_range=0.1)
     torch.manual_seed(0)
     ref = LlamaForCausalLM(config).eval()
-    folder = tempfile.mkdtemp(prefix="hfrl-rollout-bench-")
-    ref.save_pretrained(folder)
-    model = weights.from_pretrained(folder).eval()
+    with tempfile.TemporaryDirectory(prefix="hfrl-rollout-bench-") as folder:  # removed once loaded
+        ref.save_pretrained(folder)
+        model = weights.from_pretrained(folder).eval()
     return ref, model
 
 
