@@ -2,7 +2,9 @@
 package transformers probes for).
 
 Each kernel lives in its own module with a PyTorch reference beside it; its public function picks
-the Triton kernel for CUDA tensors when Triton is importable and the reference otherwise. Triton is
+the Triton kernel for CUDA tensors when Triton is importable and the reference otherwise. On the
+CPU, ``native`` holds the rollout engine's compiled decode kernels (C in ``csrc/``, built on first
+use with the host's compiler; the PyTorch paths serve where none is available). Triton is
 optional: this package imports without it. Tests run the kernels on CPU under the Triton
 interpreter, which must be switched on before the kernel modules are imported
 (``TRITON_INTERPRET=1`` in the environment).

@@ -13,15 +13,20 @@ vLLM use) or dim-major (a view of (num_blocks, num_kv_heads, head_dim, block_siz
 ``empty_key_cache(..., "dim")``: each block's keys dimension by dimension). ``key_layout_for``
 names the faster one for a device and dtype; the value cache is token-major in both.
 
-Two implementations, picked by ``hfrl_kernels.use_triton(q)``:
+Three implementations: Triton where ``hfrl_kernels.use_triton(q)``; else the compiled CPU kernel
+(``hfrl_kernels.native``, C built on first use) for fp32 with a dim-major key cache where it is
+available (``native.supports``); else the PyTorch path:
 
 - ``_decode_attention_triton``: split-K "flash-decoding". Program (b, kv_head, split) reads its
   split's keys once for the whole group of query heads sharing that kv head and writes a partial
   (max, sum of exponentials, weighted values); a second kernel merges the splits. With one split the
   first kernel writes the output itself. It addresses the caches by their strides (any layout).
-- ``decode_attention_reference`` (PyTorch): the production path on CPU, not only a reference, made
-  from a plan computed once per decode step (``plan_decode``, on the host), with no per-sequence
-  loop:
+- ``native.decode_attention``: one call per layer, one work item per (sequence, kv head) over
+  OpenMP threads, reading each kv head's keys once for its whole group of query heads (the rollout
+  engine's CPU fp32 path; its decode step also fuses RoPE and the cache write into that call).
+- ``decode_attention_reference`` (PyTorch): the CPU path where no C compiler is available (and for
+  fp64), made from a plan computed once per decode step (``plan_decode``, on the host), with no
+  per-sequence loop:
   - dim-major keys, CPU fp32/fp64 (``_dim_major_attention``, the rollout engine's CPU path): the
     scores of one block for one query head are ``F.embedding_bag`` over the block's head_dim rows
     of keys with the query as per-sample weights, and the weighted sum of values is a second bag
@@ -449,12 +454,11 @@ query heads per kv head, 1.1x at 4, and 0.8-0.9x at 8."""
 
 def key_layout_for(device: torch.device, dtype: torch.dtype, group: int = 1) -> str:
     """The key cache layout decode_attention is fastest with for ``group`` query heads per kv head:
-    "dim" (``_dim_major_attention``) on the CPU in fp32/fp64 up to ``DIM_MAJOR_MAX_GROUP`` without
-    the Triton interpreter, "token" elsewhere (the Triton kernel reads a block's keys token by token;
-    ``_flash_chunks`` gathers them so)."""
+    "dim" on the CPU in fp32 where the compiled kernel is available (any group), and for the two-bag path (``_dim_major_attention``) in fp32/fp64 up to
+    ``DIM_MAJOR_MAX_GROUP``, both without the Triton interpreter; "token" elsewhere (the Triton kernel
+    reads a block's keys token by token; ``_flash_chunks`` gathers them so)."""
     interpreted = triton_available() and interpreting() and device.type == "cpu"
-    if device.type == "cpu" and dtype == torch.float32 and not interpreted and group <= native.MAX_GROUP \
-            and native.available():
+    if device.type == "cpu" and dtype == torch.float32 and not interpreted and native.available():
         return "dim"  # the compiled kernel reads each kv head's keys once for its whole group
     cpu_bags = device.type == "cpu" and dtype in _BAG_DTYPES and not interpreted
     return "dim" if cpu_bags and group <= DIM_MAJOR_MAX_GROUP else "token"

@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,8 +43,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_decode.c"
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=gnu11", "-shared", "-fPIC")
-MAX_GROUP = 64  # query heads per kv head the C kernel holds (a stack array)
+FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC") + (
+    ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())  # x86-only option
 _ERRORS = {1: "a sequence length outside [1, max_blocks_per_seq * block_size]",
            2: "a block id outside the cache", 3: "out of memory for the kernel's scratch"}
 
@@ -62,8 +63,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hfrl" / "kernels"
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> list[str] | None:
+    """The C compiler's command: ``$CC`` split as a shell would (``ccache gcc``), else cc or gcc."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
 def _cpu_flags() -> str:
@@ -74,28 +79,32 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _build(compiler: str) -> Path:
-    """The compiled library's path, building it first if this host has none (raises on failure)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join((SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_flags(),
-                                    platform.machine())).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_decode-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _build(compiler: list[str]) -> tuple[Path, bool]:
+    """The compiled library's path and whether it has OpenMP, building it first if this host has
+    none. An OpenMP build is preferred; where the compiler has no OpenMP, a one-thread build is
+    made and kept under its own name (so installing OpenMP later builds the threaded one)."""
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join((SOURCE.read_text(), " ".join(compiler), version, " ".join(FLAGS),
+                                    _cpu_flags(), platform.machine())).encode()).hexdigest()[:16]
+    folder = cache_dir()
     errors = []
-    for openmp in (("-fopenmp",), ()):  # a compiler without OpenMP builds a one-thread library
-        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
+    for openmp in (("-fopenmp",), ()):
+        target = folder / f"cpu_decode-{key}-{'omp' if openmp else 'serial'}.so"
+        if target.exists():
+            return target, bool(openmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=folder)
         os.close(fd)
-        cmd = [compiler, *FLAGS, *openmp, str(SOURCE), "-o", tmp, "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode == 0:
-            os.replace(tmp, target)  # atomic: another rank sees the whole file or none
-            if not openmp:
-                logger.warning("hfrl native kernels built without OpenMP (%s): one thread each", errors[-1])
-            return target
-        os.unlink(tmp)
-        errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
+        cmd = [*compiler, *FLAGS, *openmp, str(SOURCE), "-o", tmp, "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(tmp, target)  # atomic: another rank sees the whole file or none
+                return target, bool(openmp)
+            errors.append(f"{' '.join(cmd)}: {done.stderr.strip()[-500:]}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     raise RuntimeError("; ".join(errors))
 
 
@@ -114,10 +123,14 @@ def library() -> ctypes.CDLL | None:
         _reason = "no C compiler found (set CC, or install gcc)"
     else:
         try:
-            lib = ctypes.CDLL(str(_build(compiler)))
+            path, threaded = _build(compiler)
+            lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            _reason = f"building {SOURCE.name} with {compiler} failed: {err}"
+            _reason = f"building {SOURCE.name} with {' '.join(compiler)} failed: {err}"
         else:
+            if not threaded:
+                logger.warning("hfrl native CPU kernels built without OpenMP (%s has none): one thread each; "
+                               "install OpenMP (libgomp) for the threaded build", " ".join(compiler))
             lib.hfrl_decode_attention_f32.restype = ctypes.c_int
             lib.hfrl_decode_attention_f32.argtypes = [
                 _c_ptr, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64,
@@ -160,11 +173,20 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> b
     return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
             and v_cache.dtype == torch.float32 and q.dim() == 3 and q.stride(2) == 1
             and q.stride(1) == q.shape[2] and k_cache.dim() == 4 and _dim_major(k_cache)
-            and v_cache.is_contiguous() and q.shape[1] // k_cache.shape[2] <= MAX_GROUP and available())
+            and v_cache.is_contiguous() and available())
 
 
-def _int32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _int32(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t as contiguous int32; int64 values outside int32 are refused rather than wrapped."""
+    if t.dtype == torch.int32:
+        return t.contiguous()
+    if t.numel() and (int(t.max()) > _INT32_MAX or int(t.min()) < -_INT32_MAX - 1):
+        raise ValueError(f"{name} holds values outside int32 ([{int(t.min())}, {int(t.max())}]): "
+                         "block ids and lengths that large cannot address a KV cache")
+    return t.to(torch.int32).contiguous()
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -174,7 +196,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     Block ids and lengths are checked in C before anything is read: a bad one raises ValueError."""
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    tables, lens = _int32(block_tables), _int32(seq_lens)
+    tables, lens = _int32(block_tables, "block_tables"), _int32(seq_lens, "seq_lens")
     out = torch.empty(batch, num_heads, head_dim)
     if batch == 0:
         return out
@@ -241,11 +263,16 @@ def attend_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.
     num_blocks, block_size, _, head_dim = k_cache.shape
     if not (_rows_f32(qkv) and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim and _rows_f32(cos)
             and cos.is_contiguous() and sin.shape == cos.shape and sin.is_contiguous() and cos.shape[1] == head_dim
-            and _dim_major(k_cache) and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == torch.float32):
-        raise ValueError(f"attend_qkv takes fp32 CPU rows qkv (B, (nh + 2 nkv) hd), contiguous RoPE tables "
-                         f"(max_len, hd) and a dim-major fp32 cache; got qkv {tuple(qkv.shape)} {qkv.dtype}, "
-                         f"cos {tuple(cos.shape)}, k_cache {tuple(k_cache.shape)} strides {k_cache.stride()}")
-    tables, lens = _int32(block_tables), _int32(seq_lens)
+            and sin.dtype == torch.float32 and _dim_major(k_cache) and v_cache.is_contiguous()
+            and k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.shape[2] == num_kv_heads
+            and block_tables.shape[0] == seq_lens.shape[0] == batch and block_tables.dim() == 2):
+        raise ValueError(f"attend_qkv takes fp32 CPU rows qkv (B, (nh + 2 nkv) hd), contiguous fp32 RoPE tables "
+                         f"(max_len, hd), a dim-major fp32 cache of nkv heads and B rows of block tables and "
+                         f"lengths; got nh={num_heads}, nkv={num_kv_heads}, qkv {tuple(qkv.shape)} {qkv.dtype}, "
+                         f"cos {tuple(cos.shape)} {cos.dtype}, sin {tuple(sin.shape)} {sin.dtype}, k_cache "
+                         f"{tuple(k_cache.shape)} strides {k_cache.stride()}, block_tables "
+                         f"{tuple(block_tables.shape)}, seq_lens {tuple(seq_lens.shape)}")
+    tables, lens = _int32(block_tables, "block_tables"), _int32(seq_lens, "seq_lens")
     out = torch.empty(batch, num_heads * head_dim)
     if batch == 0:
         return out
@@ -270,6 +297,9 @@ def attend_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of rows x (R, n) (fp32, unit stride along n): weight * (x * rsqrt(mean(x^2) + eps))."""
     rows, n = x.shape
+    if weight.dtype != torch.float32 or weight.shape != (n,) or not weight.is_contiguous() or not _rows_f32(x):
+        raise ValueError(f"rms_norm takes fp32 CPU rows (R, n) and a contiguous fp32 weight (n,); got x "
+                         f"{tuple(x.shape)} {x.dtype} strides {x.stride()}, weight {tuple(weight.shape)} {weight.dtype}")
     out = torch.empty(rows, n)
     library().hfrl_rms_norm_f32(x.data_ptr(), x.stride(0), rows, n, weight.data_ptr(), eps, out.data_ptr(),
                                 torch.get_num_threads())
@@ -279,6 +309,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's product of rows [gate | up] (R, 2 I) (fp32, unit stride): silu(gate) * up, (R, I)."""
     rows, width = gate_up.shape
+    if not _rows_f32(gate_up) or width % 2:
+        raise ValueError(f"silu_mul takes fp32 CPU rows (R, 2 I) with unit stride; got {tuple(gate_up.shape)} "
+                         f"{gate_up.dtype} strides {gate_up.stride()}")
     out = torch.empty(rows, width // 2)
     library().hfrl_silu_mul_f32(gate_up.data_ptr(), gate_up.stride(0), rows, width // 2, out.data_ptr(),
                                 torch.get_num_threads())
@@ -289,6 +322,9 @@ def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens (R,) int64 (the first maximum) and their log-softmax values (R,) fp32 of logits
     (R, V) (fp32, unit stride), in one pass over each row after its maximum."""
     rows, vocab = logits.shape
+    if not _rows_f32(logits) or vocab < 1:
+        raise ValueError(f"greedy takes fp32 CPU logits (R, V >= 1) with unit stride; got {tuple(logits.shape)} "
+                         f"{logits.dtype} strides {logits.stride()}")
     tokens, log_probs = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
     library().hfrl_greedy_f32(logits.data_ptr(), logits.stride(0), rows, vocab, tokens.data_ptr(),
                               log_probs.data_ptr(), torch.get_num_threads())

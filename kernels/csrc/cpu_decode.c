@@ -51,7 +51,7 @@ static inline float exp_f32(float x)
  * rounding error does not grow with the row's length (a 150k vocabulary's log-sum-exp). */
 #define SUM_CHUNK 256
 
-static inline float sum_exp_shifted(const float *restrict x, int64_t n, float shift, float *restrict out)
+static inline float sum_exp_shifted(const float *x, int64_t n, float shift, float *out) /* out may be x */
 {
     double total = 0.0;
     for (int64_t c = 0; c < n; c += SUM_CHUNK) {
@@ -114,24 +114,32 @@ static inline __attribute__((always_inline)) void block_scores(
     }
 }
 
-/* One (sequence, kv head) item: out rows of its g query heads from the scaled queries qs (g, hd).
- * scratch holds g * width scores and g * hd accumulators, width = the item's blocks * BS. */
+/* Per-thread scratch of an attention call: scores for the widest item, accumulators, the scaled
+ * queries and the inverse softmax sums of one item's g query heads. */
+typedef struct {
+    float *scores; /* (g, width) for an item of width keys: room for g * max_width */
+    float *acc;    /* (g, hd) */
+    float *qs;     /* (g, hd) */
+    float *inv;    /* (g,) */
+} Scratch;
+
+/* One (sequence, kv head) item: out rows of its g query heads from the scaled queries in w.qs;
+ * width = the item's blocks * BS. */
 static inline __attribute__((always_inline)) void attend_item(
-    const float *restrict qs, const float *restrict kc, const float *restrict vc,
-    const int32_t *restrict table, int64_t start, int64_t len, int64_t h, int64_t g, int64_t nkv,
-    int64_t hd, const int64_t BS, float *restrict out, float *restrict scratch)
+    Scratch w, const float *restrict kc, const float *restrict vc, const int32_t *restrict table,
+    int64_t start, int64_t len, int64_t h, int64_t g, int64_t nkv, int64_t hd, const int64_t BS,
+    float *restrict out)
 {
     const int64_t b0 = start / BS, b1 = (len + BS - 1) / BS, width = (b1 - b0) * BS;
     const int64_t lo = start - b0 * BS, hi = len - b0 * BS; /* live scores: [lo, hi) */
-    float *restrict s = scratch;              /* (g, width) */
-    float *restrict acc = scratch + g * width; /* (g, hd) */
+    float *restrict s = w.scores, *restrict acc = w.acc, *restrict inv = w.inv;
+    const float *restrict qs = w.qs;
 
     for (int64_t b = b0; b < b1; ++b) {
         const float *keys = kc + ((int64_t)table[b] * nkv + h) * hd * BS;
         block_scores(keys, qs, g, hd, BS, s + (b - b0) * BS, width);
     }
 
-    float inv[64];
     for (int64_t j = 0; j < g; ++j) {
         float *restrict sj = s + j * width;
         float m = -INFINITY;
@@ -204,7 +212,7 @@ static int decode_attention(
                                    cos ? rope_rows : INT64_MAX, &max_width, bad_row);
     if (code != HFRL_OK) return code;
     const int64_t items = batch * nkv;
-    const size_t scratch_floats = (size_t)(g * max_width + 2 * g * hd);
+    const size_t scratch_floats = (size_t)(g * max_width + 2 * g * hd + g);
     int failed = 0;
 #pragma omp parallel num_threads(items < num_threads ? (int)items : num_threads) if (items > 1)
     {
@@ -220,7 +228,9 @@ static int decode_attention(
             const int64_t start = window > 0 && len > window ? len - window : 0;
             const int32_t *table = tables + b * table_stride;
             const float *qb = q + b * q_row_stride + h * g * q_head_stride;
-            float *qs = scratch + g * max_width + g * hd; /* (g, hd) */
+            const Scratch w = {scratch, scratch + g * max_width, scratch + g * max_width + g * hd,
+                               scratch + g * max_width + 2 * g * hd};
+            float *qs = w.qs;
             if (cos) {
                 const int64_t pos = len - 1, block = table[pos / bs], offset = pos % bs;
                 const float *c = cos + pos * hd, *sn = sin + pos * hd;
@@ -236,11 +246,11 @@ static int decode_attention(
             }
             float *ob = out + (b * nh + h * g) * hd;
             if (bs == 16)
-                attend_item(qs, kc, vc, table, start, len, h, g, nkv, hd, 16, ob, scratch);
+                attend_item(w, kc, vc, table, start, len, h, g, nkv, hd, 16, ob);
             else if (bs == 32)
-                attend_item(qs, kc, vc, table, start, len, h, g, nkv, hd, 32, ob, scratch);
+                attend_item(w, kc, vc, table, start, len, h, g, nkv, hd, 32, ob);
             else
-                attend_item(qs, kc, vc, table, start, len, h, g, nkv, hd, bs, ob, scratch);
+                attend_item(w, kc, vc, table, start, len, h, g, nkv, hd, bs, ob);
         }
         free(scratch);
     }
@@ -335,17 +345,30 @@ void hfrl_greedy_f32(const float *logits, int64_t row_stride, int64_t rows, int6
 #pragma omp parallel for num_threads(rows < num_threads ? (int)rows : num_threads) if (rows > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const float *x = logits + r * row_stride;
-        /* the maximum chunk by chunk (vectorised), then the first chunk holding it is searched */
+        /* the maximum chunk by chunk (vectorised), then the first chunk holding it is searched; a NaN
+         * counts as the maximum, as in torch.argmax (its log-prob is NaN) */
         float m = -INFINITY;
-        int64_t at = 0;
+        int64_t at = 0, nan_at = -1;
         for (int64_t c = 0; c < vocab; c += SUM_CHUNK) {
             const int64_t end = c + SUM_CHUNK < vocab ? c + SUM_CHUNK : vocab;
             float cm = -INFINITY;
-#pragma omp simd reduction(max : cm)
-            for (int64_t i = c; i < end; ++i) cm = x[i] > cm ? x[i] : cm;
+            int nan = 0;
+#pragma omp simd reduction(max : cm) reduction(| : nan)
+            for (int64_t i = c; i < end; ++i) {
+                cm = x[i] > cm ? x[i] : cm;
+                nan |= x[i] != x[i];
+            }
+            if (nan) { nan_at = c; break; }
             if (cm > m) { m = cm; at = c; }
         }
-        int64_t first = vocab; /* stays past the end only for a row without a number above -inf */
+        if (nan_at >= 0) {
+            int64_t i = nan_at;
+            while (x[i] == x[i]) ++i;
+            tokens[r] = i;
+            log_probs[r] = NAN;
+            continue;
+        }
+        int64_t first = at; /* a row of -inf only: its first entry, as torch.argmax */
         for (int64_t i = at; i < vocab; ++i)
             if (x[i] == m) { first = i; break; }
         tokens[r] = first;

@@ -5,6 +5,7 @@ anything is read or written, and the fallback when the kernels cannot be built o
 CI and this machine have gcc, so the kernel tests run there; elsewhere they skip with the reason."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hfrl_kernels import decode_attention as da, native
 from tests.kernels.test_decode_attention import make_cache, naive
@@ -113,6 +114,123 @@ def test_fallback_when_switched_off_or_unbuildable(monkeypatch, tmp_path):
         native.library.cache_clear()
         assert not native.available() and "failed" in native.reason()
         assert not list(tmp_path.iterdir())  # no half-written library left behind
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+    native.available()
+
+
+def _rope_tables(max_len, head_dim, base=10000.0):
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    freqs = torch.arange(max_len).float()[:, None] * inv
+    return torch.cat((freqs.cos(), freqs.cos()), -1), torch.cat((-freqs.sin(), freqs.sin()), -1)
+
+
+@needs_native
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,sliding_window", [
+    (8, 2, 64, 16, None),
+    (4, 4, 80, 7, 17),      # MHA, head_dim 80, odd block size, a window starting mid-block
+    (65, 1, 64, 32, None),  # 65 query heads on one kv head (no fixed per-group limit in the C)
+    (6, 3, 128, 16, 1),     # a one-key window: only the new token
+])
+def test_attend_qkv_equals_rope_write_then_attention(num_heads, num_kv_heads, head_dim, block_size, sliding_window):
+    """The decode step's fused call (rotate q and k at position seq_len - 1, store k and v, attend)
+    equals doing those three in PyTorch: the same cache contents and the same outputs."""
+    lens = [1, 300, 17, 16, 33, 2]
+    q0, k, v, tables, seq_lens = make_cache(lens, num_heads, num_kv_heads, head_dim, block_size, key_layout="dim")
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(len(lens), (num_heads + 2 * num_kv_heads) * head_dim, generator=gen)
+    cos, sin = _rope_tables(320, head_dim)
+    k_ref, v_ref = k.clone(), v.clone()
+    half = head_dim // 2
+    for b, n in enumerate(lens):
+        rows = qkv[b].view(-1, head_dim)
+        c, s = cos[n - 1], sin[n - 1]
+        rotated = rows * c + torch.cat((rows[:, half:], rows[:, :half]), -1) * s
+        block, offset = tables[b, (n - 1) // block_size], (n - 1) % block_size
+        k_ref[block, offset] = rotated[num_heads:num_heads + num_kv_heads]
+        v_ref[block, offset] = rows[num_heads + num_kv_heads:]
+        q0[b] = rotated[:num_heads]
+    out = native.attend_qkv(qkv, num_heads, num_kv_heads, cos, sin, k, v, tables, seq_lens, head_dim ** -0.5,
+                            sliding_window)
+    torch.testing.assert_close(k, k_ref, atol=1e-6, rtol=1e-6, equal_nan=True)
+    torch.testing.assert_close(v, v_ref, atol=0, rtol=0, equal_nan=True)
+    expected = naive(q0, k_ref, v_ref, tables, seq_lens, sliding_window=sliding_window)
+    torch.testing.assert_close(out.view_as(expected), expected, atol=3e-6, rtol=3e-5)
+    with pytest.raises(ValueError, match=r"RoPE table rows = 299\)\], got values in \[1, 300\]"):
+        native.attend_qkv(qkv, num_heads, num_kv_heads, cos[:299].contiguous(), sin[:299].contiguous(), k, v,
+                          tables, seq_lens, 0.1)
+    with pytest.raises(ValueError, match=f"nkv={num_kv_heads + 1}"):
+        native.attend_qkv(qkv, num_heads - 2, num_kv_heads + 1, cos, sin, k, v, tables, seq_lens, 0.1)
+
+
+@needs_native
+def test_row_kernels_equal_torch():
+    """RMSNorm, SwiGLU's product and greedy (argmax + log-softmax value) against torch, on strided
+    rows and a vocabulary that is not a multiple of the kernel's 256-entry chunks; NaN and -inf rows
+    pick what torch.argmax picks."""
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(5, 700, generator=gen) * 3
+    x, weight = wide[:, 100:612], torch.randn(512, generator=gen)  # rows 700 apart
+    expected = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(native.rms_norm(x, weight, 1e-6), expected, atol=2e-6, rtol=2e-6)
+    gate_up = wide[:, :600]
+    torch.testing.assert_close(native.silu_mul(gate_up), F.silu(gate_up[:, :300]) * gate_up[:, 300:],
+                               atol=1e-6, rtol=1e-6)
+    logits = torch.randn(6, 33001, generator=gen) * 4
+    logits[1, 32999] = 100.0  # the maximum in the last, partial chunk
+    logits[2, 10] = logits[2, 700] = 50.0  # a tie across chunks: the first wins
+    tokens, log_probs = native.greedy(logits)
+    assert tokens.tolist() == logits.argmax(-1).tolist() and tokens[1] == 32999 and tokens[2] == 10
+    exact = torch.log_softmax(logits.double(), -1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(log_probs.double(), exact, atol=1e-6, rtol=0)
+    odd = torch.full((3, 1000), float("-inf"))
+    odd[1, 400], odd[1, 999] = float("nan"), 5.0
+    odd[2] = float("nan")
+    tokens, log_probs = native.greedy(odd)
+    assert tokens.tolist() == odd.argmax(-1).tolist() == [0, 400, 0]
+    assert log_probs.isnan().all()
+    with pytest.raises(ValueError, match="rms_norm takes"):
+        native.rms_norm(x, weight[:10], 1e-6)
+    with pytest.raises(ValueError, match="greedy takes"):
+        native.greedy(logits.double())
+
+
+@needs_native
+def test_int64_indices_outside_int32_are_refused():
+    q, k, v, tables, lens = make_cache([5, 20], 8, 2, 64, 16, key_layout="dim")
+    wrapped = tables.long()
+    wrapped[1, 0] += 2 ** 32  # would wrap to a valid block id in int32
+    with pytest.raises(ValueError, match="block_tables holds values outside int32"):
+        native.decode_attention(q, k, v, wrapped, lens, 0.125)
+    with pytest.raises(ValueError, match="seq_lens holds values outside int32"):
+        native.decode_attention(q, k, v, tables, lens.long() + 2 ** 32, 0.125)
+
+
+@needs_native
+def test_build_with_a_compiler_command_and_without_openmp(monkeypatch, tmp_path, caplog):
+    """$CC with arguments is split as a shell would; a compiler without OpenMP gives a one-thread
+    build kept under its own name, with a warning at every load."""
+    import shutil
+
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    no_openmp = tmp_path / "cc-no-openmp"
+    no_openmp.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {gcc} "$@"\n')
+    no_openmp.chmod(0o755)
+    try:
+        for cc, suffix in ((f"{gcc} -Wall", "-omp.so"), (str(no_openmp), "-serial.so")):
+            monkeypatch.setenv("CC", cc)
+            monkeypatch.setenv("HFRL_KERNEL_CACHE", str(tmp_path / "cache"))
+            for _ in range(2):  # built, then loaded from the cache
+                native.library.cache_clear()
+                caplog.clear()
+                with caplog.at_level("WARNING", logger="hfrl_kernels.native"):
+                    assert native.available(), native.reason()
+                assert any(p.name.endswith(suffix) for p in (tmp_path / "cache").iterdir())
+                assert ("without OpenMP" in caplog.text) == (suffix == "-serial.so")
+            case = make_cache([40, 3], 8, 2, 64, 16, key_layout="dim")
+            torch.testing.assert_close(native.decode_attention(*case, 0.125), naive(*case), atol=2e-6, rtol=2e-5)
+        assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix == ".tmp"]
     finally:
         monkeypatch.undo()
         native.library.cache_clear()
