@@ -242,7 +242,7 @@ def writes(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: tor
 
 def _rows_f32(x: torch.Tensor) -> bool:
     """(rows, n) fp32 on the CPU with unit stride along n."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
+    return x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
 
 
 def takes_rows(x: torch.Tensor) -> bool:

@@ -145,6 +145,8 @@ class SamplingFlags:
     @classmethod
     def of(cls, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, vocab_size: int):
         greedy = temperature < GREEDY_BELOW
+        if bool(greedy.all()):  # nothing sampled: the rest follows (and a step saves ten host ops)
+            return cls(all_greedy=True, any_greedy=True, any_scaled=False, max_top_k=0, any_top_p=False)
         sampled = ~greedy
         use_k = sampled & (top_k > 0) & (top_k < vocab_size)
         return cls(all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
