@@ -205,15 +205,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), num_blocks,
         tables.data_ptr(), tables.shape[1], lens.data_ptr(), sliding_window or 0, batch, num_heads,
         num_kv_heads, head_dim, block_size, scale, out.data_ptr(), torch.get_num_threads(), ctypes.byref(bad))
-    if code == 1:  # the PyTorch path's message (decode_attention._validate_lengths)
-        raise ValueError(f"seq_lens must lie in [1, max_blocks_per_seq * block_size = {tables.shape[1] * block_size}], "
-                         f"got values in [{int(lens.min())}, {int(lens.max())}]")
+    _check_attention(code, bad, tables, lens, block_size, num_blocks)
+    return out
+
+
+def _check_attention(code: int, bad: ctypes.c_int64, tables: torch.Tensor, lens: torch.Tensor, block_size: int,
+                     num_blocks: int, rope_rows: int | None = None) -> None:
+    """Raise the ValueError for an attention kernel's error code (nothing was read or written)."""
+    if code == 1:  # the PyTorch path's message (decode_attention._validate_lengths), plus the RoPE table
+        bound = f"max_blocks_per_seq * block_size = {tables.shape[1] * block_size}"
+        if rope_rows is not None:
+            bound = f"min({bound}, RoPE table rows = {rope_rows})"
+        raise ValueError(f"seq_lens must lie in [1, {bound}], got values in [{int(lens.min())}, {int(lens.max())}]")
     if code:
         row = int(bad.value)
         raise ValueError(f"decode attention: {_ERRORS.get(code, f'error {code}')} in sequence {row} "
                          f"(seq_len {int(lens[row])}, block_tables row {tables[row].tolist()}; the cache has "
                          f"{num_blocks} blocks)")
-    return out
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
@@ -282,15 +290,7 @@ def attend_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.
         v_cache.data_ptr(), num_blocks, tables.data_ptr(), tables.shape[1], lens.data_ptr(), sliding_window or 0,
         batch, num_heads, num_kv_heads, head_dim, block_size, scale, out.data_ptr(), torch.get_num_threads(),
         ctypes.byref(bad))
-    if code == 1:
-        raise ValueError(f"seq_lens must lie in [1, min(max_blocks_per_seq * block_size = "
-                         f"{tables.shape[1] * block_size}, RoPE table rows = {cos.shape[0]})], "
-                         f"got values in [{int(lens.min())}, {int(lens.max())}]")
-    if code:
-        row = int(bad.value)
-        raise ValueError(f"decode attention: {_ERRORS.get(code, f'error {code}')} in sequence {row} "
-                         f"(seq_len {int(lens[row])}, block_tables row {tables[row].tolist()}; the cache has "
-                         f"{num_blocks} blocks)")
+    _check_attention(code, bad, tables, lens, block_size, num_blocks, rope_rows=cos.shape[0])
     return out
 
 
