@@ -1,4 +1,4 @@
-"""Decode attention on CPU: hfrl's PyTorch path against padded gather + SDPA.
+"""Decode attention on CPU: hfrl's compiled kernel and PyTorch path against padded gather + SDPA.
 
     python benchmarks/decode_attention.py [--threads N] [--chunks]
 
@@ -6,6 +6,9 @@ One JSON line per case: ``ms`` (hfrl_kernels.decode_attention on a token-major k
 chunk size), ``dim_ms`` (the same on a dim-major key cache: the rollout engine's CPU layout, the
 two-embedding-bag path; ``dim_speedup`` = baseline_ms / dim_ms) and ``baseline_ms`` (gather every sequence's blocks into a (B, max_len) padded tensor, then
 F.scaled_dot_product_attention with a length mask), medians; ``speedup`` = baseline_ms / ms.
+``native_ms`` (fp32, where ``hfrl_kernels.native`` builds) is the compiled C kernel on the dim-major
+cache, the rollout engine's CPU fp32 path (``native_speedup`` = baseline_ms / native_ms, and
+``native_vs_dim`` = dim_ms / native_ms against the PyTorch path on the same cache).
 ``kv_bytes`` is the K and V the sequences own (sum of lengths x kv heads x head_dim x 2 x element
 size), ``gb_per_s`` / ``baseline_gb_per_s`` that over the time. Each timed call reads another
 layer's cache (layers rotate until they exceed the 32 MiB L3), as the engine's decode step does.
@@ -24,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from hfrl_kernels import native
 from hfrl_kernels.decode_attention import choose_chunk_sizes, decode_attention_reference, empty_key_cache
 
 CASES = [  # name, batch, num_heads, num_kv_heads, head_dim, block_size, (min_len, max_len)
@@ -94,7 +98,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     print(json.dumps({"case": "env", "torch": torch.__version__, "threads": args.threads,
-                      "dtype": args.dtype}))
+                      "dtype": args.dtype, "native": native.available() or native.reason()}))
     for name, batch, num_heads, num_kv_heads, head_dim, block_size, (lo, hi) in CASES:
         lens = torch.randint(lo, hi + 1, (batch,), generator=torch.Generator().manual_seed(1),
                              dtype=torch.int32)
@@ -116,6 +120,14 @@ def main() -> None:
                "baseline_gb_per_s": round(kv_bytes / baseline_ms / 1e6, 2),
                "dim_ms": round(dim_ms, 2), "dim_speedup": round(baseline_ms / dim_ms, 2),
                "chunk_sizes": choose_chunk_sizes(lens.long()), "max_abs_diff": max(err, dim_err)}
+        if native.supports(q, *dim_caches[0]):
+            scale = head_dim ** -0.5
+            compiled = lambda k, v: native.decode_attention(q, k, v, tables, lens, scale)
+            row["max_abs_diff"] = max(row["max_abs_diff"], (compiled(*dim_caches[0]) - ref).abs().max().item())
+            native_ms = median_ms(compiled, dim_caches, args.reps)
+            row.update(native_ms=round(native_ms, 2), native_speedup=round(baseline_ms / native_ms, 2),
+                       native_vs_dim=round(dim_ms / native_ms, 2),
+                       native_gb_per_s=round(kv_bytes / native_ms / 1e6, 2))
         if args.chunks:
             row["chunk_ms"] = {c: round(median_ms(lambda k, v: ours(k, v, c), caches, args.reps), 2)
                                for c in (16, 32, 64, 128, 256, 512)}
