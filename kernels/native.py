@@ -146,6 +146,9 @@ def library() -> ctypes.CDLL | None:
             lib.hfrl_silu_mul_f32.argtypes = [_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, ctypes.c_int]
             lib.hfrl_greedy_f32.restype = None
             lib.hfrl_greedy_f32.argtypes = [_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, ctypes.c_int]
+            lib.hfrl_sample_f32.restype = ctypes.c_int
+            lib.hfrl_sample_f32.argtypes = [_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_ptr,
+                                            ctypes.c_int]
             lib.hfrl_write_kv_f32.restype = ctypes.c_int
             lib.hfrl_write_kv_f32.argtypes = [_c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_ptr,
                                               _c_i64, _c_i64, _c_i64, _c_i64, _c_ptr]
@@ -328,4 +331,24 @@ def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, log_probs = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
     library().hfrl_greedy_f32(logits.data_ptr(), logits.stride(0), rows, vocab, tokens.data_ptr(),
                               log_probs.data_ptr(), torch.get_num_threads())
+    return tokens, log_probs
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling without top-k/top-p filtering: per row of logits (R, V) (fp32, unit stride), the token
+    drawn by inverse CDF over softmax(logits / temperature) in id order with the row's uniform in
+    [0, 1) (R,) float64, and its log-softmax value at that temperature. temperature (R,) must be >= 1e-5
+    (greedy rows go to ``greedy``)."""
+    rows, vocab = logits.shape
+    if not _rows_f32(logits) or vocab < 1 or temperature.shape != (rows,) or uniforms.shape != (rows,):
+        raise ValueError(f"sample takes fp32 CPU logits (R, V >= 1) with unit stride and (R,) temperatures and "
+                         f"uniforms; got logits {tuple(logits.shape)} {logits.dtype} strides {logits.stride()}, "
+                         f"temperature {tuple(temperature.shape)}, uniforms {tuple(uniforms.shape)}")
+    temperature = temperature.to(torch.float32).contiguous()
+    uniforms = uniforms.to(torch.float64).contiguous()
+    tokens, log_probs = torch.empty(rows, dtype=torch.int64), torch.empty(rows)
+    if library().hfrl_sample_f32(logits.data_ptr(), logits.stride(0), rows, vocab, temperature.data_ptr(),
+                                 uniforms.data_ptr(), tokens.data_ptr(), log_probs.data_ptr(),
+                                 torch.get_num_threads()):
+        raise MemoryError(f"sample: no memory for the chunk sums of {rows} rows of {vocab}")
     return tokens, log_probs

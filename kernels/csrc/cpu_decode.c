@@ -394,3 +394,83 @@ void hfrl_greedy_f32(const float *logits, int64_t row_stride, int64_t rows, int6
         log_probs[r] = -logf(sum_exp_shifted(x, vocab, m, NULL));
     }
 }
+
+/* Sampling at a temperature without top-k/top-p filtering, by inverse CDF over the vocabulary in id
+ * order: row r draws the first token whose cumulative probability exceeds uniforms[r] (in [0, 1))
+ * and returns its log-softmax value at that temperature. The scaled row is x / T (as torch's
+ * logits / temperature); the sum of exponentials is kept per 256-entry chunk (in double), so the
+ * draw walks the chunk sums and then one chunk. A row holding a NaN gets its first NaN's id and a
+ * NaN log-prob, as the greedy kernel does. */
+int hfrl_sample_f32(const float *logits, int64_t row_stride, int64_t rows, int64_t vocab,
+                    const float *temperature, const double *uniforms, int64_t *tokens, float *log_probs,
+                    int num_threads)
+{
+    const int64_t chunks = (vocab + SUM_CHUNK - 1) / SUM_CHUNK;
+    int failed = 0;
+#pragma omp parallel num_threads(rows < num_threads ? (int)rows : num_threads) if (rows > 1)
+    {
+        double *sums = (double *)malloc((size_t)chunks * sizeof(double));
+        if (sums == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < rows; ++r) {
+            if (sums == NULL) continue;
+            const float *x = logits + r * row_stride;
+            const float t = temperature[r] < 1e30f ? temperature[r] : 1e30f;
+            float mx = -INFINITY;
+            int64_t nan_at = -1;
+            for (int64_t c = 0; c < vocab && nan_at < 0; c += SUM_CHUNK) {
+                const int64_t end = c + SUM_CHUNK < vocab ? c + SUM_CHUNK : vocab;
+                float cm = -INFINITY;
+                int nan = 0;
+#pragma omp simd reduction(max : cm) reduction(| : nan)
+                for (int64_t i = c; i < end; ++i) {
+                    cm = x[i] > cm ? x[i] : cm;
+                    nan |= x[i] != x[i];
+                }
+                if (nan) nan_at = c;
+                mx = cm > mx ? cm : mx;
+            }
+            if (nan_at >= 0) {
+                int64_t i = nan_at;
+                while (x[i] == x[i]) ++i;
+                tokens[r] = i;
+                log_probs[r] = NAN;
+                continue;
+            }
+            const float m = mx / t; /* division is monotonic: the maximum of x / t */
+            double total = 0.0;
+            for (int64_t c = 0, k = 0; c < vocab; c += SUM_CHUNK, ++k) {
+                const int64_t end = c + SUM_CHUNK < vocab ? c + SUM_CHUNK : vocab;
+                float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+                for (int64_t i = c; i < end; ++i) part += exp_f32(x[i] / t - m);
+                sums[k] = part;
+                total += part;
+            }
+            const double target = uniforms[r] * total;
+            double below = 0.0;
+            int64_t k = 0;
+            while (k < chunks - 1 && below + sums[k] <= target) below += sums[k++];
+            const int64_t c = k * SUM_CHUNK, end = c + SUM_CHUNK < vocab ? c + SUM_CHUNK : vocab;
+            int64_t token = -1, last = -1;
+            for (int64_t i = c; i < end; ++i) {
+                const float e = exp_f32(x[i] / t - m);
+                if (e > 0.0f) last = i;
+                below += e;
+                if (below > target && e > 0.0f) { token = i; break; }
+            }
+            if (token < 0) { /* rounding left the target past this chunk's last token */
+                token = last;
+                for (int64_t j = end - 1; token < 0 && j >= 0; --j)
+                    if (exp_f32(x[j] / t - m) > 0.0f) token = j;
+            }
+            tokens[r] = token;
+            log_probs[r] = (x[token] / t - m) - logf((float)total);
+        }
+        free(sums);
+    }
+    return failed ? HFRL_NO_MEMORY : HFRL_OK;
+}

@@ -4,6 +4,7 @@ import torch
 
 from hfrl.rollout.kv_cache import CacheShape, PagedKVCache
 from hfrl.rollout.sampling import _filter, sample, token_log_probs, uniform_from_counters
+from hfrl_kernels import native
 
 
 def test_counter_uniforms_are_uniform_and_pure():
@@ -134,3 +135,51 @@ def test_cache_write_stores_each_token_at_its_slot(key_layout):
         assert torch.equal(cache.k[1, slot // 4, slot % 4], k[t]) and torch.equal(cache.v[1, slot // 4, slot % 4], v[t])
     assert int((cache.k != 0).sum()) == int((cache.v != 0).sum()) == k.numel()  # layer 0 and other slots untouched
 
+
+
+def test_each_row_kind_is_sampled_alike_alone_or_in_any_batch():
+    """Greedy, plain-temperature and top-k/top-p rows mixed (on the CPU in fp32 the compiled kernels
+    take the first two kinds, PyTorch the third): every row gives the same token and log-prob alone,
+    in a sub-batch, reversed, or among rows of one kind only."""
+    torch.manual_seed(2)
+    logits = torch.randn(12, 3000) * 2
+    temperature = torch.tensor([0.0, 1.0, 0.7, 1.0, 2.0, 0.0] * 2)
+    top_k = torch.tensor([-1, -1, -1, 50, -1, -1] * 2)
+    top_p = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.9] * 2, dtype=torch.float64)
+    seeds, steps = torch.arange(12) * 7 + 1, torch.arange(12) % 3
+    tokens, log_probs = sample(logits, temperature, top_k, top_p, seeds, steps)
+    for rows in ([1], [2, 4, 8], [0, 6], list(range(11, -1, -1)), [1, 2, 4, 7, 8, 10]):
+        index = torch.tensor(rows)
+        sub = sample(logits[index], temperature[index], top_k[index], top_p[index], seeds[index], steps[index])
+        assert torch.equal(sub[0], tokens[index]) and torch.equal(sub[1], log_probs[index]), rows
+    torch.testing.assert_close(log_probs, token_log_probs(logits, temperature, tokens), atol=2e-6, rtol=0)
+    assert len(set(tokens[[1, 7]].tolist())) == 2  # the same logits row index pattern, different seeds
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+def test_compiled_sampler_is_the_inverse_cdf():
+    """native.sample with evenly spaced uniforms draws each token within one of n * p times (the
+    inverse CDF exactly), agrees with the PyTorch inverse CDF on the same uniforms, returns the
+    log-softmax value at the temperature, and gives a NaN row's first NaN."""
+    from hfrl.rollout.sampling import _inverse_cdf
+
+    gen = torch.Generator().manual_seed(3)
+    row = torch.randn(1, 1000, generator=gen) * 3
+    n = 20000
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tokens, log_probs = native.sample(row.expand(n, -1).contiguous(), torch.full((n,), 1.3), uniforms)
+    p = torch.softmax(row[0].double() / 1.3, -1)
+    counts = torch.bincount(tokens, minlength=1000).double()
+    assert float((counts - n * p).abs().max()) <= 1.0 + 1e-6
+    torch.testing.assert_close(log_probs.double(), torch.log_softmax(row[0].double() / 1.3, -1)[tokens],
+                               atol=1e-6, rtol=1e-6)  # float32 rounding of x / T - max
+    logits = torch.randn(64, 33001, generator=gen) * 4
+    temperature = torch.rand(64, generator=gen) + 0.5
+    seeds, steps = torch.arange(64), torch.zeros(64, dtype=torch.int64)
+    tokens, _ = native.sample(logits, temperature, uniform_from_counters(seeds, steps))
+    probs = torch.softmax(logits / temperature[:, None], -1)
+    assert torch.equal(tokens, _inverse_cdf(probs, seeds, steps))
+    odd = torch.randn(2, 600, generator=gen)
+    odd[1, 300] = float("nan")
+    tokens, log_probs = native.sample(odd, torch.ones(2), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert tokens[1] == 300 and log_probs[1].isnan() and not log_probs[0].isnan()
