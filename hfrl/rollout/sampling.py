@@ -255,7 +255,9 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 def _inverse_cdf(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """One token per row of (M, V) unnormalised probabilities, by a counter-based uniform."""
     cdf = probs.cumsum(dim=-1)  # (M, V); a filtered (zero) entry repeats its left neighbour's value
-    u = uniform_from_counters(seeds, steps).to(cdf.dtype) * cdf[:, -1]
+    # a uniform within 2^-25 of 1 would round to 1.0 in float32 and draw past the last kept token (a
+    # filtered one after the clamp): keep it two float32 ulps below 1
+    u = uniform_from_counters(seeds, steps).to(cdf.dtype).clamp_(max=1 - 2 ** -23) * cdf[:, -1]
     tokens = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
     return tokens.clamp_(max=probs.shape[-1] - 1)  # u < total: only rounding can reach past the end
 

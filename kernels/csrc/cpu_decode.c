@@ -433,9 +433,9 @@ int hfrl_sample_f32(const float *logits, int64_t row_stride, int64_t rows, int64
                 if (nan) nan_at = c;
                 mx = cm > mx ? cm : mx;
             }
-            if (nan_at >= 0) {
-                int64_t i = nan_at;
-                while (x[i] == x[i]) ++i;
+            if (nan_at >= 0 || !isfinite(mx)) { /* a NaN, +inf, or -inf everywhere: no distribution */
+                int64_t i = nan_at >= 0 ? nan_at : 0;
+                while (nan_at >= 0 ? x[i] == x[i] : x[i] != mx) ++i; /* the first NaN, or the first maximum */
                 tokens[r] = i;
                 log_probs[r] = NAN;
                 continue;
@@ -464,8 +464,10 @@ int hfrl_sample_f32(const float *logits, int64_t row_stride, int64_t rows, int64
             }
             if (token < 0) { /* rounding left the target past this chunk's last token */
                 token = last;
-                for (int64_t j = end - 1; token < 0 && j >= 0; --j)
+                for (int64_t j = c - 1; token < 0 && j >= 0; --j)
                     if (exp_f32(x[j] / t - m) > 0.0f) token = j;
+                if (token < 0) /* cannot happen with a finite maximum (its term is 1); kept in range */
+                    for (token = 0; x[token] != mx; ++token) {}
             }
             tokens[r] = token;
             log_probs[r] = (x[token] / t - m) - logf((float)total);

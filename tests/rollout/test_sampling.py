@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from hfrl.rollout.kv_cache import CacheShape, PagedKVCache
-from hfrl.rollout.sampling import _filter, sample, token_log_probs, uniform_from_counters
+from hfrl.rollout.sampling import (SamplingFlags, _filter, _sample_torch, sample, token_log_probs,
+                                   uniform_from_counters)
 from hfrl_kernels import native
 
 
@@ -154,6 +155,17 @@ def test_each_row_kind_is_sampled_alike_alone_or_in_any_batch():
         assert torch.equal(sub[0], tokens[index]) and torch.equal(sub[1], log_probs[index]), rows
     torch.testing.assert_close(log_probs, token_log_probs(logits, temperature, tokens), atol=2e-6, rtol=0)
     assert len(set(tokens[[1, 7]].tolist())) == 2  # the same logits row index pattern, different seeds
+    # each kind against its own sampler called directly on just those rows
+    greedy, filtered = temperature == 0, (top_k > 0) | (top_p < 1)
+    plain = ~greedy & ~filtered
+    assert torch.equal(tokens[greedy], logits[greedy].argmax(-1))
+    if native.available():
+        drawn, _ = native.sample(logits[plain], temperature[plain], uniform_from_counters(seeds[plain], steps[plain]))
+        assert torch.equal(tokens[plain], drawn)
+    f = filtered & ~greedy
+    expected, _ = _sample_torch(logits[f], temperature[f], top_k[f], top_p[f], seeds[f], steps[f],
+                                SamplingFlags.of(temperature[f], top_k[f], top_p[f], 3000))
+    assert torch.equal(tokens[f], expected)
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
@@ -173,13 +185,41 @@ def test_compiled_sampler_is_the_inverse_cdf():
     assert float((counts - n * p).abs().max()) <= 1.0 + 1e-6
     torch.testing.assert_close(log_probs.double(), torch.log_softmax(row[0].double() / 1.3, -1)[tokens],
                                atol=1e-6, rtol=1e-6)  # float32 rounding of x / T - max
-    logits = torch.randn(64, 33001, generator=gen) * 4
-    temperature = torch.rand(64, generator=gen) + 0.5
-    seeds, steps = torch.arange(64), torch.zeros(64, dtype=torch.int64)
-    tokens, _ = native.sample(logits, temperature, uniform_from_counters(seeds, steps))
-    probs = torch.softmax(logits / temperature[:, None], -1)
-    assert torch.equal(tokens, _inverse_cdf(probs, seeds, steps))
-    odd = torch.randn(2, 600, generator=gen)
+    # against the exact (float64) inverse CDF: a token may differ only where the uniform lies within
+    # float rounding of the boundary between the two tokens (the PyTorch path's cumsum is not exact either)
+    logits = torch.randn(256, 33001, generator=gen) * 4
+    temperature = torch.rand(256, generator=gen) + 0.5
+    uniforms = uniform_from_counters(torch.arange(256), torch.zeros(256, dtype=torch.int64))
+    tokens, _ = native.sample(logits, temperature, uniforms)
+    cdf = torch.softmax(logits.double() / temperature[:, None].double(), -1).cumsum(-1)
+    exact = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1)
+    for row in (tokens != exact).nonzero().squeeze(1).tolist():
+        boundary = cdf[row, min(int(tokens[row]), int(exact[row]))] / cdf[row, -1]
+        assert abs(float(boundary) - float(uniforms[row])) < 1e-6, (row, int(tokens[row]), int(exact[row]))
+    assert int((tokens != exact).sum()) <= 2
+    odd = torch.randn(5, 600, generator=gen)
     odd[1, 300] = float("nan")
-    tokens, log_probs = native.sample(odd, torch.ones(2), torch.tensor([0.5, 0.5], dtype=torch.float64))
-    assert tokens[1] == 300 and log_probs[1].isnan() and not log_probs[0].isnan()
+    odd[2] = float("-inf")
+    odd[3, 7] = float("inf")
+    odd[4, 100:] = float("-inf")  # a probability-0 tail is never drawn, even by u just below 1
+    tokens, log_probs = native.sample(odd, torch.ones(5), torch.tensor([0.5, 0.5, 0.5, 0.5, 1 - 2 ** -53],
+                                                                        dtype=torch.float64))
+    assert tokens[1:].tolist() == [300, 0, 7, 99] and log_probs[1:4].isnan().all()
+    assert not log_probs[0].isnan() and not log_probs[4].isnan()
+
+
+def test_a_uniform_next_to_one_never_draws_a_filtered_token():
+    """Seed 0 at step 17974134 gives a uniform that rounds to 1.0 in float32: the PyTorch inverse CDF
+    drew past the last kept token (the vocabulary's last id, outside the top 5) before it kept the
+    uniform two float32 ulps below 1."""
+    u = uniform_from_counters(torch.tensor([0]), torch.tensor([17974134]))
+    assert float(u.float()) == 1.0
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    tokens, _ = sample(logits, torch.ones(3), torch.tensor([5, -1, 5]), torch.tensor([1.0, 0.5, 0.9], dtype=torch.float64),
+                       torch.zeros(3, dtype=torch.int64), torch.full((3,), 17974134))
+    for row in (0, 2):
+        assert int(tokens[row]) in logits[row].topk(5).indices.tolist()
+    probs = torch.softmax(logits[1], -1)
+    order = probs.argsort(descending=True)
+    nucleus = order[:int((probs[order].cumsum(0) < 0.5).sum()) + 1].tolist()
+    assert int(tokens[1]) in nucleus  # top-p 0.5 keeps the smallest prefix reaching half the mass
