@@ -195,6 +195,17 @@ static inline void rope_head(const float *restrict x, const float *restrict cos,
     for (int64_t d = half; d < hd; ++d) out[d] = (x[d] * cos[d] + x[d - half] * sin[d]) * scale;
 }
 
+/* A thread's scratch of `bytes` (64-byte aligned); NULL, with *failed set, when memory runs out. */
+static void *thread_scratch(size_t bytes, int *failed)
+{
+    void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (p == NULL) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return p;
+}
+
 /* Indices checked before anything is read or written; returns the widest item's key span. */
 static int check_indices(const int32_t *tables, int64_t table_stride, const int32_t *lens, int64_t window,
                          int64_t batch, int64_t bs, int64_t num_blocks, int64_t rope_rows,
@@ -235,11 +246,7 @@ static int decode_attention(
     int failed = 0;
 #pragma omp parallel num_threads(items < num_threads ? (int)items : num_threads) if (items > 1)
     {
-        float *scratch = (float *)aligned_alloc(64, ((scratch_floats * sizeof(float) + 63) / 64) * 64);
-        if (scratch == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *scratch = (float *)thread_scratch(scratch_floats * sizeof(float), &failed);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; ++it) {
             if (scratch == NULL) continue;
@@ -356,6 +363,37 @@ void hfrl_silu_mul_f32(const float *gate_up, int64_t row_stride, int64_t rows, i
     }
 }
 
+/* The maximum of a row of n, with the 256-entry chunk where it first appears, or -1 and the chunk of
+ * the row's first NaN in *nan_chunk (else -1 there): vectorised chunk by chunk. */
+static inline float row_max(const float *x, int64_t n, int64_t *max_chunk, int64_t *nan_chunk)
+{
+    float m = -INFINITY;
+    *max_chunk = 0;
+    *nan_chunk = -1;
+    for (int64_t c = 0; c < n; c += SUM_CHUNK) {
+        const int64_t end = c + SUM_CHUNK < n ? c + SUM_CHUNK : n;
+        float cm = -INFINITY;
+        int nan = 0;
+#pragma omp simd reduction(max : cm) reduction(| : nan)
+        for (int64_t i = c; i < end; ++i) {
+            cm = x[i] > cm ? x[i] : cm;
+            nan |= x[i] != x[i];
+        }
+        if (nan) { *nan_chunk = c; break; }
+        if (cm > m) { m = cm; *max_chunk = c; }
+    }
+    return m;
+}
+
+/* The first index from `from` holding a NaN (nan != 0) or the value m (a row's NaN or maximum is known
+ * to be there). */
+static inline int64_t first_at(const float *x, int64_t from, float m, int nan)
+{
+    int64_t i = from;
+    while (nan ? x[i] == x[i] : x[i] != m) ++i;
+    return i;
+}
+
 /* Greedy decoding's token and log-prob per row of logits (rows, vocab) at row_stride: the first
  * maximum, and its log-softmax value -log(sum exp(x - max)). */
 void hfrl_greedy_f32(const float *logits, int64_t row_stride, int64_t rows, int64_t vocab, int64_t *tokens,
@@ -364,32 +402,16 @@ void hfrl_greedy_f32(const float *logits, int64_t row_stride, int64_t rows, int6
 #pragma omp parallel for num_threads(rows < num_threads ? (int)rows : num_threads) if (rows > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const float *x = logits + r * row_stride;
-        /* the maximum chunk by chunk (vectorised), then the first chunk holding it is searched; a NaN
-         * counts as the maximum, as in torch.argmax (its log-prob is NaN) */
-        float m = -INFINITY;
-        int64_t at = 0, nan_at = -1;
-        for (int64_t c = 0; c < vocab; c += SUM_CHUNK) {
-            const int64_t end = c + SUM_CHUNK < vocab ? c + SUM_CHUNK : vocab;
-            float cm = -INFINITY;
-            int nan = 0;
-#pragma omp simd reduction(max : cm) reduction(| : nan)
-            for (int64_t i = c; i < end; ++i) {
-                cm = x[i] > cm ? x[i] : cm;
-                nan |= x[i] != x[i];
-            }
-            if (nan) { nan_at = c; break; }
-            if (cm > m) { m = cm; at = c; }
-        }
+        /* the maximum chunk by chunk, then the first chunk holding it is searched; a NaN counts as
+         * the maximum, as in torch.argmax (its log-prob is NaN); a row of -inf only gives its first id */
+        int64_t at, nan_at;
+        const float m = row_max(x, vocab, &at, &nan_at);
         if (nan_at >= 0) {
-            int64_t i = nan_at;
-            while (x[i] == x[i]) ++i;
-            tokens[r] = i;
+            tokens[r] = first_at(x, nan_at, m, 1);
             log_probs[r] = NAN;
             continue;
         }
-        int64_t first = at; /* a row of -inf only: its first entry, as torch.argmax */
-        for (int64_t i = at; i < vocab; ++i)
-            if (x[i] == m) { first = i; break; }
+        const int64_t first = first_at(x, at, m, 0);
         tokens[r] = first;
         log_probs[r] = -logf(sum_exp_shifted(x, vocab, m, NULL));
     }
@@ -409,34 +431,16 @@ int hfrl_sample_f32(const float *logits, int64_t row_stride, int64_t rows, int64
     int failed = 0;
 #pragma omp parallel num_threads(rows < num_threads ? (int)rows : num_threads) if (rows > 1)
     {
-        double *sums = (double *)malloc((size_t)chunks * sizeof(double));
-        if (sums == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        double *sums = (double *)thread_scratch((size_t)chunks * sizeof(double), &failed);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t r = 0; r < rows; ++r) {
             if (sums == NULL) continue;
             const float *x = logits + r * row_stride;
             const float t = temperature[r] < 1e30f ? temperature[r] : 1e30f;
-            float mx = -INFINITY;
-            int64_t nan_at = -1;
-            for (int64_t c = 0; c < vocab && nan_at < 0; c += SUM_CHUNK) {
-                const int64_t end = c + SUM_CHUNK < vocab ? c + SUM_CHUNK : vocab;
-                float cm = -INFINITY;
-                int nan = 0;
-#pragma omp simd reduction(max : cm) reduction(| : nan)
-                for (int64_t i = c; i < end; ++i) {
-                    cm = x[i] > cm ? x[i] : cm;
-                    nan |= x[i] != x[i];
-                }
-                if (nan) nan_at = c;
-                mx = cm > mx ? cm : mx;
-            }
+            int64_t at, nan_at;
+            const float mx = row_max(x, vocab, &at, &nan_at);
             if (nan_at >= 0 || !isfinite(mx)) { /* a NaN, +inf, or -inf everywhere: no distribution */
-                int64_t i = nan_at >= 0 ? nan_at : 0;
-                while (nan_at >= 0 ? x[i] == x[i] : x[i] != mx) ++i; /* the first NaN, or the first maximum */
-                tokens[r] = i;
+                tokens[r] = nan_at >= 0 ? first_at(x, nan_at, mx, 1) : first_at(x, at, mx, 0);
                 log_probs[r] = NAN;
                 continue;
             }
@@ -467,7 +471,7 @@ int hfrl_sample_f32(const float *logits, int64_t row_stride, int64_t rows, int64
                 for (int64_t j = c - 1; token < 0 && j >= 0; --j)
                     if (exp_f32(x[j] / t - m) > 0.0f) token = j;
                 if (token < 0) /* cannot happen with a finite maximum (its term is 1); kept in range */
-                    for (token = 0; x[token] != mx; ++token) {}
+                    token = first_at(x, at, mx, 0);
             }
             tokens[r] = token;
             log_probs[r] = (x[token] / t - m) - logf((float)total);
