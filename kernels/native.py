@@ -1,12 +1,17 @@
-"""hfrl's compiled CPU kernels (``csrc/cpu_decode.c``): decode attention and the KV cache write, fp32.
+"""hfrl's compiled CPU kernels (``csrc/cpu_decode.c``): the rollout engine's decode step in fp32.
 
-The rollout engine's CPU decode step spends most of its attention time outside arithmetic when it
-is made of PyTorch ops (index arrays, two embedding bags, a masked softmax: some fifteen ops a
-layer). These two functions do the same work in one call each, reading the cache where it lies:
+Made of PyTorch ops, the CPU decode step spent most of its time outside arithmetic: some sixty ops
+a layer (index arrays, two embedding bags and a masked softmax for attention, six ops an RMSNorm,
+four a RoPE), and (N, V) intermediates for sampling. These functions do the same work in one call
+each, reading the paged cache where it lies:
 
-    native.available()                                   # compiled and loaded (or why not: reason())
+    native.available()                  # compiled and loaded (or why not: reason())
     native.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+    native.attend_qkv(qkv, nh, nkv, cos, sin, k_cache, v_cache, block_tables, seq_lens, scale, window)
+                                        # RoPE + cache write + attention from the fused projection
     native.write_kv(k_cache, v_cache, slots, k, v)
+    native.rms_norm(x, weight, eps); native.silu_mul(gate_up)
+    native.greedy(logits); native.sample(logits, temperature, uniforms)
 
 The C source is compiled on first use with the host's C compiler (``$CC``, else ``cc`` or ``gcc``;
 ``-O3 -march=native -fopenmp``) into ``$HFRL_KERNEL_CACHE`` (default ``~/.cache/hfrl/kernels``),
@@ -17,7 +22,8 @@ runtime torch already loaded (same ``libgomp.so.1``), sized by ``torch.get_num_t
 
 Where no compiler works, or with ``HFRL_NATIVE_KERNELS=0``, ``available()`` is False, the reason is
 logged once, and callers keep the PyTorch path (``decode_attention.py``), which computes the same
-values. Only fp32 CPU tensors in the layouts below are taken (``supports``).
+values to float rounding. Only fp32 CPU tensors in the layouts below are taken (``supports``,
+``writes``, ``takes_rows``); every entry point checks its tensors and raises ValueError on others.
 
 Layouts (one layer): ``k_cache`` a dim-major key cache (``empty_key_cache(..., "dim")``: storage
 (num_blocks, num_kv_heads, head_dim, block_size)), ``v_cache`` contiguous (num_blocks, block_size,
@@ -197,6 +203,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """``hfrl_kernels.decode_attention`` for tensors ``supports`` accepts: q (B, nh, hd) -> (B, nh, hd).
 
     Block ids and lengths are checked in C before anything is read: a bad one raises ValueError."""
+    if not (supports(q, k_cache, v_cache) and q.shape[2] == k_cache.shape[3] and v_cache.shape == k_cache.shape
+            and q.shape[1] % k_cache.shape[2] == 0 and block_tables.dim() == 2
+            and block_tables.shape[0] == seq_lens.shape[0] == q.shape[0]):
+        raise ValueError(f"native decode_attention takes fp32 CPU q (B, nh, hd) with heads hd apart, a dim-major "
+                         f"fp32 key cache and a contiguous value cache of kv heads dividing nh, and B rows of block "
+                         f"tables and lengths; got q {tuple(q.shape)} strides {q.stride()} {q.dtype}, k_cache "
+                         f"{tuple(k_cache.shape)} strides {k_cache.stride()}, v_cache {tuple(v_cache.shape)}, "
+                         f"block_tables {tuple(block_tables.shape)}, seq_lens {tuple(seq_lens.shape)}")
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     tables, lens = _int32(block_tables, "block_tables"), _int32(seq_lens, "seq_lens")
@@ -233,6 +247,12 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
     caches, laid out as ``decode_attention`` reads them. A slot outside the cache raises ValueError
     before anything is written."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    if not (writes(k_cache, v_cache, k, v) and v_cache.shape == k_cache.shape and k.shape == v.shape
+            and k.shape[1:] == (num_kv_heads, head_dim) and slots.shape == (k.shape[0],)):
+        raise ValueError(f"write_kv takes fp32 CPU k, v (T, nkv, hd) with heads hd apart, T slots, a dim-major fp32 "
+                         f"key cache and a contiguous value cache; got k {tuple(k.shape)} strides {k.stride()}, v "
+                         f"{tuple(v.shape)}, slots {tuple(slots.shape)}, k_cache {tuple(k_cache.shape)} strides "
+                         f"{k_cache.stride()}")
     slots = slots if slots.dtype == torch.int64 and slots.is_contiguous() else slots.to(torch.int64).contiguous()
     bad = ctypes.c_int64(0)
     code = library().hfrl_write_kv_f32(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),

@@ -91,6 +91,12 @@ def test_native_refuses_bad_indices_before_reading():
     for wrong in ([0, 3], [5, tables.shape[1] * 16 + 1]):
         with pytest.raises(ValueError, match=r"seq_lens must lie in \[1, max_blocks_per_seq \* block_size"):
             native.decode_attention(q, k, v, tables, torch.tensor(wrong, dtype=torch.int32), 0.125)
+    with pytest.raises(ValueError, match=r"native decode_attention takes .* got q \(2, 8, 64\) strides \(1, 2, 16\)"):
+        native.decode_attention(q.transpose(0, 2).contiguous().transpose(0, 2), k, v, tables, lens, 0.125)
+    with pytest.raises(ValueError, match=r"block_tables \(1, "):
+        native.decode_attention(q, k, v, tables[:1], lens, 0.125)
+    with pytest.raises(ValueError, match=r"write_kv takes .* slots \(3,\)"):
+        native.write_kv(k, v, torch.tensor([1, 2, 3]), torch.randn(2, 2, 64), torch.randn(2, 2, 64))
     before = k.clone()
     with pytest.raises(ValueError, match=r"slot 96 of token 1 lies outside the cache's 6 blocks of 16"):
         native.write_kv(k[:6], v[:6], torch.tensor([3, 96]), torch.randn(2, 2, 64), torch.randn(2, 2, 64))
