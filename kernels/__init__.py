@@ -37,3 +37,13 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if not triton_available():
         return False
     return tensor.is_cuda or (interpreting() and tensor.device.type == "cpu")
+
+
+def keys_dim_major(k_cache: torch.Tensor) -> bool:
+    """Whether ``k_cache`` (num_blocks, block_size, num_kv_heads, head_dim) is a view of contiguous
+    (num_blocks, num_kv_heads, head_dim, block_size) storage: each block's keys dimension by dimension,
+    the layout the CPU decode kernels read (``decode_attention.empty_key_cache(..., "dim")`` makes one)."""
+    if k_cache.dim() != 4:
+        return False
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    return k_cache.stride() == (num_kv_heads * head_dim * block_size, 1, head_dim * block_size, block_size)

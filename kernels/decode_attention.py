@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hfrl_kernels import interpreting, native, triton_available, use_triton
+from hfrl_kernels import interpreting, keys_dim_major, native, triton_available, use_triton
 
 if triton_available():
     import triton
@@ -438,14 +438,6 @@ def _reference(q, k_cache, v_cache, plan: DecodePlan, scale):
 _BAG_DTYPES = (torch.float32, torch.float64)
 
 
-def keys_dim_major(k_cache: torch.Tensor) -> bool:
-    """Whether ``k_cache`` (num_blocks, block_size, num_kv_heads, head_dim) is a view of contiguous
-    (num_blocks, num_kv_heads, head_dim, block_size) storage: each block's keys dimension by dimension,
-    the layout of ``_dim_major_attention`` (``empty_key_cache(..., "dim")`` makes one)."""
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    return k_cache.stride() == (num_kv_heads * head_dim * block_size, 1, head_dim * block_size, block_size)
-
-
 DIM_MAJOR_MAX_GROUP = 4
 """The dim-major path reads a kv head's keys once per query head, the token-major one once per kv
 head: benchmarks/decode_attention.py (fp32, 2 threads) measured dim-major 1.3-1.6x faster at 1 and 2
@@ -454,9 +446,10 @@ query heads per kv head, 1.1x at 4, and 0.8-0.9x at 8."""
 
 def key_layout_for(device: torch.device, dtype: torch.dtype, group: int = 1) -> str:
     """The key cache layout decode_attention is fastest with for ``group`` query heads per kv head:
-    "dim" on the CPU in fp32 where the compiled kernel is available (any group), and for the two-bag path (``_dim_major_attention``) in fp32/fp64 up to
-    ``DIM_MAJOR_MAX_GROUP``, both without the Triton interpreter; "token" elsewhere (the Triton kernel
-    reads a block's keys token by token; ``_flash_chunks`` gathers them so)."""
+    "dim" on the CPU in fp32 where the compiled kernel is available (any group), and for the two-bag
+    path (``_dim_major_attention``) in fp32/fp64 up to ``DIM_MAJOR_MAX_GROUP``, both without the
+    Triton interpreter; "token" elsewhere (the Triton kernel reads a block's keys token by token;
+    ``_flash_chunks`` gathers them so)."""
     interpreted = triton_available() and interpreting() and device.type == "cpu"
     if device.type == "cpu" and dtype == torch.float32 and not interpreted and native.available():
         return "dim"  # the compiled kernel reads each kv head's keys once for its whole group

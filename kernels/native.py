@@ -46,13 +46,14 @@ from pathlib import Path
 
 import torch
 
+from hfrl_kernels import keys_dim_major
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_decode.c"
 FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC") + (
     ("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ())  # x86-only option
-_ERRORS = {1: "a sequence length outside [1, max_blocks_per_seq * block_size]",
-           2: "a block id outside the cache", 3: "out of memory for the kernel's scratch"}
+_ERRORS = {2: "a block id outside the cache", 3: "out of memory for the kernel's scratch"}  # 1 (a length): _check_attention
 
 _c_i64, _c_ptr = ctypes.c_int64, ctypes.c_void_p
 _reason: str | None = None
@@ -172,16 +173,11 @@ def reason() -> str | None:
     return _reason
 
 
-def _dim_major(k_cache: torch.Tensor) -> bool:
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    return k_cache.stride() == (num_kv_heads * head_dim * block_size, 1, head_dim * block_size, block_size)
-
-
 def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
     """Whether ``decode_attention`` takes these tensors (else the caller uses the PyTorch path)."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
             and v_cache.dtype == torch.float32 and q.dim() == 3 and q.stride(2) == 1
-            and q.stride(1) == q.shape[2] and k_cache.dim() == 4 and _dim_major(k_cache)
+            and q.stride(1) == q.shape[2] and keys_dim_major(k_cache)
             and v_cache.is_contiguous() and available())
 
 
@@ -268,7 +264,7 @@ def writes(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: tor
     return (k_cache.device.type == "cpu" and k_cache.dtype == torch.float32 and v_cache.dtype == torch.float32
             and k.dtype == torch.float32 and v.dtype == torch.float32 and k.dim() == 3 and v.dim() == 3
             and k.stride(2) == 1 and v.stride(2) == 1 and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]
-            and _dim_major(k_cache) and v_cache.is_contiguous() and available())
+            and keys_dim_major(k_cache) and v_cache.is_contiguous() and available())
 
 
 def _rows_f32(x: torch.Tensor) -> bool:
@@ -294,7 +290,7 @@ def attend_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.
     num_blocks, block_size, _, head_dim = k_cache.shape
     if not (_rows_f32(qkv) and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim and _rows_f32(cos)
             and cos.is_contiguous() and sin.shape == cos.shape and sin.is_contiguous() and cos.shape[1] == head_dim
-            and sin.dtype == torch.float32 and _dim_major(k_cache) and v_cache.is_contiguous()
+            and sin.dtype == torch.float32 and keys_dim_major(k_cache) and v_cache.is_contiguous()
             and k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.shape[2] == num_kv_heads
             and block_tables.shape[0] == seq_lens.shape[0] == batch and block_tables.dim() == 2):
         raise ValueError(f"attend_qkv takes fp32 CPU rows qkv (B, (nh + 2 nkv) hd), contiguous fp32 RoPE tables "

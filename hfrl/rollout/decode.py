@@ -52,11 +52,15 @@ from hfrl_kernels import native
 logger = logging.getLogger(__name__)
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """A plain or column-parallel (not gathering) Linear: its forward is exactly x @ W^T + b without grad."""
+    return type(module) is nn.Linear or (isinstance(module, ColumnParallelLinear) and not module.gather_output)
+
+
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for x (rows, in): F.linear straight on the weight where the module is a plain or
-    column-parallel Linear (whose forward is exactly x @ W^T + b without grad), else its forward."""
-    kind = type(module)
-    if kind is nn.Linear or (isinstance(module, ColumnParallelLinear) and not module.gather_output):
+    """``module(x)`` for x (rows, in): F.linear straight on the weight of a ``plain_linear``, else its
+    forward."""
+    if plain_linear(module):
         return F.linear(x, module.weight, module.bias)
     return module(x)
 
@@ -186,8 +190,6 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 def linear_add(module: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``module(x) + residual``: one ``addmm`` for a plain or column-parallel Linear without bias (the
     GEMM adds the residual as it writes its output), else the module and an in-place add."""
-    kind = type(module)
-    plain = kind is nn.Linear or (isinstance(module, ColumnParallelLinear) and not module.gather_output)
-    if plain and module.bias is None:
+    if plain_linear(module) and module.bias is None:
         return torch.addmm(residual, x, module.weight.t())
     return linear(module, x).add_(residual)

@@ -135,7 +135,6 @@ class PagedKVCache:
         self._free[self._top:self._top + freed.numel()] = freed
         self._top += freed.numel()
 
-
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the contents of blocks ``src`` into ``dst`` in every layer (copy-on-write)."""
         if src.numel():
@@ -151,15 +150,16 @@ class PagedKVCache:
 
     def write(self, layer: int, where: "Slots", k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (T, nkv, hd) of one layer at ``where`` (``locate``)."""
-        if native.writes(self.k[layer], self.v[layer], k, v):
-            native.write_kv(self.k[layer], self.v[layer], where.slots, k, v)
+        keys, values = self.k[layer], self.v[layer]
+        if native.writes(keys, values, k, v):
+            native.write_kv(keys, values, where.slots, k, v)
             return
         shape = (-1, self.shape.num_kv_heads, self.shape.head_dim)
         if where.blocks is None:
-            self.k[layer].view(shape).index_copy_(0, where.slots, k.to(self.k.dtype))
+            keys.view(shape).index_copy_(0, where.slots, k.to(keys.dtype))
         else:  # a strided scatter into the dim-major storage (2x faster than a flat index_copy_ there)
-            self.k[layer].index_put_((where.blocks, where.offsets), k.to(self.k.dtype))
-        self.v[layer].view(shape).index_copy_(0, where.slots, v.to(self.v.dtype))
+            keys.index_put_((where.blocks, where.offsets), k.to(keys.dtype))
+        values.view(shape).index_copy_(0, where.slots, v.to(values.dtype))
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,11 @@ def spread_seeds(seed: int, count: int, salt: int = 0) -> list[int]:
     return ((mixed >> 2) & ((1 << 62) - 1)).tolist()
 
 
+def uses_top_k(top_k: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Rows whose top-k filters something (0 < k < vocabulary)."""
+    return (top_k > 0) & (top_k < vocab_size)
+
+
 @dataclass(frozen=True)
 class SamplingFlags:
     """What a batch of rows needs, decided on the host so a GPU step does not synchronise for it."""
@@ -148,8 +153,8 @@ class SamplingFlags:
         if bool(greedy.all()):  # nothing sampled: the rest follows (and a step saves ten host ops)
             return cls(all_greedy=True, any_greedy=True, any_scaled=False, max_top_k=0, any_top_p=False)
         sampled = ~greedy
-        use_k = sampled & (top_k > 0) & (top_k < vocab_size)
-        return cls(all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
+        use_k = sampled & uses_top_k(top_k, vocab_size)
+        return cls(all_greedy=False, any_greedy=bool(greedy.any()),
                    any_scaled=bool((sampled & (temperature != 1)).any()),
                    max_top_k=int(top_k[use_k].max()) if bool(use_k.any()) else 0,
                    any_top_p=bool((sampled & (top_p < 1)).any()))
@@ -203,22 +208,21 @@ def _sample_compiled(logits, temperature, top_k, top_p, seeds, steps, flags: Sam
         return native.sample(logits, temperature, uniform_from_counters(seeds, steps))
     vocab = logits.shape[-1]
     greedy = temperature < GREEDY_BELOW
-    filtered = ~greedy & (((top_k > 0) & (top_k < vocab)) | (top_p < 1))
+    filtered = ~greedy & (uses_top_k(top_k, vocab) | (top_p < 1))
     tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     log_probs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    for kind in (greedy, ~greedy & ~filtered, filtered):
-        rows = kind.nonzero().squeeze(1)
+    for kind, mask in (("greedy", greedy), ("plain", ~greedy & ~filtered), ("filtered", filtered)):
+        rows = mask.nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
         part = logits.index_select(0, rows)
-        if kind is greedy:
+        t, k, p, s, n = (x.index_select(0, rows) for x in (temperature, top_k, top_p, seeds, steps))
+        if kind == "greedy":
             got = native.greedy(part)
-        elif kind is filtered:
-            pick = [t.index_select(0, rows) for t in (temperature, top_k, top_p, seeds, steps)]
-            got = _sample_torch(part, *pick, SamplingFlags.of(pick[0], pick[1], pick[2], vocab))
+        elif kind == "plain":
+            got = native.sample(part, t, uniform_from_counters(s, n))
         else:
-            got = native.sample(part, temperature.index_select(0, rows),
-                                uniform_from_counters(seeds.index_select(0, rows), steps.index_select(0, rows)))
+            got = _sample_torch(part, t, k, p, s, n, SamplingFlags.of(t, k, p, vocab))
         tokens[rows], log_probs[rows] = got
     return tokens, log_probs
 
