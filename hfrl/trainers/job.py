@@ -96,7 +96,7 @@ def check_job(config, world_size: int | None = None, *, handed_models=()) -> Non
         _check_rollout_model(actor, plan.role("rollout").dims.tp)
     chat = _check_prompt_files(config.data)
     if chat is not None:
-        _check_chat_template(config, *chat)
+        _check_chat_template(config, chat)
     if config.data.reward_fn:
         from hfrl.data.rewards import load_reward_fn
 
@@ -222,7 +222,7 @@ def _check_chat_template(config, where: str) -> None:
                          "tokenizer_config.json has a chat_template")
 
 
-def _check_prompt_files(data) -> tuple[str] | None:
+def _check_prompt_files(data) -> str | None:
     """Every row of every prompt file has a prompt, and the training files hold at least one batch
     (read on every rank: cheap next to a run, and a bad row then fails every rank alike instead of
     rank 0 alone). Returns where the first chat-format prompt is, if any ("data.<key>: <file> row i")."""
@@ -241,7 +241,7 @@ def _check_prompt_files(data) -> tuple[str] | None:
                                      f"(got {prompt!r}; the row's keys: {sorted(row)}): give every row a "
                                      f"prompt, or set data.prompt_key to the column that holds it")
                 if chat is None and isinstance(prompt, list):
-                    chat = (f"data.{key}: {path} row {i}",)
+                    chat = f"data.{key}: {path} row {i}"
         if key == "train_files" and data.train_files and count < data.train_batch_size:
             raise ValueError(f"data.train_files {list(map(str, data.train_files))} hold {count} prompt rows, fewer "
                              f"than one batch (data.train_batch_size={data.train_batch_size}): add rows or lower "
